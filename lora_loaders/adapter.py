@@ -18,7 +18,7 @@ _REQUIRED = {
     "lora": ("down", "up"),
     "loha": ("w1a", "w1b", "w2a", "w2b"),
     "lokr": ("w1|w1a", "w2|w2a"),
-    "full": ("diff",),
+    "full": (),  # "diff" (weight delta) and/or a bias delta
 }
 
 
@@ -39,6 +39,8 @@ class LoraLayer:
         for need in _REQUIRED[self.kind]:
             if not any(n in self.tensors for n in need.split("|")):
                 raise ValueError(f"{self.kind} layer is missing tensor {need!r}")
+        if self.kind == "full" and "diff" not in self.tensors and self.bias is None:
+            raise ValueError("full layer has neither a weight delta (diff) nor a bias delta (diff_b)")
         if self.kind == "lokr":
             if "w1" not in self.tensors and "w1b" not in self.tensors:
                 raise ValueError("lokr layer has lokr_w1_a but no lokr_w1_b")
@@ -80,14 +82,16 @@ class LoraLayer:
     def delta_shape(self) -> tuple[int, ...]:
         """Shape of the delta this layer produces (2-D except for full deltas)."""
         if self.kind == "full":
-            return tuple(self.tensors["diff"].shape)
+            return tuple(self.tensors["diff"].shape) if "diff" in self.tensors else ()
         return _delta_2d_shape(self)
 
     def fits(self, weight_shape) -> bool:
         """Whether the delta can be added to a weight of this shape."""
         weight_shape = tuple(weight_shape)
+        if self.bias is not None and self.bias.numel() != weight_shape[0]:
+            return False
         if self.kind == "full":
-            return tuple(self.tensors["diff"].shape) == weight_shape
+            return "diff" not in self.tensors or tuple(self.tensors["diff"].shape) == weight_shape
         out, rest = _delta_2d_shape(self)
         if out != weight_shape[0] or rest != torch.Size(weight_shape[1:]).numel():
             return False
@@ -114,8 +118,10 @@ class LoraLayer:
             if w2.dim() == 4:
                 w1 = w1.reshape(*w1.shape, 1, 1)
             d = torch.kron(w1, w2)
-        else:
+        elif "diff" in t:
             d = t["diff"]
+        else:
+            return torch.zeros(weight_shape)
         return (d * self.scale).reshape(weight_shape)
 
     def bias_delta(self) -> torch.Tensor | None:

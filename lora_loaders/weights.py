@@ -42,16 +42,21 @@ def weight_delta(layer: LoraLayer, base: torch.Tensor, weight: float) -> torch.T
     return weight * delta
 
 
+def total_delta(base32: torch.Tensor, contributions: Sequence[Contribution]) -> torch.Tensor:
+    """Sum of the adapters' deltas over a float32 base, in adapter order."""
+    total = None
+    for layer, weight in contributions:
+        d = weight_delta(layer, base32, weight)
+        total = d if total is None else total + d
+    return total
+
+
 def effective_weight(base: torch.Tensor, contributions: Sequence[Contribution]) -> torch.Tensor:
     """W_base + sum_i w_i * s_i * delta_i (DoRA renormalisation on top), cast to base's dtype."""
     if not contributions:
         return base.clone()
     w0 = base.detach().float()
-    total = None
-    for layer, weight in contributions:
-        d = weight_delta(layer, w0, weight)
-        total = d if total is None else total + d
-    return (w0 + total).to(base.dtype)
+    return (w0 + total_delta(w0, contributions)).to(base.dtype)
 
 
 def effective_bias(base: torch.Tensor | None, contributions: Sequence[Contribution]) -> torch.Tensor | None:

@@ -1,0 +1,127 @@
+"""Reading LoRA files: safetensors (validated), opt-in pickles, local dirs and the hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+class LoraFileError(ValueError):
+    """A LoRA file that is missing, truncated, corrupt or not allowed."""
+
+
+def resolve_path(source: str | os.PathLike, weight_name: str | None = None, **hub_kwargs) -> Path:
+    """A local file for `source`: a file, a directory + weight_name, or a hub repo id + weight_name."""
+    path = Path(source)
+    if path.is_dir():
+        name = weight_name or _single_weight_file(path)
+        path = path / name
+        if not path.is_file():
+            raise FileNotFoundError(f"LoRA file {name!r} not found in directory {source}")
+        return path
+    if path.is_file():
+        return path
+    if _looks_like_repo_id(str(source)):
+        return _hub_download(str(source), weight_name, **hub_kwargs)
+    raise FileNotFoundError(f"LoRA file not found: {source}")
+
+
+def _single_weight_file(directory: Path) -> str:
+    if (directory / DEFAULT_WEIGHT_NAME).is_file():
+        return DEFAULT_WEIGHT_NAME
+    files = sorted(p.name for p in directory.glob("*.safetensors"))
+    if len(files) == 1:
+        return files[0]
+    raise FileNotFoundError(
+        f"directory {directory} holds {len(files)} .safetensors files; pass weight_name= to pick one"
+    )
+
+
+def _looks_like_repo_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/")) and "\\" not in s
+
+
+def _hub_download(repo_id: str, weight_name: str | None, **hub_kwargs) -> Path:
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    allowed = {"subfolder", "revision", "cache_dir", "local_files_only", "token", "force_download", "proxies"}
+    unknown = set(hub_kwargs) - allowed
+    if unknown:
+        raise TypeError(f"unexpected hub arguments {sorted(unknown)}")
+    if weight_name is None:
+        files = [f for f in list_repo_files(repo_id, revision=hub_kwargs.get("revision"), token=hub_kwargs.get("token"))
+                 if f.endswith(".safetensors")]
+        if len(files) != 1:
+            raise FileNotFoundError(f"hub repo {repo_id} holds {len(files)} .safetensors files; pass weight_name=")
+        weight_name = files[0]
+    return Path(hf_hub_download(repo_id, weight_name, **hub_kwargs))
+
+
+def load_state_dict(
+    source, weight_name: str | None = None, allow_pickle: bool = False, **hub_kwargs
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) from a path, directory, hub repo id or dict (shallow-copied)."""
+    if isinstance(source, dict):
+        bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise LoraFileError(f"state dict values must be tensors; not for keys {bad[:5]}")
+        return dict(source), {}
+    path = resolve_path(source, weight_name, **hub_kwargs)
+    if path.suffix in _PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise LoraFileError(
+                f"{path} is a pickled checkpoint; refusing to load it. Convert it to .safetensors, "
+                "or pass allow_pickle=True to load it with torch.load(weights_only=True)."
+            )
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - report any unpickling failure as a file error
+            raise LoraFileError(f"cannot load pickled checkpoint {path}: {e}") from e
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        return load_state_dict(sd)[0], {}
+    return read_safetensors(path)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a .safetensors file after checking its header against the file size."""
+    from safetensors.torch import load_file
+
+    header = safetensors_header(path)
+    metadata = header.pop("__metadata__", None) or {}
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise LoraFileError(f"corrupt safetensors file {path}: {e}") from e
+    return tensors, metadata
+
+
+def safetensors_header(path: Path) -> dict:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise LoraFileError(f"{path} is not a safetensors file: {size} bytes, too short for a header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise LoraFileError(f"{path} is truncated or corrupt: header length {n} exceeds file size {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LoraFileError(f"{path} has a corrupt safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise LoraFileError(f"{path} has a corrupt safetensors header: not a JSON object")
+    data_len = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + data_len > size:
+        raise LoraFileError(
+            f"{path} is truncated: its header describes {8 + n + data_len} bytes but the file has {size}"
+        )
+    return header

@@ -1,0 +1,100 @@
+"""Writing effective weights into torch parameters while keeping the exact base bits.
+
+For additive adapters the base is not copied: after writing W' = cast(W + T) we check that
+cast(W' - T) gives W back and store only the elements where it does not (rarely more than
+a few per million). Restoring recomputes T with the same function and applies those
+corrections, so the base comes back bit for bit while memory stays near the model's size.
+Weights touched by DoRA (whose delta depends on the base) keep a full copy instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .weights import Contribution, effective_bias, total_delta
+
+
+@dataclass
+class _Residual:
+    contributions: list[Contribution]
+    index: torch.Tensor  # flat positions where cast(W' - T) != W
+    values: torch.Tensor  # the base values there
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64, 1: torch.int8}[t.element_size()])
+
+
+class ParamStore:
+    """Effective weights for the parameters of one module tree, with exact base restore."""
+
+    def __init__(self, model: nn.Module, keep_copies: bool = False):
+        self.model = model
+        self.keep_copies = keep_copies
+        self._params = dict(model.named_parameters())
+        self._copies: dict[str, torch.Tensor] = {}
+        self._residuals: dict[str, _Residual] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self._params
+
+    def modified(self) -> list[str]:
+        return [*self._copies, *self._residuals]
+
+    def base(self, name: str) -> torch.Tensor:
+        """The exact base value of a parameter (a view of the parameter when unmodified)."""
+        if name in self._copies:
+            return self._copies[name]
+        current = self._params[name].detach()
+        r = self._residuals.get(name)
+        if r is None:
+            return current
+        total = total_delta(current.float(), r.contributions)  # additive: independent of the base
+        base = (current.float() - total).to(current.dtype)
+        base.view(-1)[r.index] = r.values
+        return base
+
+    def write(self, name: str, contributions: Sequence[Contribution]):
+        """Set parameter `name` to base + contributions (bias parameters take bias deltas)."""
+        param = self._params[name]
+        base = self.base(name)
+        contributions = list(contributions)
+        if not contributions:
+            param.data.copy_(base)
+            self._forget(name)
+            return
+        if name.endswith(".bias"):
+            self._keep_copy(name, base)
+            param.data.copy_(effective_bias(base, contributions))
+            return
+        w0 = base.float()
+        total = total_delta(w0, contributions)
+        new = (w0 + total).to(param.dtype)
+        additive = all(layer.is_additive for layer, _ in contributions)
+        if additive and not self.keep_copies:
+            back = (new.float() - total).to(param.dtype)
+            wrong = (_bits(back) != _bits(base)).view(-1).nonzero().view(-1)
+            residual = _Residual(contributions, wrong, base.reshape(-1)[wrong].clone())
+            param.data.copy_(new)
+            self._copies.pop(name, None)
+            self._residuals[name] = residual
+        else:
+            self._keep_copy(name, base)
+            param.data.copy_(new)
+
+    def accept_current(self, name: str):
+        """Make the current value the new base (diffusers' unload after fuse keeps fused weights)."""
+        self._forget(name)
+
+    def _keep_copy(self, name, base):
+        if name not in self._copies:
+            self._copies[name] = base.clone() if base.data_ptr() == self._params[name].data_ptr() else base
+        self._residuals.pop(name, None)
+
+    def _forget(self, name):
+        self._copies.pop(name, None)
+        self._residuals.pop(name, None)

@@ -1,0 +1,38 @@
+import copy
+import logging
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="run real-scale tests and benchmarks")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow real-scale test: pass --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    from export.tiny import build_tiny
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = build_tiny(family)
+        return copy.deepcopy(cache[family])
+
+    return get

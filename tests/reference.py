@@ -1,0 +1,59 @@
+"""diffusers + PEFT as the reference, and model outputs on fixed inputs (test helpers)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def diffusers_loader(family: str, models: dict):
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+    base = {"sd": StableDiffusionLoraLoaderMixin, "sdxl": StableDiffusionXLLoraLoaderMixin}[family]
+    cls = type("RefPipe", (base,), {"hf_device_map": None, "components": property(
+        lambda self: {c: getattr(self, c) for c in base._lora_loadable_modules if getattr(self, c) is not None})})
+    pipe = cls.__new__(cls)
+    for c in base._lora_loadable_modules:
+        setattr(pipe, c, models.get(c))
+    return pipe
+
+
+def inputs(family: str, models: dict, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    unet = models["unet"]
+    cross = unet.config.cross_attention_dim
+    out = {"sample": torch.randn(2, 4, 16, 16, generator=g), "timestep": torch.tensor([3.0, 500.0]),
+           "encoder_hidden_states": torch.randn(2, 7, cross, generator=g),
+           "input_ids": torch.randint(0, 1000, (2, 12), generator=g)}
+    if family == "sdxl":
+        out["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32, generator=g),
+                                    "time_ids": torch.randn(2, 6, generator=g)}
+    return out
+
+
+@torch.no_grad()
+def outputs(family: str, models: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    x = inputs(family, models, seed)
+    res = {}
+    unet = models.get("unet")
+    if unet is not None:
+        kw = {"added_cond_kwargs": x["added_cond_kwargs"]} if "added_cond_kwargs" in x else {}
+        res["unet"] = unet(x["sample"], x["timestep"], x["encoder_hidden_states"], **kw).sample.float()
+    for c in ("text_encoder", "text_encoder_2"):
+        if models.get(c) is not None:
+            o = models[c](x["input_ids"], output_hidden_states=True)
+            res[c] = o.hidden_states[-2].float()
+            if hasattr(o, "text_embeds"):
+                res[c + ".text_embeds"] = o.text_embeds.float()
+    return res
+
+
+def assert_close(ours: dict, ref: dict, rel: float = 1e-5):
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        scale = ref[k].abs().max().item() + 1e-12
+        err = (ours[k] - ref[k]).abs().max().item()
+        assert err <= rel * scale, f"{k}: max abs diff {err:.3g} > {rel} x output scale {scale:.3g}"
+
+
+def assert_differs(a: dict, b: dict, key: str):
+    assert (a[key] - b[key]).abs().max().item() > 1e-4, f"{key}: the LoRA had no effect"
