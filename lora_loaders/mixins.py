@@ -23,7 +23,7 @@ from torch import nn
 
 from .adapter import LoraAdapter
 from .families import FAMILIES, FamilySpec, get_family
-from .reader import check_against_model, read_lora
+from .reader import align_to_model, check_against_model, read_lora
 from .serialization import adapter_to_state_dict, save_state_dict
 from .store import ParamStore
 from .targets import targetable_modules
@@ -150,6 +150,7 @@ class LoraBaseMixin:
             layers_per_block=getattr(getattr(unet, "config", None), "layers_per_block", None),
             **kwargs,
         )
+        adapter = align_to_model(adapter, components)
         skipped = [c for c in adapter.components if c not in components]
         if skipped:
             logger.info("adapter %r: skipping components not given to this loader: %s", adapter_name, skipped)

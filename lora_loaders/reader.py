@@ -111,6 +111,29 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# transformers 5 dropped CLIPTextModel's `text_model.` level; LoRA files keep it.
+_ALIASES = ("text_model.",)
+
+
+def align_to_model(adapter: LoraAdapter, components: Mapping[str, torch.nn.Module]) -> LoraAdapter:
+    """The adapter with module paths spelled as the given model spells them."""
+    from .targets import targetable_modules
+
+    layers = {}
+    for (component, module), layer in adapter.layers.items():
+        model = components.get(component)
+        if model is not None:
+            modules = targetable_modules(model)
+            if module not in modules:
+                for alias in _ALIASES:
+                    if module.startswith(alias) and module[len(alias):] in modules:
+                        module = module[len(alias):]
+                    elif alias + module in modules:
+                        module = alias + module
+        layers[(component, module)] = layer
+    return LoraAdapter(layers, adapter.family, adapter.format, adapter.source, adapter.metadata)
+
+
 def check_against_model(adapter: LoraAdapter, components: Mapping[str, torch.nn.Module], name: str = "adapter"):
     """Raise unless every target is a Linear/Conv of a given component with a matching shape."""
     from .targets import targetable_modules

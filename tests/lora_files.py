@@ -14,7 +14,9 @@ ATTN_FF = re.compile(r"(to_q|to_k|to_v|to_out\.0|ff\.net\.0\.proj|ff\.net\.2|pro
 
 
 def pick(model: nn.Module, pattern=ATTN_FF, every: int = 1, offset: int = 0) -> dict[str, nn.Module]:
-    mods = [(n, m) for n, m in targetable_modules(model).items() if pattern.search(n)]
+    """{name as LoRA files spell it: module}; text encoders keep CLIP's `text_model.` level as real files do."""
+    prefix = "text_model." if hasattr(model, "embeddings") and not hasattr(model, "text_model") else ""
+    mods = [(prefix + n, m) for n, m in targetable_modules(model).items() if pattern.search(n)]
     return dict(mods[offset::every])
 
 
@@ -36,11 +38,11 @@ def peft_lora(components: dict, pattern=ATTN_FF, rank=4, seed=0, every=1, offset
             down, up = _factors(m, rank, g)
             sd[f"{c}.{n}.lora_A.weight"] = down
             sd[f"{c}.{n}.lora_B.weight"] = up
-            if bias:
+            if bias and m.bias is not None:
                 sd[f"{c}.{n}.lora_B.bias"] = torch.randn(up.shape[0], generator=g) * 0.1
-            if dora:
-                sd[f"{c}.{n}.lora_magnitude_vector"] = m.weight.detach().flatten(1).norm(dim=1) * (
-                    1 + 0.1 * torch.randn(up.shape[0], generator=g))
+            if dora:  # PEFT stores a conv's magnitude as (1, out, 1, 1)
+                mag = m.weight.detach().flatten(1).norm(dim=1) * (1 + 0.1 * torch.randn(up.shape[0], generator=g))
+                sd[f"{c}.{n}.lora_magnitude_vector.weight"] = mag if isinstance(m, nn.Linear) else mag.reshape(1, -1, 1, 1)
     return sd
 
 

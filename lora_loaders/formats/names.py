@@ -68,12 +68,8 @@ _SGM_RESNET = [
     ("in_layers_0", "norm1"), ("in_layers_2", "conv1"), ("out_layers_0", "norm2"),
     ("out_layers_3", "conv2"), ("emb_layers_1", "time_emb_proj"), ("skip_connection", "conv_shortcut"),
 ]
-_SGM_BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)_(\d+)_(\d+)_(.+)$")
-
-
-def is_sgm(flat_names: Iterable[str]) -> bool:
-    return any(_SGM_BLOCK.match(n + "_") or n.startswith(("input_blocks", "middle_block", "output_blocks"))
-               for n in flat_names)
+_SGM_BLOCK = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)$")
+_SGM_MIDDLE = re.compile(r"^middle_block_(\d+)_(.+)$")
 
 
 def sgm_to_diffusers(flat: str, layers_per_block: int) -> str:
@@ -81,16 +77,18 @@ def sgm_to_diffusers(flat: str, layers_per_block: int) -> str:
     for pattern, repl in _SGM_TOP:
         if re.match(pattern, flat + "_"):
             return re.sub(pattern, repl, flat + "_")[:-1]
+    m = _SGM_MIDDLE.match(flat)
+    if m:
+        outer, rest = int(m.group(1)), m.group(2)
+        prefix = {0: "mid_block_resnets_0", 1: "mid_block_attentions_0", 2: "mid_block_resnets_1"}.get(outer)
+        if prefix is None:
+            raise ValueError(f"invalid middle_block index {outer} in {flat!r}")
+        return _resnet_names(f"{prefix}_{rest}") if outer != 1 else f"{prefix}_{rest}"
     m = _SGM_BLOCK.match(flat)
     if not m:
         return flat
     kind, outer, inner, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
     per = layers_per_block + 1
-    if kind == "middle_block":
-        prefix = {0: "mid_block_resnets_0", 1: "mid_block_attentions_0", 2: "mid_block_resnets_1"}.get(outer)
-        if prefix is None:
-            raise ValueError(f"invalid middle_block index {outer} in {flat!r}")
-        return _resnet_names(f"{prefix}_{rest}") if outer != 1 else f"{prefix}_{rest}"
     if kind == "input_blocks":
         block, layer = (outer - 1) // per, (outer - 1) % per
         if inner == 0 and rest.startswith("op"):
