@@ -38,6 +38,7 @@ class ParamStore:
         self._params = dict(model.named_parameters())
         self._copies: dict[str, torch.Tensor] = {}
         self._residuals: dict[str, _Residual] = {}
+        self._applied: dict[str, list[Contribution]] = {}  # what each modified parameter holds now
 
     def has(self, name: str) -> bool:
         return name in self._params
@@ -61,12 +62,15 @@ class ParamStore:
     def write(self, name: str, contributions: Sequence[Contribution]):
         """Set parameter `name` to base + contributions (bias parameters take bias deltas)."""
         param = self._params[name]
-        base = self.base(name)
         contributions = list(contributions)
+        if _same(self._applied.get(name, []), contributions):
+            return  # e.g. fusing the adapters that are already applied
+        base = self.base(name)
         if not contributions:
             param.data.copy_(base)
             self._forget(name)
             return
+        self._applied[name] = contributions
         if name.endswith(".bias"):
             self._keep_copy(name, base)
             param.data.copy_(effective_bias(base, contributions))
@@ -98,3 +102,8 @@ class ParamStore:
     def _forget(self, name):
         self._copies.pop(name, None)
         self._residuals.pop(name, None)
+        self._applied.pop(name, None)
+
+
+def _same(a: Sequence[Contribution], b: Sequence[Contribution]) -> bool:
+    return len(a) == len(b) and all(la is lb and wa == wb for (la, wa), (lb, wb) in zip(a, b))

@@ -1,0 +1,122 @@
+"""Load + fuse of a rank-32 kohya LoRA into an SDXL UNet: ours against diffusers + PEFT, one run.
+
+The LoRA covers every attention, feed-forward, proj_in and proj_out Linear (722 modules,
+2.2 B targeted parameters at the real SDXL config). Each side runs in its own process on the
+same file, so peak resident memory is measured cleanly (the kernel's high-water mark is reset
+after the model is built). Prints both times, the ratio and the memory overheads.
+
+    python bench/bench_load_fuse.py            # real SDXL config, fp16 (about 3 minutes)
+    python bench/bench_load_fuse.py --smoke    # tiny SDXL, seconds (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TARGETS = re.compile(r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2|proj_in|proj_out)$")
+
+
+def build_unet(smoke: bool, dtype):
+    if smoke:
+        from export.tiny import build_tiny
+
+        return build_tiny("sdxl", ["unet"], dtype=dtype)["unet"]
+    from bench.real_models import real_unet
+
+    return real_unet("sdxl", dtype=dtype)
+
+
+def write_lora(unet, path: Path, rank: int, dtype):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    sd = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, torch.nn.Linear) and TARGETS.search(name):
+            key = "lora_unet_" + name.replace(".", "_")
+            sd[f"{key}.lora_down.weight"] = (torch.randn(rank, m.in_features, generator=g) * 0.01).to(dtype)
+            sd[f"{key}.lora_up.weight"] = (torch.randn(m.out_features, rank, generator=g) * 0.01).to(dtype)
+            sd[f"{key}.alpha"] = torch.tensor(float(rank // 2))
+    save_file(sd, path)
+    return len(sd) // 3
+
+
+def _rss() -> tuple[int, int]:
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def _reset_peak():
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def run_side(side: str, smoke: bool, lora: Path, dtype) -> dict:
+    unet = build_unet(smoke, dtype)
+    model_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
+    _reset_peak()
+    rss0, _ = _rss()
+    t = time.perf_counter()
+    if side == "ours":
+        import lora_loaders
+
+        loader = lora_loaders.loader_for("sdxl", unet=unet)
+        loader.load_lora_weights(str(lora), adapter_name="x")
+        loader.fuse_lora(components=["unet"])
+    else:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from reference import diffusers_loader
+
+        pipe = diffusers_loader("sdxl", {"unet": unet})
+        pipe.load_lora_weights(str(lora), adapter_name="x")
+        pipe.fuse_lora(components=["unet"])
+    seconds = time.perf_counter() - t
+    _, peak = _rss()
+    return {"side": side, "seconds": seconds, "model_bytes": model_bytes, "rss_before": rss0, "peak": peak}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny model, for CI")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--side", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    p.add_argument("--lora", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    dtype = torch.float32 if args.smoke else torch.float16
+    if args.side:  # a child process: one side, JSON on stdout
+        print(json.dumps(run_side(args.side, args.smoke, args.lora, dtype)))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        lora = Path(tmp) / "lora.safetensors"
+        n = write_lora(build_unet(args.smoke, dtype), lora, args.rank, dtype)
+        results = {}
+        for side in ("ours", "diffusers"):
+            cmd = [sys.executable, __file__, "--side", side, "--lora", str(lora), "--rank", str(args.rank)]
+            out = subprocess.run(cmd + (["--smoke"] if args.smoke else []), check=True, capture_output=True, text=True)
+            results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    ours, ref = results["ours"], results["diffusers"]
+    gb = 1 << 30
+    print(f"load + fuse of a rank-{args.rank} kohya LoRA over {n} Linear modules "
+          f"({'tiny' if args.smoke else 'real SDXL'} UNet, {str(dtype).removeprefix('torch.')}, "
+          f"{ours['model_bytes'] / gb:.2f} GiB of weights)")
+    for r in (ours, ref):
+        over = (r["peak"] - r["rss_before"]) / r["model_bytes"]
+        print(f"  {r['side']:10s} {r['seconds']:8.2f} s   peak RSS {r['peak'] / gb:6.2f} GiB "
+              f"(+{100 * over:5.1f}% of the model over the RSS before loading)")
+    print(f"  speed-up: {ref['seconds'] / ours['seconds']:.2f}x")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Real-scale model configs (SD 1.5, SDXL) with random weights, built on `meta` then materialized."""
+
+from __future__ import annotations
+
+import torch
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    norm_num_groups=32, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+CONFIGS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
+
+
+@torch.no_grad()
+def real_unet(name: str, dtype=torch.float16, seed: int = 0):
+    """A UNet2DConditionModel with the real config and random weights (std 0.02), never fully in fp32."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**CONFIGS[name])
+    unet = unet.to(dtype=dtype).to_empty(device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    for p in unet.parameters():
+        p.normal_(0, 0.02, generator=g)
+    for b in unet.buffers():
+        b.zero_()
+    return unet.eval()
