@@ -1,0 +1,167 @@
+"""ONNX model helpers shared by the engines and the refitter (no ONNX Runtime here)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+MODEL_FILE = "model.onnx"
+_PROTO_LIMIT = 2_000_000_000  # protobuf's 2 GiB message limit, with a margin
+
+
+def find_model(path) -> Path:
+    """model.onnx in an engine directory, or the .onnx file itself."""
+    path = Path(path)
+    if path.is_dir():
+        model = path / MODEL_FILE
+        if not model.is_file():
+            onnx_files = sorted(path.glob("*.onnx"))
+            if len(onnx_files) != 1:
+                raise FileNotFoundError(f"no {MODEL_FILE} in engine directory {path}")
+            model = onnx_files[0]
+        return model
+    if not path.is_file():
+        raise FileNotFoundError(f"engine not found: {path}")
+    return path
+
+
+def np_dtype(elem_type: int) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def initializer_array(t: TensorProto, base_dir: Path | None = None) -> np.ndarray:
+    """The value of an initializer (external data read from base_dir), as a new array."""
+    if t.data_location == TensorProto.EXTERNAL:
+        return read_external(t, base_dir)
+    return numpy_helper.to_array(t).copy()
+
+
+def read_external(t: TensorProto, base_dir: Path | None) -> np.ndarray:
+    info = {e.key: e.value for e in t.external_data}
+    location = Path(base_dir or ".") / info["location"]
+    offset = int(info.get("offset", 0))
+    dtype = np_dtype(t.data_type)
+    shape = tuple(t.dims)
+    count = int(np.prod(shape, dtype=np.int64))
+    storage = np.uint16 if dtype.name == "bfloat16" else dtype
+    arr = np.fromfile(location, dtype=storage, count=count, offset=offset).reshape(shape)
+    return arr.view(dtype) if storage is not dtype else arr
+
+
+class InitializerReader:
+    """Lazy, name-indexed access to the initializers of an ONNX file (external data memory-mapped)."""
+
+    def __init__(self, model_path):
+        self.model_path = Path(model_path)
+        self.model = onnx.load(str(self.model_path), load_external_data=False)
+        self._index = {t.name: t for t in self.model.graph.initializer}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def proto(self, name: str) -> TensorProto:
+        return self._index[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._index[name].dims)
+
+    def dtype(self, name: str) -> np.dtype:
+        return np_dtype(self._index[name].data_type)
+
+    def array(self, name: str) -> np.ndarray:
+        t = self._index[name]
+        if t.data_location == TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            dtype = np_dtype(t.data_type)
+            storage = np.uint16 if dtype.name == "bfloat16" else dtype
+            mm = np.memmap(self.model_path.parent / info["location"], dtype=storage, mode="r",
+                           offset=int(info.get("offset", 0)), shape=tuple(t.dims))
+            return mm.view(dtype) if storage is not dtype else mm
+        return numpy_helper.to_array(t)
+
+
+def load_model(path) -> onnx.ModelProto:
+    """Load an ONNX model with its external data."""
+    return onnx.load(str(path), load_external_data=True)
+
+
+def take_initializers(model: onnx.ModelProto, names, base_dir: Path | None = None) -> dict[str, np.ndarray]:
+    """Pop the named initializers out of the main graph and return their values (graph order)."""
+    wanted = set(names)
+    kept, taken = [], {}
+    for t in model.graph.initializer:
+        if t.name in wanted:
+            taken[t.name] = initializer_array(t, base_dir)
+        else:
+            kept.append(t)
+    missing = wanted - set(taken)
+    if missing:
+        raise KeyError(f"initializers not in the graph: {sorted(missing)[:5]}")
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return taken
+
+
+def add_inputs(model: onnx.ModelProto, arrays: dict[str, np.ndarray], elem_types: dict[str, int]) -> None:
+    """Declare graph inputs for these former initializers (unless already declared)."""
+    declared = {i.name for i in model.graph.input}
+    for name, arr in arrays.items():
+        if name not in declared:
+            model.graph.input.append(helper.make_tensor_value_info(name, elem_types[name], list(arr.shape)))
+
+
+def stub_external(model: onnx.ModelProto, names, location: str = "__supplied_at_session_creation__") -> None:
+    """Replace the data of these initializers by a reference ONNX Runtime never reads.
+
+    Used with SessionOptions.add_external_initializers, which supplies the values; the
+    reference names a file that does not exist, so a mistake fails loudly.
+    """
+    wanted = set(names)
+    for t in model.graph.initializer:
+        if t.name not in wanted:
+            continue
+        nbytes = int(np.prod(t.dims, dtype=np.int64)) * np_dtype(t.data_type).itemsize
+        for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+            t.ClearField(f)
+        del t.external_data[:]
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", location), ("offset", "0"), ("length", str(nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+
+
+def serialize(model: onnx.ModelProto) -> bytes:
+    if model.ByteSize() >= _PROTO_LIMIT:
+        raise ValueError("model too large to serialize in memory")
+    return model.SerializeToString()
+
+
+def fits_in_memory_proto(model: onnx.ModelProto) -> bool:
+    return model.ByteSize() < _PROTO_LIMIT
+
+
+def save_with_external(model: onnx.ModelProto, path: Path, data_name: str | None = None) -> None:
+    """Save a model, as external data (one file next to it) when it is too large for protobuf."""
+    path = Path(path)
+    if fits_in_memory_proto(model):
+        onnx.save(model, str(path))
+    else:
+        data_name = data_name or path.name + ".data"
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=data_name, size_threshold=1024)
+
+
+def onnx_elem_type(model: onnx.ModelProto, names) -> dict[str, int]:
+    wanted = set(names)
+    return {t.name: t.data_type for t in model.graph.initializer if t.name in wanted}
+
+
+def file_size(path) -> int:
+    return os.path.getsize(path)

@@ -1,0 +1,270 @@
+"""ONNX Runtime engine with refittable weights, in one of two weight modes.
+
+`inputs` (default): at load, on an in-memory copy of the graph (the file on disk is not
+    touched), every refittable initializer becomes a graph input. Its value lives in an
+    OrtValue bound once through an IOBinding; a refit writes new values into those buffers
+    in place (`OrtValue.update_inplace`), so no session is created. Cost: ONNX Runtime can
+    no longer constant-fold or pre-pack those weights. On the CPU EP that cost was not
+    measurable for the SD 1.5 UNet (see bench/bench_refit.py), while a swap takes the time
+    of a memory copy instead of a new session.
+`session`: the graph keeps the weights as initializers; their values are supplied with
+    `SessionOptions.add_external_initializers`, and a refit builds a new session with the
+    new values (then swaps it in; the old one serves until then). Swaps cost a full session
+    creation (seconds to tens of seconds at real scale), but every graph optimization that
+    needs constant weights stays on. Pick it when swaps are rare and an execution provider
+    gains a lot from constant weights (e.g. fusions of the CUDA/TensorRT EPs, Conv weight
+    layouts), or when the weights must not be graph inputs.
+
+The refittable weights are the initializers named in the engine directory's
+`weights_map.json` (all LoRA-targetable Linear/Conv weights and biases), or `weights=`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+from onnx.external_data_helper import load_external_data_for_tensor
+
+from . import onnx_utils as ou
+from .base import Engine, EngineError, WeightError, WeightInfo
+from .mapping import load_weights_map
+
+MODES = ("inputs", "session")
+DEFAULT_MODE = "inputs"
+
+_SESSION_OPTION_ATTRS = (
+    "graph_optimization_level", "intra_op_num_threads", "inter_op_num_threads", "execution_mode",
+    "enable_cpu_mem_arena", "enable_mem_pattern", "enable_mem_reuse", "log_severity_level",
+    "log_verbosity_level", "use_deterministic_compute", "enable_profiling",
+)
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as e:  # pragma: no cover - ort is a dependency of the cpu/gpu extras
+        raise EngineError("onnxruntime is not installed (pip install lora-engines[cpu] or [gpu])") from e
+    return ort
+
+
+def _ortvalue(arr: np.ndarray, device: str, device_id: int):
+    ort = _ort()
+    if arr.dtype.name == "bfloat16":
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr.view(np.uint16), TensorProto.BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(arr, device, device_id)
+
+
+def _storage(arr: np.ndarray) -> np.ndarray:
+    return arr.view(np.uint16) if arr.dtype.name == "bfloat16" else arr
+
+
+class OrtEngine(Engine):
+    """An ONNX model in ONNX Runtime whose mapped weights can be rewritten (see module doc)."""
+
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        path,
+        mode: str | None = None,
+        providers: list | None = None,
+        session_options=None,
+        weights: Iterable[str] | None = None,
+        device: str = "cpu",
+        device_id: int = 0,
+    ):
+        mode = mode or DEFAULT_MODE
+        if mode not in MODES:
+            raise ValueError(f"unknown weight mode {mode!r}; choose one of {MODES}")
+        ort = _ort()
+        self.mode = mode
+        self.model_path = ou.find_model(path)
+        self.directory = self.model_path.parent
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.device, self.device_id = device, device_id
+        self._template_options = session_options
+        self._lock = threading.RLock()
+        self.timings: dict[str, float] = {}
+
+        t0 = time.perf_counter()
+        model = onnx.load(str(self.model_path), load_external_data=False)
+        if weights is None:
+            wmap = load_weights_map(self.directory) if Path(path).is_dir() or self.model_path.name == ou.MODEL_FILE \
+                else None
+            names = wmap.initializers() if wmap is not None else []
+        else:
+            names = list(weights)
+        present = {t.name for t in model.graph.initializer}
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise EngineError(f"{self.model_path}: refittable weights not among the graph's initializers: "
+                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        order = {t.name: i for i, t in enumerate(model.graph.initializer)}
+        names = sorted(set(names), key=order.__getitem__)
+        elem_types = ou.onnx_elem_type(model, names)
+        # Values of the refittable weights, read straight from the file (no full in-memory copy).
+        self._arrays: dict[str, np.ndarray] = ou.take_initializers(model, names, self.directory) if mode == "inputs" \
+            else {t.name: ou.initializer_array(t, self.directory) for t in model.graph.initializer if t.name in set(names)}
+        self._arrays = {n: np.ascontiguousarray(a) if a.flags.writeable else a.copy() for n, a in self._arrays.items()}
+        self._infos = {n: WeightInfo(n, tuple(a.shape), a.dtype) for n, a in self._arrays.items()}
+        # Remaining external initializers are loaded into the proto (small: norms, embeddings).
+        for t in model.graph.initializer:
+            if t.data_location == TensorProto.EXTERNAL and t.name not in self._infos:
+                load_external_data_for_tensor(t, str(self.directory))
+                t.data_location = TensorProto.DEFAULT
+                del t.external_data[:]
+        if mode == "inputs":
+            ou.add_inputs(model, self._arrays, elem_types)
+        else:
+            ou.stub_external(model, names)
+        self._tmpdir = None
+        if ou.fits_in_memory_proto(model):
+            self._model_source = ou.serialize(model)
+        else:  # too big for one protobuf message: a private temporary copy, never the original
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="ortengine-")
+            p = Path(self._tmpdir.name) / "model.onnx"
+            ou.save_with_external(model, p)
+            self._model_source = str(p)
+        del model
+        self.timings["prepare_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if mode == "inputs":
+            self._session = ort.InferenceSession(self._model_source, self._options(), providers=self.providers)
+            self._ortvalues = {n: _ortvalue(a, device, device_id) for n, a in self._arrays.items()}
+            self._binding = self._session.io_binding()
+            for n, ov in self._ortvalues.items():
+                self._binding.bind_ortvalue_input(n, ov)
+        else:
+            self._session, self._keepalive = self._new_session(self._arrays)
+        self.timings["session_s"] = time.perf_counter() - t0
+        weight_set = set(self._infos)
+        self._inputs = [i.name for i in self._session.get_inputs() if i.name not in weight_set]
+        self._outputs = [o.name for o in self._session.get_outputs()]
+
+    # -- sessions ------------------------------------------------------------------------
+    def _options(self):
+        ort = _ort()
+        so = ort.SessionOptions()
+        if self._template_options is not None:
+            for attr in _SESSION_OPTION_ATTRS:
+                try:
+                    setattr(so, attr, getattr(self._template_options, attr))
+                except (AttributeError, TypeError):
+                    pass
+        return so
+
+    def _new_session(self, arrays: Mapping[str, np.ndarray]):
+        ort = _ort()
+        so = self._options()
+        names = list(arrays)
+        values = [_ortvalue(arrays[n], "cpu", 0) for n in names]
+        if names:
+            so.add_external_initializers(names, values)
+        session = ort.InferenceSession(self._model_source, so, providers=self.providers)
+        return session, values
+
+    @property
+    def session(self):
+        return self._session
+
+    # -- inference -----------------------------------------------------------------------
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._outputs)
+
+    def _check_feeds(self, feeds: Mapping[str, np.ndarray]):
+        unknown = [k for k in feeds if k not in self._inputs]
+        missing = [k for k in self._inputs if k not in feeds]
+        if unknown or missing:
+            raise EngineError(
+                f"bad inputs for {self.model_path}: "
+                + (f"unknown {unknown} " if unknown else "")
+                + (f"missing {missing} " if missing else "")
+                + f"(inputs are {self._inputs})"
+            )
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_feeds(feeds)
+        feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+        with self._lock:
+            if self.mode == "session":
+                outs = self._session.run(self._outputs, feeds)
+                return dict(zip(self._outputs, outs))
+            b = self._binding
+            for k, v in feeds.items():
+                b.bind_cpu_input(k, v)
+            for name in self._outputs:
+                b.bind_output(name, "cpu")
+            try:
+                self._session.run_with_iobinding(b)
+                outs = b.copy_outputs_to_cpu()
+            finally:
+                b.clear_binding_outputs()
+        return dict(zip(self._outputs, outs))
+
+    # -- weights -------------------------------------------------------------------------
+    def weight_infos(self) -> dict[str, WeightInfo]:
+        return self._infos
+
+    def _read_weights(self, names: list[str]) -> dict[str, np.ndarray]:
+        with self._lock:  # host copies are kept current in every mode
+            return {n: self._arrays[n].copy() for n in names}
+
+    def _write_weights(self, weights: dict[str, np.ndarray]) -> None:
+        t0 = time.perf_counter()
+        with self._lock:
+            if self.mode == "session":
+                arrays = dict(self._arrays)
+                for n, a in weights.items():
+                    arrays[n] = np.array(a, copy=True, order="C")
+                try:
+                    session, keep = self._new_session(arrays)
+                except Exception as e:  # the old session stays in service
+                    raise EngineError(f"refit failed while creating the new session; weights unchanged: {e}") from e
+                self._session, self._keepalive, self._arrays = session, keep, arrays
+            else:
+                previous = self._read_weights(list(weights))
+                done = []
+                try:
+                    for n, a in weights.items():
+                        self._update(n, a)
+                        done.append(n)
+                except Exception as e:
+                    for n in done:
+                        self._update(n, previous[n])
+                    raise EngineError(f"refit failed writing {n!r}; previous weights restored: {e}") from e
+        self.timings["last_write_s"] = time.perf_counter() - t0
+
+    def _update(self, name: str, arr: np.ndarray) -> None:
+        src = np.ascontiguousarray(arr)
+        self._ortvalues[name].update_inplace(_storage(src))
+        host = self._arrays[name]
+        if self.device != "cpu" or self._ortvalues[name].data_ptr() != host.ctypes.data:
+            np.copyto(host, src)  # a device buffer (or a copied one): keep the host copy current
+
+    def close(self) -> None:
+        self._session = None
+        self._binding = None
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
+
+    def __repr__(self):
+        return f"OrtEngine({str(self.model_path)!r}, mode={self.mode!r}, weights={len(self._infos)})"
+
+
+def check_mode(mode):
+    if mode is not None and mode not in MODES:
+        raise WeightError(f"unknown weight mode {mode!r}; choose one of {MODES}")

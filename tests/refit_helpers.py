@@ -1,0 +1,101 @@
+"""Helpers for engine/refit tests: LoRA files and exports of tiny models with adapters baked in.
+
+`export_component_dir` uses `export.export_pipeline` when it exists (the real product path),
+else the same machinery by hand (fuse with the mixins, `export.onnx_export.export_component`,
+base weights written as the export documents them).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from safetensors.torch import save_file
+
+from lora_files import peft_lora
+
+# Two LoRAs that overlap on some modules and not on others.
+X_PATTERN = re.compile(r"(to_q|to_v|ff\.net\.2|q_proj|fc1|proj_in)$")
+Y_PATTERN = re.compile(r"(to_q|to_k|to_out\.0|k_proj|out_proj|fc2)$")
+
+
+def write_lora(path, components: dict, pattern, seed: int, rank: int = 4) -> Path:
+    sd = peft_lora(components, pattern=pattern, rank=rank, seed=seed)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return Path(path)
+
+
+def export_dir(family: str, components: list[str], loras, out_dir, dtype: str = "fp32") -> Path:
+    """Export tiny `family` components with `loras` ([(path, scale)]) baked in; returns out_dir."""
+    import export
+
+    out_dir = Path(out_dir)
+    if hasattr(export, "export_pipeline"):
+        export.export_pipeline(family, model="tiny", loras=[(str(p), s) for p, s in loras], out_dir=str(out_dir),
+                               dtype=dtype, components=components)
+        return out_dir
+    return _export_by_hand(family, components, loras, out_dir, dtype)
+
+
+def _export_by_hand(family, components, loras, out_dir, dtype):
+    from export.onnx_export import export_component
+    from export.specs import family_spec
+    from export.tiny import build_tiny
+    from lora_loaders import loader_for
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    models = build_tiny(family, components, dtype=torch_dtype)
+    base = {c: {k: v.clone() for k, v in m.state_dict().items()} for c, m in models.items()}
+    if loras:
+        loader = loader_for(family, **models)
+        names = []
+        for i, (p, s) in enumerate(loras):
+            loader.load_lora_weights(str(p), adapter_name=f"a{i}")
+            names.append(f"a{i}")
+        loader.set_adapters(names, [float(s) for _, s in loras])
+        loader.fuse_lora()
+    spec = family_spec(family)
+    for c, m in models.items():
+        d = out_dir / c
+        export_component(m, spec.components[c], d, family)
+        changed = {k: base[c][k] for k, v in m.state_dict().items() if k in base[c] and not torch.equal(v, base[c][k])}
+        if changed:
+            save_file({k: v.contiguous() for k, v in changed.items()}, str(d / "base_weights.safetensors"))
+    return out_dir
+
+
+def initializers(model_path, names=None) -> dict[str, np.ndarray]:
+    m = onnx.load(str(model_path))
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if names is None or t.name in names}
+
+
+def inputs_for(engine, seed: int = 0, batch: int = 1) -> dict[str, np.ndarray]:
+    """Seeded inputs matching the engine's graph (tiny models)."""
+    rng = np.random.default_rng(seed)
+    sess = engine.session
+    feeds = {}
+    for i in sess.get_inputs():
+        if i.name not in engine.input_names:
+            continue
+        shape = [d if isinstance(d, int) else None for d in i.shape]
+        if i.name == "input_ids":
+            feeds[i.name] = rng.integers(0, 1000, size=(batch, 77)).astype(np.int64)
+            continue
+        dims = []
+        for k, d in enumerate(shape):
+            if d is not None:
+                dims.append(d)
+            elif k == 0:
+                dims.append(batch)
+            elif i.name == "sample":
+                dims.append(16)
+            else:
+                dims.append(8)
+        dt = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(double)": np.float64}[i.type]
+        feeds[i.name] = (rng.standard_normal(dims) * (10 if i.name == "timestep" else 1)).astype(dt)
+    return feeds
