@@ -1,0 +1,290 @@
+"""Export one component (a torch module, adapters already fused) to ONNX with its weights map.
+
+Generic: everything family-specific comes from an `export.specs.ComponentSpec`.
+
+Steps: torch's dynamo exporter with `optimize=False`; initializers renamed back to the
+component's `state_dict` names; `Transpose(param)` folded into `<param>.T` initializers
+(our own fold, so the provenance is exact and the names readable); mixed-type ops fixed;
+then the exporter's usual optimizer. Anything the optimizer still folds from a targetable
+parameter is traced back through its `pkg.onnxscript.optimizer.folded_from` metadata and
+the pre-optimization producer chain. Each map entry is checked bit for bit against the
+torch parameter before the map is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from lora_loaders.targets import targetable_parameters
+
+from . import passes
+from .specs import ComponentSpec
+from .weights_map import make_transform, new_weights_map, save_weights_map, to_initializer
+
+log = logging.getLogger(__name__)
+
+FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # bytes of initializers above which weights go to model.onnx.data
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+_SHAPE_OPS = {"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be completed correctly."""
+
+
+def torch_to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def dtype_str(t: torch.dtype) -> str:
+    return str(t).removeprefix("torch.")
+
+
+def _param_chains(model: ir.Model, params: set[str]) -> dict[str, tuple[str, list]]:
+    """{value name: (param, [(op, perm or None)])} for values computed from one param by layout ops."""
+    chains: dict[str, tuple[str, list]] = {name: (name, []) for name in params if name in model.graph.initializers}
+    for node in model.graph:
+        if not node.inputs or node.inputs[0] is None or node.inputs[0].name not in chains:
+            continue
+        if node.op_type not in _SHAPE_OPS | {"Transpose", "Cast"}:
+            continue
+        param, steps = chains[node.inputs[0].name]
+        perm = None
+        if node.op_type == "Transpose":
+            attr = node.attributes.get("perm")
+            rank = len(node.inputs[0].shape)
+            perm = list(attr.as_ints()) if attr is not None else list(reversed(range(rank)))
+        chains[node.outputs[0].name] = (param, [*steps, (node.op_type, perm)])
+    return chains
+
+
+def _transform_from_chain(steps: list, param: torch.Tensor, value: ir.Value) -> dict:
+    """Map-entry fields for a chain of layout ops, if it is transpose -> reshape -> cast shaped."""
+    order = {"Transpose": 0, "Cast": 2, **{op: 1 for op in _SHAPE_OPS}}
+    ranks = [order[op] for op, _ in steps]
+    if ranks != sorted(ranks) or sum(op == "Transpose" for op, _ in steps) > 1:
+        raise ExportError(f"cannot express the op chain {[op for op, _ in steps]} as a weights-map transform")
+    perm = next((p for op, p in steps if op == "Transpose"), None)
+    return make_transform(
+        list(param.shape), dtype_str(param.dtype), [int(d) for d in value.shape],
+        _ir_dtype_name(value.dtype), perm,
+    )
+
+
+def _ir_dtype_name(dt: ir.DataType) -> str:
+    return {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16",
+            ir.DataType.DOUBLE: "float64"}.get(dt, dt.name.lower())
+
+
+def _rename_initializer(graph: ir.Graph, old: str, new: str) -> None:
+    if new in graph.initializers:
+        raise ExportError(f"initializer name {new!r} already taken")
+    value = graph.initializers.pop(old)
+    value.name = new
+    if value.const_value is not None:
+        value.const_value.name = new
+    graph.initializers[new] = value
+
+
+def build_weights_map(
+    model_ir: ir.Model, module: torch.nn.Module, params: list[str], folded: dict, chains: dict,
+    component: str, family: str, dtype: str,
+) -> dict:
+    """Weights map from the export's provenance; every entry verified by value. Renames as it goes."""
+    graph = model_ir.graph
+    state = dict(module.named_parameters())
+    param_set = set(params)
+    found: dict[str, list[tuple[str, dict]]] = {p: [] for p in params}
+    for name, value in list(graph.initializers.items()):
+        if name in param_set:
+            t = state[name]
+            found[name].append((name, make_transform(list(t.shape), dtype_str(t.dtype), list(t.shape),
+                                                     dtype_str(t.dtype))))
+            continue
+        if name in folded:
+            p, perm = folded[name]
+            t = state[p]
+            found[p].append((name, make_transform(list(t.shape), dtype_str(t.dtype), [int(d) for d in value.shape],
+                                                  _ir_dtype_name(value.dtype), perm)))
+            continue
+        sources = value.metadata_props.get(FOLDED_FROM)
+        if not sources:
+            continue
+        hit = [p for p in param_set if p in sources]
+        if not hit:
+            continue
+        if name not in chains or chains[name][0] not in hit:
+            raise ExportError(
+                f"initializer {name} was folded from targetable parameter(s) {hit} by an op chain "
+                "the weights map cannot express")
+        p, steps = chains[name]
+        found[p].append((name, _transform_from_chain(steps, state[p], value)))
+    entries, unused = {}, []
+    for p in params:
+        hits = found[p]
+        if not hits:
+            unused.append(p)
+            continue
+        if len(hits) > 1:
+            raise ExportError(f"parameter {p} appears as {len(hits)} initializers {[h[0] for h in hits]}; "
+                              "a weights map needs exactly one")
+        name, entry = hits[0]
+        steps = entry["transform"]
+        new = p if steps == "identity" else (f"{p}.T" if entry.get("perm") == [1, 0] and steps == "transpose"
+                                             else f"{p}.{steps.replace('+', '_')}")
+        if new != name:
+            _rename_initializer(graph, name, new)
+            name = new
+        _verify(graph.initializers[name], state[p], entry, p)
+        entries[name] = {"param": p, **entry}
+    if unused:
+        log.warning("%s: %d targetable parameter(s) not in the graph (unused by its outputs): %s",
+                    component, len(unused), unused[:5])
+    wmap = new_weights_map(component, family, dtype, entries)
+    if unused:
+        wmap["unused_params"] = unused
+    return wmap
+
+
+def _verify(value: ir.Value, param: torch.Tensor, entry: dict, pname: str) -> None:
+    expected = to_initializer(torch_to_numpy(param), entry)
+    tensor = value.const_value
+    if tensor is None:
+        raise ExportError(f"initializer {value.name} has no value")
+    got = tensor.numpy()
+    if tuple(got.shape) != tuple(expected.shape) or got.dtype != expected.dtype:
+        raise ExportError(f"initializer {value.name} is {got.dtype}{list(got.shape)}, the map's transform of "
+                          f"{pname} gives {expected.dtype}{list(expected.shape)}")
+    if got.tobytes() != expected.tobytes():
+        raise ExportError(f"initializer {value.name} does not hold the bits of {entry['transform']}({pname})")
+
+
+def _name_output_dims(model_ir: ir.Model, spec: ComponentSpec) -> None:
+    for out in model_ir.graph.outputs:
+        axes = spec.dynamic_axes.get(out.name, {})
+        if out.shape is None:
+            continue
+        dims = []
+        for i, d in enumerate(out.shape):
+            if i in axes:
+                dims.append(axes[i])
+            elif isinstance(d, int):
+                dims.append(d)
+            else:
+                dims.append(None)
+        out.shape = ir.Shape(dims)
+
+
+def io_description(model_ir: ir.Model, spec: ComponentSpec) -> tuple[list, list]:
+    def describe(values):
+        out = []
+        for v in values:
+            shape = [d if isinstance(d, int) else (d.value if hasattr(d, "value") else str(d)) for d in v.shape]
+            out.append({"name": v.name, "dtype": _ir_dtype_name(v.dtype), "shape": shape,
+                        "dynamic_axes": {str(k): n for k, n in spec.dynamic_axes.get(v.name, {}).items()}})
+        return out
+
+    return describe(model_ir.graph.inputs), describe(model_ir.graph.outputs)
+
+
+def _optimize(program, protected: set[str]) -> None:
+    """The exporter's optimizer, with the targetable parameters shielded.
+
+    They are made graph inputs for the duration: the optimizer neither folds nodes reading
+    graph inputs nor deduplicates them (it would merge small parameters that happen to be
+    equal, e.g. two zero biases, leaving one of them without an initializer of its own).
+    """
+    graph = program.model.graph
+    shield = [v for name, v in graph.initializers.items() if name in protected]
+    graph.inputs.extend(shield)
+    quiet = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program.optimize()
+    finally:
+        quiet.setLevel(level)
+        graph = program.model.graph
+        for v in shield:
+            if v in graph.inputs:
+                graph.inputs.remove(v)
+
+
+def export_component(
+    module: torch.nn.Module, spec: ComponentSpec, out_dir: str | os.PathLike, family: str,
+    opset: int | None = None, external_data: bool | None = None, step=lambda msg: None,
+) -> dict:
+    """Export `module` (eval, adapters fused) to out_dir/model.onnx + weights_map.json.
+
+    Returns the component's manifest entry (less validation).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = next(module.parameters()).dtype
+    wrapper = spec.wrap(module).eval()
+    inputs = spec.make_inputs(module, dtype, spec.export_inputs)
+    args = tuple(inputs[n] for n in spec.input_names)
+    dynamic_shapes = tuple(spec.dynamic_axes.get(n, {}) or None for n in spec.input_names)
+    kwargs = {}
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=spec.input_names,
+            output_names=spec.output_names, optimize=False, verbose=False, **kwargs,
+        )
+    step("optimize")
+    model_ir = program.model
+    passes.strip_prefix(model_ir, wrapper.prefix)
+    params = targetable_parameters(module)
+    folded = passes.fold_param_transposes(model_ir, set(params))
+    passes.fix_mixed_float_inputs(model_ir)
+    chains = _param_chains(model_ir, set(params))
+    _optimize(program, set(params) | set(folded))
+    model_ir = program.model
+    passes.fix_mixed_float_inputs(model_ir)  # the optimizer can expose new ones
+    _name_output_dims(model_ir, spec)
+    step("weights map")
+    wmap = build_weights_map(model_ir, module, params, folded, chains, spec.name, family, dtype_str(dtype))
+    step("save")
+    nbytes = sum(v.const_value.nbytes for v in model_ir.graph.initializers.values() if v.const_value is not None)
+    if external_data is None:
+        external_data = nbytes > EXTERNAL_DATA_THRESHOLD
+    model_path = out_dir / MODEL_FILE
+    ir.save(model_ir, model_path, external_data=DATA_FILE if external_data else None)
+    save_weights_map(wmap, out_dir / "weights_map.json")
+    inputs_desc, outputs_desc = io_description(model_ir, spec)
+    opset_used = model_ir.opset_imports.get("", None)
+    del program, model_ir
+    return {
+        "dir": out_dir.name,
+        "model": MODEL_FILE,
+        "external_data": DATA_FILE if external_data else None,
+        "weights_map": "weights_map.json",
+        "class": spec.class_name,
+        "dtype": dtype_str(dtype),
+        "opset": opset_used,
+        "initializer_bytes": nbytes,
+        "mapped_initializers": len(wmap["entries"]),
+        "inputs": inputs_desc,
+        "outputs": outputs_desc,
+        "export_example_shapes": {k: list(v.shape) for k, v in inputs.items()},
+    }
