@@ -99,3 +99,13 @@ def inputs_for(engine, seed: int = 0, batch: int = 1) -> dict[str, np.ndarray]:
               "tensor(int32)": np.int32, "tensor(double)": np.float64}[i.type]
         feeds[i.name] = (rng.standard_normal(dims) * (10 if i.name == "timestep" else 1)).astype(dt)
     return feeds
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def differing(a: dict, b: dict, names=None) -> list[str]:
+    """Names whose arrays differ in bits (or are missing on one side)."""
+    names = sorted(set(a) | set(b)) if names is None else names
+    return [n for n in names if n not in a or n not in b or not same_bits(a[n], b[n])]
