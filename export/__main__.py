@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("torch.onnx", "onnx_ir", "onnxscript", "diffusers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     from . import export_pipeline
     from .onnx_export import ExportError
     from .validate import ExportValidationError

@@ -1,0 +1,56 @@
+"""Writes the example LoRA files for the tiny models (deterministic; run from the repo root).
+
+    python examples/make_examples.py
+
+- examples/sd_tiny_lora.safetensors    diffusers/PEFT keys, unet + text_encoder, rank 4
+- examples/sdxl_tiny_lora.safetensors  diffusers/PEFT keys, unet + text_encoder + text_encoder_2, rank 4
+
+They target the attention and feed-forward Linear layers of `export.tiny` models, e.g.
+`unet.<module>.lora_A.weight` / `lora_B.weight` and `text_encoder.text_model.<module>...`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export.tiny import build_tiny  # noqa: E402
+from lora_loaders.targets import targetable_modules  # noqa: E402
+
+TARGETS = re.compile(r"(to_q|to_k|to_v|to_out\.0|ff\.net\.0\.proj|ff\.net\.2|q_proj|k_proj|v_proj|out_proj)$")
+RANK = 4
+
+
+def peft_state_dict(components: dict, seed: int, rank: int = RANK) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for c, model in components.items():
+        prefix = "text_model." if c.startswith("text_encoder") and not hasattr(model, "text_model") else ""
+        for name, m in targetable_modules(model).items():
+            if not TARGETS.search(name) or not isinstance(m, torch.nn.Linear):
+                continue
+            sd[f"{c}.{prefix}{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.2
+            sd[f"{c}.{prefix}{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.2
+    return sd
+
+
+def main(out_dir: str | Path = Path(__file__).resolve().parent) -> list[Path]:
+    out_dir = Path(out_dir)
+    written = []
+    for family, seed in (("sd", 101), ("sdxl", 202)):
+        sd = peft_state_dict(build_tiny(family), seed)
+        path = out_dir / f"{family}_tiny_lora.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for p in main():
+        print(p, p.stat().st_size)
