@@ -22,7 +22,7 @@ import torch
 from engines.mapping import to_numpy
 from lora_loaders.adapter import LoraAdapter
 from lora_loaders.targets import contributions_by_module
-from lora_loaders.weights import effective_bias, effective_weight, touches_bias
+from lora_loaders.weights import effective_bias, effective_weight
 
 from .store import ComponentFiles, RefitError
 
@@ -119,7 +119,7 @@ def targets_of(contribs: dict) -> set[str]:
     out = set()
     for module, cs in contribs.items():
         out.add(f"{module}.weight")
-        if touches_bias(cs):
+        if any(layer.bias is not None for layer, _ in cs):
             out.add(f"{module}.bias")
     return out
 

@@ -109,3 +109,43 @@ def differing(a: dict, b: dict, names=None) -> list[str]:
     """Names whose arrays differ in bits (or are missing on one side)."""
     names = sorted(set(a) | set(b)) if names is None else names
     return [n for n in names if n not in a or n not in b or not same_bits(a[n], b[n])]
+
+
+# -- exports shared by the engine / refit test modules (one pytest process) ----------------
+
+COMPONENTS = {"sd": ["unet", "text_encoder"], "sdxl": ["unet", "text_encoder", "text_encoder_2"]}
+STATES = {  # name -> adapters baked ((lora, scale), ...)
+    "x": (("x", 1.0),),
+    "y": (("y", 1.0),),
+    "xy": (("x", 1.0), ("y", 0.5)),
+    "base": (),
+    "x03": (("x", 0.3),),
+}
+_EXPORTS: dict = {}
+
+
+def lora_files(root: Path, family: str) -> dict[str, Path]:
+    """x and y LoRA files for a family's tiny model (all components), written once."""
+    from export.tiny import build_tiny
+
+    root = Path(root)
+    key = ("loras", family)
+    if key not in _EXPORTS:
+        models = build_tiny(family, COMPONENTS[family])
+        d = root / f"{family}_loras"
+        d.mkdir(parents=True, exist_ok=True)
+        _EXPORTS[key] = {"x": write_lora(d / "x.safetensors", models, X_PATTERN, seed=11),
+                         "y": write_lora(d / "y.safetensors", models, Y_PATTERN, seed=22)}
+    return _EXPORTS[key]
+
+
+def exported(root: Path, family: str, state: str, components=None) -> Path:
+    """The export directory of `family` with the adapters of `state` baked (cached per process)."""
+    components = components or COMPONENTS[family]
+    key = (family, state, tuple(components))
+    if key not in _EXPORTS:
+        loras = lora_files(root, family)
+        out = Path(root) / f"{family}_{state}_{'_'.join(components)}"
+        export_dir(family, list(components), [(loras[n], s) for n, s in STATES[state]], out)
+        _EXPORTS[key] = out
+    return _EXPORTS[key]
