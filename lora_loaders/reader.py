@@ -119,11 +119,11 @@ def align_to_model(adapter: LoraAdapter, components: Mapping[str, torch.nn.Modul
     """The adapter with module paths spelled as the given model spells them."""
     from .targets import targetable_modules
 
+    modules_of = {c: targetable_modules(m) for c, m in components.items() if m is not None}
     layers = {}
     for (component, module), layer in adapter.layers.items():
-        model = components.get(component)
-        if model is not None:
-            modules = targetable_modules(model)
+        modules = modules_of.get(component)
+        if modules is not None:
             if module not in modules:
                 for alias in _ALIASES:
                     if module.startswith(alias) and module[len(alias):] in modules:

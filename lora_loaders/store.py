@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .weights import Contribution, effective_bias, total_delta
+from .weights import AdditiveDelta, Contribution, apply_rows, effective_bias, effective_weight, row_blocks
 
 
 @dataclass
@@ -54,9 +54,12 @@ class ParamStore:
         r = self._residuals.get(name)
         if r is None:
             return current
-        total = total_delta(current.float(), r.contributions)  # additive: independent of the base
-        base = (current.float() - total).to(current.dtype)
-        base.view(-1)[r.index] = r.values
+        delta = AdditiveDelta(r.contributions, current.shape)  # additive: independent of the base
+        base = torch.empty_like(current)
+        c2, b2 = current.reshape(current.shape[0], -1), base.view(current.shape[0], -1)
+        for r0, r1 in row_blocks(current.shape):
+            b2[r0:r1] = (c2[r0:r1].float() - delta.rows(r0, r1)).to(current.dtype)
+        base.view(-1)[r.index.long()] = r.values
         return base
 
     def write(self, name: str, contributions: Sequence[Contribution]):
@@ -75,20 +78,36 @@ class ParamStore:
             self._keep_copy(name, base)
             param.data.copy_(effective_bias(base, contributions))
             return
-        w0 = base.float()
-        total = total_delta(w0, contributions)
-        new = (w0 + total).to(param.dtype)
         additive = all(layer.is_additive for layer, _ in contributions)
         if additive and not self.keep_copies:
-            back = (new.float() - total).to(param.dtype)
-            wrong = (_bits(back) != _bits(base)).view(-1).nonzero().view(-1)
-            residual = _Residual(contributions, wrong, base.reshape(-1)[wrong].clone())
-            param.data.copy_(new)
-            self._copies.pop(name, None)
-            self._residuals[name] = residual
+            self._write_with_residual(name, base, contributions)
         else:
             self._keep_copy(name, base)
-            param.data.copy_(new)
+            param.data.copy_(effective_weight(base, contributions))
+
+    def _write_with_residual(self, name, base, contributions):
+        """Write block by block, recording where cast(W' - delta) would not give the base back."""
+        param = self._params[name]
+        if base.data_ptr() != param.data_ptr():
+            param.data.copy_(base)  # start from the exact base, then update in place
+        w2 = param.data.view(param.shape[0], -1)
+        delta = AdditiveDelta(contributions, param.shape)
+        rest = w2.shape[1]
+        index_dtype = torch.int32 if param.numel() < 2**31 else torch.int64
+        wrong, values = [], []
+        for r0, r1 in row_blocks(param.shape):
+            d = delta.rows(r0, r1)
+            new = apply_rows(w2[r0:r1], d)
+            back = (new.float() - d).to(param.dtype)
+            bad = (_bits(back) != _bits(w2[r0:r1])).view(-1).nonzero().view(-1)
+            if bad.numel():
+                wrong.append((bad + r0 * rest).to(index_dtype))
+                values.append(w2[r0:r1].reshape(-1)[bad].clone())
+            w2[r0:r1] = new
+        index = torch.cat(wrong) if wrong else torch.empty(0, dtype=index_dtype)
+        vals = torch.cat(values) if values else torch.empty(0, dtype=param.dtype)
+        self._copies.pop(name, None)
+        self._residuals[name] = _Residual(list(contributions), index, vals)
 
     def accept_current(self, name: str):
         """Make the current value the new base (diffusers' unload after fuse keeps fused weights)."""

@@ -3,11 +3,16 @@
 Every consumer (torch modules, ONNX export, ONNX Runtime and TensorRT refit) calls these,
 so an engine refitted to a set of adapters holds the same bits as an export of them.
 Math is float32; the result is cast once to the weight's dtype.
+
+Additive adapters (LoRA, LoHa, LoKr, full deltas) are applied in blocks of output rows that
+fit in cache: a low-rank delta is never materialised whole, and each block's float32
+temporaries stay small. The blocking is part of the definition (same blocks, same order,
+same bits) for every caller.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -17,10 +22,11 @@ from .adapter import LoraLayer
 Contribution = tuple[LoraLayer, float]
 
 _EPS = torch.finfo(torch.float32).eps
+BLOCK_ELEMENTS = 1 << 18  # float32 elements per row block (1 MiB)
 
 
 def weight_delta(layer: LoraLayer, base: torch.Tensor, weight: float) -> torch.Tensor:
-    """What one adapter adds to a float32 base weight, at the given weight."""
+    """What one adapter adds to a whole float32 base weight, at the given weight."""
     delta = layer.delta(base.shape)
     if layer.magnitude is not None:
         # PEFT DoRA: renormalise each output row of (W + s*BA) to the learned magnitude.
@@ -42,21 +48,61 @@ def weight_delta(layer: LoraLayer, base: torch.Tensor, weight: float) -> torch.T
     return weight * delta
 
 
-def total_delta(base32: torch.Tensor, contributions: Sequence[Contribution]) -> torch.Tensor:
-    """Sum of the adapters' deltas over a float32 base, in adapter order."""
-    total = None
-    for layer, weight in contributions:
-        d = weight_delta(layer, base32, weight)
-        total = d if total is None else total + d
-    return total
+def is_additive(contributions: Sequence[Contribution]) -> bool:
+    return all(layer.is_additive for layer, _ in contributions)
+
+
+def row_blocks(shape) -> Iterator[tuple[int, int]]:
+    rest = max(1, torch.Size(shape[1:]).numel())
+    step = max(1, BLOCK_ELEMENTS // rest)
+    for r0 in range(0, shape[0], step):
+        yield r0, min(r0 + step, shape[0])
+
+
+class AdditiveDelta:
+    """sum_i w_i * delta_i for additive adapters, by blocks of output rows (float32, 2-D)."""
+
+    def __init__(self, contributions: Sequence[Contribution], shape):
+        self.shape = torch.Size(shape)
+        self._terms = []
+        for layer, weight in contributions:
+            if layer.kind == "lora":  # keep it low-rank: (up * w * s)[rows] @ down
+                up = layer.tensors["up"].float().flatten(1) * (weight * layer.scale)
+                self._terms.append((up, layer.tensors["down"].float().flatten(1)))
+            else:
+                self._terms.append((None, weight * layer.delta(self.shape).flatten(1)))
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        total = None
+        for up, rhs in self._terms:
+            d = up[r0:r1] @ rhs if up is not None else rhs[r0:r1]
+            total = d if total is None else total.add_(d)
+        return total
+
+
+def apply_rows(base_rows: torch.Tensor, delta_rows: torch.Tensor) -> torch.Tensor:
+    """One block of the effective weight: cast(float32(base) + delta), in base's dtype."""
+    return (base_rows.float() + delta_rows).to(base_rows.dtype)
 
 
 def effective_weight(base: torch.Tensor, contributions: Sequence[Contribution]) -> torch.Tensor:
     """W_base + sum_i w_i * s_i * delta_i (DoRA renormalisation on top), cast to base's dtype."""
     if not contributions:
         return base.clone()
-    w0 = base.detach().float()
-    return (w0 + total_delta(w0, contributions)).to(base.dtype)
+    base = base.detach()
+    if not is_additive(contributions):
+        w0 = base.float()
+        total = None
+        for layer, weight in contributions:
+            d = weight_delta(layer, w0, weight)
+            total = d if total is None else total + d
+        return (w0 + total).to(base.dtype)
+    delta = AdditiveDelta(contributions, base.shape)
+    out = torch.empty_like(base)
+    b2, o2 = base.reshape(base.shape[0], -1), out.view(base.shape[0], -1)
+    for r0, r1 in row_blocks(base.shape):
+        o2[r0:r1] = apply_rows(b2[r0:r1], delta.rows(r0, r1))
+    return out
 
 
 def effective_bias(base: torch.Tensor | None, contributions: Sequence[Contribution]) -> torch.Tensor | None:
@@ -69,7 +115,3 @@ def effective_bias(base: torch.Tensor | None, contributions: Sequence[Contributi
     for d, weight in deltas:
         total = weight * d if total is None else total + weight * d
     return (base.detach().float() + total).to(base.dtype)
-
-
-def touches_bias(contributions: Sequence[Contribution]) -> bool:
-    return any(layer.bias is not None for layer, _ in contributions)
