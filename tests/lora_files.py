@@ -65,6 +65,11 @@ def kohya_lora(components: dict, pattern=ATTN_FF, rank=4, seed=0, alpha=2.0, eve
     return sd
 
 
+def _sgm_resnet(rest: str) -> str:
+    return (rest.replace("conv1", "in_layers.2").replace("conv2", "out_layers.3")
+            .replace("time_emb_proj", "emb_layers.1").replace("conv_shortcut", "skip_connection"))
+
+
 def to_sgm(name: str, layers_per_block: int) -> str:
     """diffusers UNet module path -> SGM (original SD) path, written independently of our converter."""
     per = layers_per_block + 1
@@ -73,9 +78,7 @@ def to_sgm(name: str, layers_per_block: int) -> str:
         b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
         idx = 1 + b * per + j
         if kind == "resnets":
-            rest = (rest.replace("conv1", "in_layers.2").replace("conv2", "out_layers.3")
-                    .replace("time_emb_proj", "emb_layers.1").replace("conv_shortcut", "skip_connection"))
-            return f"input_blocks.{idx}.0.{rest}"
+            return f"input_blocks.{idx}.0.{_sgm_resnet(rest)}"
         return f"input_blocks.{idx}.1.{rest}"
     m = re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", name)
     if m:
@@ -85,17 +88,14 @@ def to_sgm(name: str, layers_per_block: int) -> str:
         b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
         idx = b * per + j
         if kind == "resnets":
-            rest = (rest.replace("conv1", "in_layers.2").replace("conv2", "out_layers.3")
-                    .replace("time_emb_proj", "emb_layers.1").replace("conv_shortcut", "skip_connection"))
-            return f"output_blocks.{idx}.0.{rest}"
+            return f"output_blocks.{idx}.0.{_sgm_resnet(rest)}"
         return f"output_blocks.{idx}.1.{rest}"
     m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", name)
     if m:
         outer = 1 if m[1] == "attentions" else (0 if m[2] == "0" else 2)
         rest = m[3]
         if m[1] == "resnets":
-            rest = (rest.replace("conv1", "in_layers.2").replace("conv2", "out_layers.3")
-                    .replace("time_emb_proj", "emb_layers.1"))
+            rest = _sgm_resnet(rest)
         return f"middle_block.{outer}.{rest}"
     return {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
             "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
