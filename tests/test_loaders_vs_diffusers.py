@@ -165,3 +165,21 @@ def test_get_list_adapters_and_component_subsets(tiny_models):
     assert a.get_list_adapters() == {"unet": ["x"]}
     with pytest.raises(ValueError, match="no LoRA-loadable component"):
         L.loader_for("sdxl", transformer=m["unet"])
+
+
+def test_loader_for_pipeline_hotswap_and_lora_device(tiny_models):
+    m, _, ours, b, ref = _pair(tiny_models, "sdxl")
+    base = outputs("sdxl", m)
+    pipe = diffusers_loader("sdxl", ours)  # any object using a diffusers LoRA mixin
+    a = L.loader_for_pipeline(pipe)
+    assert type(a).__name__ == "StableDiffusionXLLoraLoaderMixin"
+    with pytest.raises(ValueError, match="cannot tell the family"):
+        L.loader_for_pipeline(object())
+    x, y = peft_lora(ours, seed=1), peft_lora(ours, seed=2, every=2)
+    a.load_lora_weights(dict(x), adapter_name="x")
+    a.set_adapters("x", 0.6)
+    a.load_lora_weights(dict(y), adapter_name="x", hotswap=True)  # same name, new weights, same settings
+    a.set_lora_device(["x"], "cpu")
+    b.load_lora_weights(dict(y), adapter_name="x")
+    b.set_adapters("x", 0.6)
+    _check("sdxl", ours, ref, base)
