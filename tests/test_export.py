@@ -40,9 +40,9 @@ def initializers(model_path: Path) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
 
 
-def fused_models(family: str, loras: list[tuple[Path, float]], components=None) -> dict:
+def fused_models(family: str, loras: list[tuple[Path, float]], components=None, dtype=torch.float32) -> dict:
     """The tiny models with the adapters fused by the loader mixin (diffusers API), independent of export."""
-    models = build_tiny(family)
+    models = build_tiny(family, dtype=dtype)
     if components:
         models = {c: m for c, m in models.items() if c in components}
     if loras:
@@ -274,8 +274,8 @@ def test_fp16_sdxl_unet_loads_and_runs_in_ort(tmp_path):
     onnx.checker.check_model(m, full_check=True)  # type-checks every node: no mixed-type Concat
     wmap = load_weights_map(out / "unet")
     assert {e["dtype"] for e in wmap["entries"].values()} == {"float16"}
-    models = fused_models("sdxl", [(EXAMPLES / "sdxl_tiny_lora.safetensors", 1.0)], ["unet"])
-    unet = models["unet"].half()
+    models = fused_models("sdxl", [(EXAMPLES / "sdxl_tiny_lora.safetensors", 1.0)], ["unet"], torch.float16)
+    unet = models["unet"]
     check_weights_map(out / "unet", unet)
     spec = FAMILIES["sdxl"].components["unet"]
     feeds = spec.make_inputs(unet, torch.float16, Inputs(batch=3, height=24, width=16, seed=3))
