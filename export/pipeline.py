@@ -93,6 +93,9 @@ class ModelSource:
 
     def __init__(self, model, family: FamilySpec, components: list[str], seed: int = 0):
         self.model, self.family, self.components, self.seed = model, family, components, seed
+        if callable(model) and not isinstance(model, (str, os.PathLike)):
+            self.kind = "factory"  # model(component, dtype) -> module; dropped after each export
+            return
         self.kind = "modules" if isinstance(model, dict) else None
         if self.kind:
             missing = [c for c in components if c not in model]
@@ -111,7 +114,7 @@ class ModelSource:
             self.root = None
 
     def describe(self) -> str:
-        return "<modules>" if self.kind == "modules" else str(self.model)
+        return f"<{self.kind}>" if self.kind in ("modules", "factory") else str(self.model)
 
     def _ensure_root(self):
         if self.kind == "hub" and self.root is None:
@@ -126,6 +129,8 @@ class ModelSource:
     def load(self, component: str, dtype: torch.dtype) -> torch.nn.Module:
         if self.kind == "modules":
             return self.model[component].to(dtype).eval()
+        if self.kind == "factory":
+            return self.model(component, dtype).to(dtype).eval()
         if self.kind == "tiny":
             from .tiny import build_tiny
 
@@ -154,6 +159,8 @@ class ModelSource:
 
         names = {}
         try:
+            if self.kind == "factory":
+                return None
             for c in self.components:
                 if self.kind == "modules":
                     names[c] = list(targetable_modules(self.model[c]))
@@ -335,8 +342,9 @@ def export_pipeline(
 ) -> dict:
     """Export a family's components with LoRAs baked in. Returns the manifest (also written).
 
-    family: "sd" | "sdxl". model: "tiny", a local diffusers directory, a hub repo id, or a
-    {component: module} dict. loras: [(path, scale)] or ["path[:scale]"]. dtype: fp32 |
+    family: "sd" | "sdxl". model: "tiny", a local diffusers directory, a hub repo id, a
+    {component: module} dict, or a callable (component, torch dtype) -> module (built on
+    demand and freed after its export: the low-memory way to pass your own modules). loras: [(path, scale)] or ["path[:scale]"]. dtype: fp32 |
     fp16 | bf16. components: subset (list or "unet,text_encoder"); default all of the
     family's. overwrite: None replaces a previous export in out_dir but refuses a non-empty
     directory that is not one. Raises ValueError / FileNotFoundError / ExportError (and

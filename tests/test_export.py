@@ -289,7 +289,9 @@ def test_fp16_sdxl_unet_loads_and_runs_in_ort(tmp_path):
 def test_bf16_export_graph_types_and_values(tmp_path):
     out = tmp_path / "bf16"
     manifest = export.export_pipeline("sdxl", "tiny", [], out, dtype="bf16", components=["text_encoder_2"],
-                                      progress=False)
+                                      progress=False, external_data=True)
+    assert manifest["components"]["text_encoder_2"]["external_data"] == "model.onnx.data"
+    assert (out / "text_encoder_2" / "model.onnx.data").stat().st_size > 100_000
     v = manifest["components"]["text_encoder_2"]["validation"]
     assert v["passed"]
     assert set(v["graph_float_types"]["outputs"].values()) == {"bfloat16"}
