@@ -1,0 +1,216 @@
+"""Refit benchmark: swap a LoRA in a built ONNX Runtime engine vs re-export + new session.
+
+Real-config SD 1.5 UNet (random weights: built on the meta device, then materialized), a
+rank-32 LoRA over every attention projection and feed-forward layer. In one run:
+
+- re-export: load + fuse adapter A with the mixins, export the UNet to ONNX (weights map
+  included), then create a new ONNX Runtime session (what a swap costs without refit);
+- swap A -> B in each `OrtEngine` weight mode (`inputs`: in place; `session`: new session),
+  through `refit.Refitter` (effective weights from base, transform, validate, write);
+- inference (batch 2, 64x64 latents, 77 tokens) of the refittable engines vs the baked graph
+  in a plain session.
+
+Prints the times and the ratios. `--smoke` runs the same on the tiny SD UNet in seconds.
+
+    python bench/bench_refit.py [--smoke] [--runs 2] [--workdir DIR] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+ATTN_FF = re.compile(r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2)$")
+
+
+def build_unet(smoke: bool):
+    from diffusers import UNet2DConditionModel
+
+    if smoke:
+        from export.tiny import TINY_CONFIGS
+
+        config = TINY_CONFIGS["sd"]["unet"][2]
+    else:
+        config = SD15_UNET
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    unet = unet.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.01, generator=g)
+            elif p.dim() == 1:  # norm scales
+                p.fill_(1.0)
+            else:
+                fan_in = p[0].numel()
+                p.normal_(0, fan_in ** -0.5, generator=g)
+        for _, b in unet.named_buffers():
+            b.zero_()
+    return unet.eval()
+
+
+def write_lora(unet, path: Path, rank: int, seed: int) -> int:
+    from safetensors.torch import save_file
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, nn.Linear) and ATTN_FF.search(name):
+            sd[f"unet.{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * m.in_features ** -0.5
+            sd[f"unet.{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.01
+    save_file(sd, str(path))
+    return len(sd) // 2
+
+
+def export_with(unet, lora: Path, out_dir: Path) -> float:
+    """Fuse `lora` into the UNet (mixins), export with the weights map, write base weights. Returns seconds."""
+    from safetensors.torch import save_file
+
+    from export.onnx_export import export_component
+    from export.specs import family_spec
+    from lora_loaders import loader_for
+
+    from torch import nn
+
+    targets = [f"{n}.weight" for n, m in unet.named_modules() if isinstance(m, nn.Linear) and ATTN_FF.search(n)]
+    params = dict(unet.named_parameters())
+    base = {p: params[p].detach().clone() for p in targets}  # what export writes as base weights
+    t0 = time.perf_counter()
+    loader = loader_for("sd", unet=unet)
+    loader.load_lora_weights(str(lora), adapter_name="a")
+    loader.fuse_lora()
+    export_component(unet, family_spec("sd").components["unet"], out_dir, "sd")
+    elapsed = time.perf_counter() - t0
+    save_file(base, str(out_dir / "base_weights.safetensors"))
+    del base
+    return elapsed
+
+
+def make_feeds(smoke: bool) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    hw, ctx = (16, 32) if smoke else (64, 768)
+    return {"sample": rng.standard_normal((2, 4, hw, hw)).astype(np.float32),
+            "timestep": np.array([500.0, 500.0], np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, ctx)).astype(np.float32)}
+
+
+def timed_infer(run, feeds, runs: int) -> tuple[float, dict]:
+    out = run(feeds)  # warm-up
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = run(feeds)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny UNet, rank 4: seconds, for tests")
+    ap.add_argument("--runs", type=int, default=2, help="timed inference runs per engine (after one warm-up)")
+    ap.add_argument("--rank", type=int, default=None)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+
+    import onnxruntime as ort
+
+    import engines
+    import refit
+
+    rank = args.rank or (4 if args.smoke else 32)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_refit_"))
+    work.mkdir(parents=True, exist_ok=True)
+    res: dict = {"model": "tiny sd unet" if args.smoke else "SD 1.5 UNet (real config, random weights)",
+                 "rank": rank, "threads": torch.get_num_threads()}
+    try:
+        t0 = time.perf_counter()
+        unet = build_unet(args.smoke)
+        res["params"] = sum(p.numel() for p in unet.parameters())
+        res["build_s"] = time.perf_counter() - t0
+        a, b = work / "a.safetensors", work / "b.safetensors"
+        res["lora_modules"] = write_lora(unet, a, rank, 1)
+        write_lora(unet, b, rank, 2)
+        d = work / "unet_a"
+        res["reexport_s"] = export_with(unet, a, d)
+        del unet
+        gc.collect()
+        feeds = make_feeds(args.smoke)
+
+        # Baked graph, plain session: what a re-export is followed by.
+        t0 = time.perf_counter()
+        sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
+        res["new_session_s"] = time.perf_counter() - t0
+        res["infer_baked_s"], _ = timed_infer(lambda f: sess.run(None, f), feeds, args.runs)
+        del sess
+        gc.collect()
+
+        for mode in ("inputs", "session"):
+            t0 = time.perf_counter()
+            engine = engines.OrtEngine(d, mode=mode)
+            res[f"{mode}_load_s"] = time.perf_counter() - t0
+            r = refit.Refitter(engine)
+            t0 = time.perf_counter()
+            r.load_lora(str(b), adapter_name="b")  # first load: parse the file + swap A -> B
+            res[f"{mode}_load_lora_s"] = time.perf_counter() - t0
+            r.load_lora(str(a), adapter_name="a")  # B -> A
+            t0 = time.perf_counter()
+            r.set_adapters(["b"])  # A -> B, adapters parsed: the swap itself
+            res[f"{mode}_swap_s"] = time.perf_counter() - t0
+            res[f"{mode}_swap_breakdown"] = dict(r.last_refit)
+            res[f"infer_{mode}_s"], _ = timed_infer(engine.infer, feeds, args.runs)
+            engine.close()
+            del engine, r
+            gc.collect()
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    redo = res["reexport_s"] + res["new_session_s"]
+    res["reexport_plus_session_s"] = redo
+    for mode in ("inputs", "session"):
+        res[f"speedup_{mode}_vs_reexport"] = redo / res[f"{mode}_swap_s"]
+        res[f"infer_ratio_{mode}_vs_baked"] = res[f"infer_{mode}_s"] / res["infer_baked_s"]
+    _print(res)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return res
+
+
+def _print(res):
+    print(f"# {res['model']}: {res['params'] / 1e6:.0f} M params, LoRA rank {res['rank']} on "
+          f"{res['lora_modules']} Linear modules, {res['threads']} threads")
+    print(f"re-export (fuse + export)        {res['reexport_s']:8.2f} s")
+    print(f"new ORT session                  {res['new_session_s']:8.2f} s")
+    for mode in ("inputs", "session"):
+        print(f"swap A->B, mode={mode:8s}        {res[f'{mode}_swap_s']:8.3f} s   "
+              f"({res[f'speedup_{mode}_vs_reexport']:.0f}x faster than re-export + session; "
+              f"first load incl. parse {res[f'{mode}_load_lora_s']:.2f} s)")
+    print(f"inference baked                  {res['infer_baked_s']:8.3f} s")
+    for mode in ("inputs", "session"):
+        print(f"inference mode={mode:8s}         {res[f'infer_{mode}_s']:8.3f} s   "
+              f"(x{res[f'infer_ratio_{mode}_vs_baked']:.3f} of baked)")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(min(torch.get_num_threads(), 2) if "--smoke" in sys.argv else torch.get_num_threads())
+    main()

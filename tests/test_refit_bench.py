@@ -1,0 +1,19 @@
+"""bench/bench_refit.py --smoke: the benchmark runs end to end on the tiny UNet."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+
+def test_bench_refit_smoke(tmp_path):
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_refit.py"
+    spec = importlib.util.spec_from_file_location("bench_refit", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--smoke", "--runs", "1", "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "r.json")])
+    for key in ("reexport_s", "new_session_s", "inputs_swap_s", "session_swap_s", "infer_baked_s",
+                "infer_inputs_s", "infer_session_s", "speedup_inputs_vs_reexport", "infer_ratio_inputs_vs_baked"):
+        assert res[key] > 0, key
+    assert res["inputs_swap_s"] < res["reexport_plus_session_s"]
+    assert (tmp_path / "r.json").is_file()
