@@ -52,7 +52,7 @@ def main(argv=None) -> int:
             from engines.triton import write_repository
 
             write_repository(args.out, args.triton_repo)
-    except (ExportError, ExportValidationError, ValueError, KeyError, FileNotFoundError, OSError) as e:
+    except (ExportError, ExportValidationError, ValueError, KeyError, FileNotFoundError, OSError, RuntimeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2

@@ -202,6 +202,17 @@ def io_description(model_ir: ir.Model, spec: ComponentSpec) -> tuple[list, list]
     return describe(model_ir.graph.inputs), describe(model_ir.graph.outputs)
 
 
+def _nbytes(value: ir.Value) -> int:
+    """Bytes of an initializer from its shape and type (without evaluating lazy tensors)."""
+    t = value.const_value
+    if t is None:
+        return 0
+    n = 1
+    for d in t.shape:
+        n *= int(d)
+    return int(n * t.dtype.itemsize)
+
+
 def _optimize(program, protected: set[str]) -> None:
     """The exporter's optimizer, with the targetable parameters shielded.
 
@@ -265,7 +276,7 @@ def export_component(
     step("weights map")
     wmap = build_weights_map(model_ir, module, params, folded, chains, spec.name, family, dtype_str(dtype))
     step("save")
-    nbytes = sum(v.const_value.nbytes for v in model_ir.graph.initializers.values() if v.const_value is not None)
+    nbytes = sum(_nbytes(v) for v in model_ir.graph.initializers.values())
     if external_data is None:
         external_data = nbytes > EXTERNAL_DATA_THRESHOLD
     model_path = out_dir / MODEL_FILE

@@ -363,6 +363,10 @@ def export_pipeline(
     if bad:
         raise ValueError(f"family {family!r} has no component(s) {bad}; have {list(spec.components)}")
     source = ModelSource(model, spec, components, seed=seed)
+    if tensorrt:
+        from .tensorrt import check_available
+
+        check_available()  # fail before spending minutes on the ONNX export
     out, tmp = _prepare_out(out_dir, overwrite)
     bar = tqdm(total=len(components) * len(_STEPS), desc=f"export {family}", disable=not progress, unit="step")
     try:
@@ -425,6 +429,9 @@ def _export_one(source, spec, component, tdtype, adapters, tmp, family, opset, v
     step("reference")
     entry = export_component(module, cspec, comp_dir, family, opset=opset, external_data=external_data,
                              step=step)
+    sample_size = getattr(getattr(module, "config", None), "sample_size", None)
+    if isinstance(sample_size, int):
+        entry["sample_size"] = sample_size
     entry["base_weights"] = BASE_WEIGHTS_FILE if baked else None
     entry["baked_params"] = baked
     entry["adapters"] = [a["name"] for a in adapters if a["adapter"].for_component(component)]

@@ -426,3 +426,24 @@ def test_parse_lora_arg():
     assert export.parse_lora_arg("a.safetensors:0.5") == ("a.safetensors", 0.5)
     assert export.parse_lora_arg("a.safetensors") == ("a.safetensors", 1.0)
     assert export.parse_lora_arg("C:/x/a.safetensors") == ("C:/x/a.safetensors", 1.0)
+
+
+def test_tensorrt_profiles_and_clear_error_without_tensorrt(tmp_path, sd_one):
+    from export.tensorrt import profiles_for
+
+    _, manifest, _ = sd_one
+    unet = manifest["components"]["unet"]
+    p = profiles_for(unet)
+    s = unet["sample_size"]
+    assert p["sample"] == ((1, 4, s // 2, s // 2), (2, 4, s, s), (4, 4, 2 * s, 2 * s))
+    assert p["encoder_hidden_states"][2] == (4, 77, 32)
+    try:
+        from engines.tensorrt import tensorrt_available
+
+        if tensorrt_available():
+            pytest.skip("TensorRT is available here")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match="TensorRT"):
+        export.export_pipeline("sd", "tiny", [], tmp_path / "o", tensorrt=True, progress=False)
+    _nothing_left(tmp_path / "o")
