@@ -447,3 +447,26 @@ def test_tensorrt_profiles_and_clear_error_without_tensorrt(tmp_path, sd_one):
     with pytest.raises(RuntimeError, match="TensorRT"):
         export.export_pipeline("sd", "tiny", [], tmp_path / "o", tensorrt=True, progress=False)
     _nothing_left(tmp_path / "o")
+
+
+def test_local_diffusers_directory(tmp_path):
+    """--model <dir> (save_pretrained layout, one subfolder per component); kohya names resolve on meta models."""
+    models = build_tiny("sd")
+    for comp, m in models.items():
+        m.save_pretrained(tmp_path / "model" / comp)
+    out = tmp_path / "o"
+    loras = [(EXAMPLES / "sd_tiny_lora.safetensors", 0.6)]
+    manifest = export.export_pipeline("sd", str(tmp_path / "model"), loras, out, components=["text_encoder"],
+                                      progress=False)
+    assert manifest["model"] == str(tmp_path / "model")
+    fused = fused_models("sd", loras, components=["text_encoder"])
+    check_ort_equals_torch(out, "sd", fused)
+    check_weights_map(out / "text_encoder", fused["text_encoder"])
+
+
+def test_missing_model_dir_component(tmp_path):
+    (tmp_path / "model").mkdir()
+    with pytest.raises(FileNotFoundError, match="no text_encoder/ subfolder"):
+        export.export_pipeline("sd", str(tmp_path / "model"), [], tmp_path / "o", components=["text_encoder"],
+                               progress=False)
+    _nothing_left(tmp_path / "o")
