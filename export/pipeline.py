@@ -19,7 +19,8 @@ manifest.json::
        "external_data": null, "weights_map": "weights_map.json", "base_weights": null | file,
        "class": ..., "dtype": "float16", "opset": 20, "inputs": [{"name", "dtype", "shape"
        (ints or axis names), "dynamic_axes": {"0": "batch"}}], "outputs": [...],
-       "baked_params": [...], "validation": {"passed", "tolerance", "outputs": {name:
+       "baked_params": [...], "adapters": [{"name", "path", "sha256", "scale"}] (those touching
+       this component), "sample_size": (UNet), "validation": {"passed", "tolerance", "outputs": {name:
        {"rel_err", "max_abs_err", ...}}, "input_shapes"}}, ...},
      "adapters": [{"name", "path", "sha256", "scale", "format", "targets"}],
      "validation_errors": {component: {output: rel_err}}, "versions": {...}}
@@ -434,7 +435,8 @@ def _export_one(source, spec, component, tdtype, adapters, tmp, family, opset, v
         entry["sample_size"] = sample_size
     entry["base_weights"] = BASE_WEIGHTS_FILE if baked else None
     entry["baked_params"] = baked
-    entry["adapters"] = [a["name"] for a in adapters if a["adapter"].for_component(component)]
+    entry["adapters"] = [{"name": a["name"], "path": a["path"], "sha256": a["sha256"], "scale": a["scale"]}
+                         for a in adapters if a["adapter"].for_component(component)]
     if validate and tdtype == torch.bfloat16:
         module.float()
         ref = _torch_outputs(cspec, module, {k: (v.float() if v.is_floating_point() else v)

@@ -470,3 +470,11 @@ def test_missing_model_dir_component(tmp_path):
         export.export_pipeline("sd", str(tmp_path / "model"), [], tmp_path / "o", components=["text_encoder"],
                                progress=False)
     _nothing_left(tmp_path / "o")
+
+
+def test_component_manifest_lists_its_adapters(sd_two):
+    _, manifest, _ = sd_two
+    for comp, entry in manifest["components"].items():
+        names = [a["name"] for a in entry["adapters"]]
+        assert names == [a["name"] for a in manifest["adapters"] if comp in a["components"]]
+        assert all(set(a) >= {"name", "sha256", "scale"} for a in entry["adapters"])
