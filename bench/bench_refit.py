@@ -18,7 +18,6 @@ Prints the times and the ratios. `--smoke` runs the same on the tiny SD UNet in 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import re
 import shutil
@@ -123,6 +122,71 @@ def timed_infer(run, feeds, runs: int) -> tuple[float, dict]:
     return statistics.median(times), out
 
 
+def _rss_peak_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+def phase_export(args, work: Path, rank: int) -> dict:
+    res = {}
+    t0 = time.perf_counter()
+    unet = build_unet(args.smoke)
+    res["params"] = sum(p.numel() for p in unet.parameters())
+    res["build_s"] = time.perf_counter() - t0
+    res["lora_modules"] = write_lora(unet, work / "a.safetensors", rank, 1)
+    write_lora(unet, work / "b.safetensors", rank, 2)
+    res["reexport_s"] = export_with(unet, work / "a.safetensors", work / "unet_a")
+    res["export_peak_rss_gb"] = _rss_peak_gb()
+    return res
+
+
+def phase_baked(args, work: Path, rank: int) -> dict:
+    import onnxruntime as ort
+
+    feeds = make_feeds(args.smoke)
+    t0 = time.perf_counter()
+    sess = ort.InferenceSession(str(work / "unet_a" / "model.onnx"), providers=["CPUExecutionProvider"])
+    res = {"new_session_s": time.perf_counter() - t0}
+    res["infer_baked_s"], _ = timed_infer(lambda f: sess.run(None, f), feeds, args.runs)
+    res["baked_peak_rss_gb"] = _rss_peak_gb()
+    return res
+
+
+def phase_mode(args, work: Path, rank: int, mode: str) -> dict:
+    import engines
+    import refit
+
+    feeds = make_feeds(args.smoke)
+    res = {}
+    t0 = time.perf_counter()
+    engine = engines.OrtEngine(work / "unet_a", mode=mode)
+    res[f"{mode}_load_s"] = time.perf_counter() - t0
+    r = refit.Refitter(engine)
+    t0 = time.perf_counter()
+    r.load_lora(str(work / "b.safetensors"), adapter_name="b")  # first load: parse the file + swap A -> B
+    res[f"{mode}_load_lora_s"] = time.perf_counter() - t0
+    r.load_lora(str(work / "a.safetensors"), adapter_name="a")  # B -> A
+    t0 = time.perf_counter()
+    r.set_adapters(["b"])  # A -> B, adapters parsed: the swap itself
+    res[f"{mode}_swap_s"] = time.perf_counter() - t0
+    res[f"{mode}_swap_breakdown"] = dict(r.last_refit)
+    res[f"infer_{mode}_s"], _ = timed_infer(engine.infer, feeds, args.runs)
+    res[f"{mode}_peak_rss_gb"] = _rss_peak_gb()
+    return res
+
+
+PHASES = ("export", "baked", "inputs", "session")
+
+
+def run_phase(args, work: Path, rank: int) -> dict:
+    if args.phase == "export":
+        return phase_export(args, work, rank)
+    if args.phase == "baked":
+        return phase_baked(args, work, rank)
+    return phase_mode(args, work, rank, args.phase)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny UNet, rank 4: seconds, for tests")
@@ -130,57 +194,31 @@ def main(argv=None) -> dict:
     ap.add_argument("--rank", type=int, default=None)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # internal: one phase per process
     args = ap.parse_args(argv)
-
-    import onnxruntime as ort
-
-    import engines
-    import refit
-
     rank = args.rank or (4 if args.smoke else 32)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_refit_"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.phase:
+        torch.set_num_threads(torch.get_num_threads())
+        res = run_phase(args, work, rank)
+        (work / f"{args.phase}.json").write_text(json.dumps(res))
+        return res
+
+    # Each phase in its own process: clean memory, and peak RSS per phase.
+    import subprocess
+
     res: dict = {"model": "tiny sd unet" if args.smoke else "SD 1.5 UNet (real config, random weights)",
                  "rank": rank, "threads": torch.get_num_threads()}
     try:
-        t0 = time.perf_counter()
-        unet = build_unet(args.smoke)
-        res["params"] = sum(p.numel() for p in unet.parameters())
-        res["build_s"] = time.perf_counter() - t0
-        a, b = work / "a.safetensors", work / "b.safetensors"
-        res["lora_modules"] = write_lora(unet, a, rank, 1)
-        write_lora(unet, b, rank, 2)
-        d = work / "unet_a"
-        res["reexport_s"] = export_with(unet, a, d)
-        del unet
-        gc.collect()
-        feeds = make_feeds(args.smoke)
-
-        # Baked graph, plain session: what a re-export is followed by.
-        t0 = time.perf_counter()
-        sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
-        res["new_session_s"] = time.perf_counter() - t0
-        res["infer_baked_s"], _ = timed_infer(lambda f: sess.run(None, f), feeds, args.runs)
-        del sess
-        gc.collect()
-
-        for mode in ("inputs", "session"):
-            t0 = time.perf_counter()
-            engine = engines.OrtEngine(d, mode=mode)
-            res[f"{mode}_load_s"] = time.perf_counter() - t0
-            r = refit.Refitter(engine)
-            t0 = time.perf_counter()
-            r.load_lora(str(b), adapter_name="b")  # first load: parse the file + swap A -> B
-            res[f"{mode}_load_lora_s"] = time.perf_counter() - t0
-            r.load_lora(str(a), adapter_name="a")  # B -> A
-            t0 = time.perf_counter()
-            r.set_adapters(["b"])  # A -> B, adapters parsed: the swap itself
-            res[f"{mode}_swap_s"] = time.perf_counter() - t0
-            res[f"{mode}_swap_breakdown"] = dict(r.last_refit)
-            res[f"infer_{mode}_s"], _ = timed_infer(engine.infer, feeds, args.runs)
-            engine.close()
-            del engine, r
-            gc.collect()
+        for phase in PHASES:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--workdir", str(work),
+                   "--runs", str(args.runs), "--rank", str(rank)] + (["--smoke"] if args.smoke else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench phase {phase} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+            res.update(json.loads((work / f"{phase}.json").read_text()))
+            print(f"[{phase}] done, peak RSS {res.get(phase + '_peak_rss_gb', 0):.1f} GB", file=sys.stderr)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -209,8 +247,8 @@ def _print(res):
     for mode in ("inputs", "session"):
         print(f"inference mode={mode:8s}         {res[f'infer_{mode}_s']:8.3f} s   "
               f"(x{res[f'infer_ratio_{mode}_vs_baked']:.3f} of baked)")
+    print("peak RSS GB: " + ", ".join(f"{p} {res.get(p + '_peak_rss_gb', 0):.1f}" for p in PHASES))
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(min(torch.get_num_threads(), 2) if "--smoke" in sys.argv else torch.get_num_threads())
     main()

@@ -40,6 +40,18 @@ def initializer_array(t: TensorProto, base_dir: Path | None = None) -> np.ndarra
     return numpy_helper.to_array(t).copy()
 
 
+def initializer_view(t: TensorProto, base_dir: Path | None = None) -> np.ndarray:
+    """The value of an initializer without copying external data (a read-only memory map)."""
+    if t.data_location == TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in t.external_data}
+        dtype = np_dtype(t.data_type)
+        storage = np.uint16 if dtype.name == "bfloat16" else dtype
+        mm = np.memmap(Path(base_dir or ".") / info["location"], dtype=storage, mode="r",
+                       offset=int(info.get("offset", 0)), shape=tuple(t.dims))
+        return mm.view(dtype) if storage is not dtype else mm
+    return numpy_helper.to_array(t).copy()
+
+
 def read_external(t: TensorProto, base_dir: Path | None) -> np.ndarray:
     info = {e.key: e.value for e in t.external_data}
     location = Path(base_dir or ".") / info["location"]

@@ -110,9 +110,14 @@ class OrtEngine(Engine):
         names = sorted(set(names), key=order.__getitem__)
         elem_types = ou.onnx_elem_type(model, names)
         # Values of the refittable weights, read straight from the file (no full in-memory copy).
-        self._arrays: dict[str, np.ndarray] = ou.take_initializers(model, names, self.directory) if mode == "inputs" \
-            else {t.name: ou.initializer_array(t, self.directory) for t in model.graph.initializer if t.name in set(names)}
-        self._arrays = {n: np.ascontiguousarray(a) if a.flags.writeable else a.copy() for n, a in self._arrays.items()}
+        if mode == "inputs":  # owned, writable buffers: the bound OrtValues share them
+            self._arrays: dict[str, np.ndarray] = ou.take_initializers(model, names, self.directory)
+            self._arrays = {n: a if a.flags.writeable and a.flags.c_contiguous else a.copy()
+                            for n, a in self._arrays.items()}
+        else:  # read-only views (external data memory-mapped): only changed weights take new memory
+            wanted = set(names)
+            self._arrays = {t.name: ou.initializer_view(t, self.directory)
+                            for t in model.graph.initializer if t.name in wanted}
         self._infos = {n: WeightInfo(n, tuple(a.shape), a.dtype) for n, a in self._arrays.items()}
         # Remaining external initializers are loaded into the proto (small: norms, embeddings).
         for t in model.graph.initializer:

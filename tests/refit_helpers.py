@@ -36,7 +36,7 @@ def export_dir(family: str, components: list[str], loras, out_dir, dtype: str = 
     out_dir = Path(out_dir)
     if hasattr(export, "export_pipeline"):
         export.export_pipeline(family, model="tiny", loras=[(str(p), s) for p, s in loras], out_dir=str(out_dir),
-                               dtype=dtype, components=components)
+                               dtype=dtype, components=components, validate=False, progress=False)
         return out_dir
     return _export_by_hand(family, components, loras, out_dir, dtype)
 

@@ -68,3 +68,21 @@ def test_cli_errors_leave_nothing(tmp_path_factory, tmp_path, capsys):
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
     with pytest.raises(SystemExit):
         main([str(src)])
+
+
+def test_cli_pipeline_directory(tmp_path_factory, tmp_path):
+    """DIR may be a whole export (manifest + component dirs): every component is refitted."""
+    root = tmp_path_factory.getbasetemp()
+    files = lora_files(root, FAMILY)
+    src = exported(root, FAMILY, "x")
+    out = tmp_path / "y_half"
+    assert main([str(src), "--lora", f"{files['x']}:1.0", "--lora", f"{files['y']}:0.5", "--out", str(out)]) == 0
+    ref = exported(root, FAMILY, "xy")
+    for component in ("unet", "text_encoder"):
+        a, b = initializers(out / component / "model.onnx"), initializers(ref / component / "model.onnx")
+        assert set(a) == set(b) and differing(a, b) == [], component
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["components"]) == {"unet", "text_encoder"}
+    assert [a["scale"] for a in manifest["adapters"]] == [1.0, 0.5]
+    baked = json.loads((ref / "manifest.json").read_text())["components"]["unet"]["baked_params"]
+    assert sorted(manifest["components"]["unet"]["baked_params"]) == sorted(baked)
