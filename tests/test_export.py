@@ -478,3 +478,25 @@ def test_component_manifest_lists_its_adapters(sd_two):
         names = [a["name"] for a in entry["adapters"]]
         assert names == [a["name"] for a in manifest["adapters"] if comp in a["components"]]
         assert all(set(a) >= {"name", "sha256", "scale"} for a in entry["adapters"])
+
+
+def test_refit_of_an_export_matches_the_export_of_the_same_adapters(sd_one, sd_two):
+    """Contract with engines/ + refit/: weights map + base weights let a refit reach any export's bits."""
+    engines = pytest.importorskip("engines")
+    refit = pytest.importorskip("refit")
+    (o1, _, loras1), (o2, _, _) = sd_one, sd_two
+    spec = FAMILIES["sd"].components["unet"]
+    feeds = {k: v.numpy() for k, v in spec.make_inputs(build_tiny("sd", ["unet"])["unet"], torch.float32,
+                                                        Inputs(batch=2, seed=9)).items()}
+    want = engines.load_engine(o1 / "unet").infer(feeds)["out_sample"]
+    engine = engines.load_engine(o2 / "unet")
+    r = refit.Refitter(engine)
+    r.load_lora(str(loras1[0][0]), adapter_name="a")
+    r.set_adapters(["a"], [loras1[0][1]])
+    got = engine.infer(feeds)["out_sample"]
+    assert np.array_equal(got, want)
+    r.set_adapters([])
+    base = fused_models("sd", [], ["unet"])["unet"]
+    with torch.no_grad():
+        ref = spec.wrap(base)(*[torch.from_numpy(feeds[n]) for n in spec.input_names])
+    assert rel_err(engine.infer(feeds)["out_sample"], ref.numpy()) <= 1e-4
