@@ -16,7 +16,9 @@
     layouts), or when the weights must not be graph inputs.
 
 The refittable weights are the initializers named in the engine directory's
-`weights_map.json` (all LoRA-targetable Linear/Conv weights and biases), or `weights=`.
+`weights_map.json` (all LoRA-targetable Linear/Conv weights and biases; `weights="all"`),
+only the Linear ones (`weights="linear"`: Conv weights stay constants that ONNX Runtime
+can re-layout, and a LoRA touching a Conv is refused with a clear error), or a list.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class OrtEngine(Engine):
         mode: str | None = None,
         providers: list | None = None,
         session_options=None,
-        weights: Iterable[str] | None = None,
+        weights: Iterable[str] | str | None = None,
         device: str = "cpu",
         device_id: int = 0,
     ):
@@ -95,10 +97,10 @@ class OrtEngine(Engine):
 
         t0 = time.perf_counter()
         model = onnx.load(str(self.model_path), load_external_data=False)
-        if weights is None:
+        if weights is None or isinstance(weights, str):
             wmap = load_weights_map(self.directory) if Path(path).is_dir() or self.model_path.name == ou.MODEL_FILE \
                 else None
-            names = wmap.initializers() if wmap is not None else []
+            names = select_weights(wmap, weights or "all") if wmap is not None else []
         else:
             names = list(weights)
         present = {t.name for t in model.graph.initializer}
@@ -268,6 +270,16 @@ class OrtEngine(Engine):
 
     def __repr__(self):
         return f"OrtEngine({str(self.model_path)!r}, mode={self.mode!r}, weights={len(self._infos)})"
+
+
+def select_weights(wmap, which: str) -> list[str]:
+    """Initializer names to make refittable: "all" mapped weights, or only "linear" ones (2-D weights + biases)."""
+    if which == "all":
+        return wmap.initializers()
+    if which == "linear":
+        linear = {e.module for e in wmap.entries.values() if e.kind == "weight" and len(e.param_shape) == 2}
+        return [e.initializer for e in wmap.entries.values() if e.module in linear]
+    raise ValueError(f"weights= takes 'all', 'linear' or a list of initializer names, not {which!r}")
 
 
 def check_mode(mode):

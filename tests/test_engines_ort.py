@@ -160,3 +160,10 @@ def test_plan_only_directory_without_tensorrt(tmp_path):
     d2 = make_dir(tmp_path)
     (d2 / "model.plan").write_bytes(b"not a plan")
     assert engines.load_engine(d2).backend == "onnxruntime"
+
+
+def test_linear_only_weights(tmp_path):
+    e = OrtEngine(make_dir(tmp_path), weights="linear")
+    assert e.weight_names() == ["lin.weight.T", "lin.bias"]
+    with pytest.raises(ValueError, match="weights="):
+        OrtEngine(tmp_path / "comp", weights="convs")

@@ -185,3 +185,17 @@ def test_parsed_adapters_are_cached(setup, monkeypatch):
     r2 = refit.Refitter(engine)
     r2.load_lora(str(files["x"]), adapter_name="x")
     assert calls["n"] == 1
+
+
+def test_adapter_on_weights_the_engine_keeps_constant(tmp_path_factory):
+    """An engine with only Linear weights refittable refuses a LoRA on a Conv (tiny sd proj_in is a 1x1 conv)."""
+    root = tmp_path_factory.getbasetemp()
+    files = lora_files(root, FAMILY)
+    engine = engines.OrtEngine(exported(root, FAMILY, "base") / "unet", weights="linear")
+    r = refit.Refitter(engine)
+    before = engine.get_weights()
+    with pytest.raises(RefitError, match="without as refittable"):
+        r.load_lora(str(files["x"]), adapter_name="x")
+    assert differing(engine.get_weights(), before) == []
+    r.load_lora(str(files["y"]), adapter_name="y")  # y touches Linear layers only
+    assert r.get_active_adapters() == ["y"]
