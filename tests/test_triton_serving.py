@@ -1,0 +1,203 @@
+"""The Triton denoiser's core without a server: `loras` parsing, safety, grouping, refit counts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import engines
+import refit
+from engines.triton.serving import (BAKED, LoraDirectory, LoraRequestError, LoraSwitcher, check_adapter_name,
+                                    parse_loras)
+from refit_helpers import exported, inputs_for, lora_files
+
+# -- parsing (no engine) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value,key", [
+    (None, None),
+    ("{}", ()),
+    ('{"x": 1}', (("x", 1.0),)),
+    ('{"y": 0.5, "x": 1}', (("x", 1.0), ("y", 0.5))),
+    ({"x": 0}, (("x", 0.0),)),
+    (b'{"a-b.c_1": -2.5}', (("a-b.c_1", -2.5),)),
+])
+def test_parse_loras_ok(value, key):
+    assert parse_loras(value) == key
+
+
+@pytest.mark.parametrize("value", [
+    "nope", "[1, 2]", '"x"', "1", '{"x": "1"}', '{"x": true}', '{"x": null}', '{"x": NaN}', '{"x": Infinity}',
+    '{"x": -Infinity}', '{"x": 1e999}', '{"../x": 1}', '{"a/b": 1}', '{"a\\\\b": 1}', '{"..": 1}', '{"": 1}',
+    '{"x\\u0000": 1}', '{"/etc/passwd": 1}', '{' + ", ".join(f'"a{i}": 1' for i in range(40)) + '}', b"\xff\xfe",
+    "{" * 5000,
+])
+def test_parse_loras_rejects(value):
+    with pytest.raises(LoraRequestError):
+        parse_loras(value)
+
+
+def test_adapter_names():
+    assert check_adapter_name("style_v1.2") == "style_v1.2"
+    for bad in ("a/b", "a\\b", "..", "a..b", ".hidden", "", "x" * 200, "a b", 3):
+        with pytest.raises(LoraRequestError):
+            check_adapter_name(bad)
+
+
+def test_lora_directory_lists_only_its_own_files(tmp_path):
+    d = tmp_path / "loras"
+    d.mkdir()
+    (d / "a.safetensors").write_bytes(b"1")
+    (d / "b.bin").write_bytes(b"1")
+    (d / "sub.safetensors").mkdir()
+    (tmp_path / "secret.safetensors").write_bytes(b"1")
+    os.symlink(tmp_path / "secret.safetensors", d / "link.safetensors")
+    (d / "inner.safetensors").symlink_to(d / "a.safetensors")  # a link staying inside is fine
+    ld = LoraDirectory(d)
+    assert set(ld.available()) == {"a", "inner"}
+    assert ld.resolve("a") == (d / "a.safetensors").resolve()
+    for bad in ("link", "secret", "../secret", "b", "sub", "missing"):
+        with pytest.raises(LoraRequestError):
+            ld.resolve(bad)
+
+
+# -- the switcher over a real ORT engine + Refitter ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("triton_serving")
+    loras = lora_files(root, "sdxl")
+    export = exported(root, "sdxl", "x", components=["unet"])  # x baked at 1.0
+    lora_dir = root / "lora_dir"
+    lora_dir.mkdir()
+    for n, p in loras.items():
+        shutil.copy(p, lora_dir / f"{n}.safetensors")
+    # a file outside the directory, and a link to it inside: never offered, never opened
+    shutil.copy(loras["y"], root / "outside.safetensors")
+    os.symlink(root / "outside.safetensors", lora_dir / "escape.safetensors")
+    unet = export / "unet"
+    feeds = [inputs_for(engines.load_engine(unet), seed=s) for s in (0, 1)]
+    # references: a separate engine + Refitter per adapter set
+    eng = engines.load_engine(unet)
+    baked_out = [eng.infer(f)["out_sample"] for f in feeds]
+    r = refit.Refitter(eng)
+    r.load_lora(str(loras["x"]), adapter_name="x")
+    r.load_lora(str(loras["y"]), adapter_name="y")
+    refs = {}
+    for key in [(), (("x", 1.0),), (("y", 0.5),), (("x", 1.0), ("y", 0.5))]:
+        r.set_adapters([n for n, _ in key], [w for _, w in key])
+        refs[key] = [eng.infer(f)["out_sample"] for f in feeds]
+    return dict(unet=unet, lora_dir=lora_dir, feeds=feeds, refs=refs, baked_out=baked_out, root=root)
+
+
+class SpyRefitter:
+    """Counts the Refitter calls that change engine weights and records the files opened."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls = []
+
+    def load_lora(self, path, adapter_name=None, **kw):
+        self.calls.append(("load", adapter_name, path))
+        return self.inner.load_lora(path, adapter_name=adapter_name, **kw)
+
+    def set_adapters(self, names, weights=None):
+        self.calls.append(("set", tuple(names), tuple(weights or ())))
+        return self.inner.set_adapters(names, weights)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _switcher(setup, **kw):
+    eng = engines.load_engine(setup["unet"])
+    spy = SpyRefitter(refit.Refitter(eng))
+    return LoraSwitcher(eng, spy, setup["lora_dir"], baked=[("x", 1.0)], **kw), spy
+
+
+def test_baked_state_is_the_export(setup):
+    sw, spy = _switcher(setup, preload="none")
+    assert sw.current == BAKED or sw.current == (("x", 1.0),)
+    (out, key), = sw.run([(setup["feeds"][0], None)])
+    assert key == (("x", 1.0),)
+    np.testing.assert_array_equal(out["out_sample"], setup["baked_out"][0])
+
+
+def test_groups_refit_only_on_change_and_match_reference(setup):
+    sw, spy = _switcher(setup)
+    assert sw.current == (("x", 1.0),)  # baked adapters preloaded
+    f0, f1 = setup["feeds"]
+    sets = ['{}', '{"x": 1}', '{"y": 0.5}', '{"x": 1, "y": 0.5}', None]
+    items = [(f0 if i % 2 else f1, sets[i % len(sets)]) for i in range(20)]
+    before = sw.refits
+    calls_before = len(spy.calls)
+    res = sw.run(items)
+    # groups: {x:1} (== current, == absent) first, no refit; then 3 other sets: 3 set_adapters + 1 load (y)
+    sets_called = [c for c in spy.calls[calls_before:] if c[0] == "set"]
+    assert len(sets_called) == 3, spy.calls[calls_before:]
+    assert sw.refits - before == 4
+    for (feeds, loras), r in zip(items, res):
+        out, key = r
+        expect = parse_loras(loras) if loras is not None else (("x", 1.0),)
+        assert key == expect
+        ref = setup["refs"][key][0 if feeds is f0 else 1]
+        np.testing.assert_allclose(out["out_sample"], ref, rtol=1e-5, atol=1e-5)
+    # the same set again: no refit at all; the last group's set stays current
+    last = sw.current
+    n = len(spy.calls)
+    res = sw.run([(f0, json.dumps(dict(last)))] * 3)
+    assert len(spy.calls) == n and all(not isinstance(r, Exception) for r in res)
+
+
+def test_bad_requests_fail_alone(setup):
+    sw, spy = _switcher(setup)
+    f0 = setup["feeds"][0]
+    bad = ['{"../x": 1}', '{"a/b": 1}', '{"a\\\\b": 1}', '{"escape": 1}', '{"outside": 1}', '{"zz": 1}', "{x: 1}",
+           '{"x": NaN}', '{"x": "1"}', '{"x": Infinity}', "[]"]
+    items = [(f0, '{"y": 0.5}')] + [(f0, b) for b in bad] + [(f0, "{}"), (LoraRequestError("missing input"), "{}")]
+    n = len(spy.calls)
+    res = sw.run(items)
+    assert not isinstance(res[0], Exception) and res[0][1] == (("y", 0.5),)
+    for b, r in zip(bad, res[1:-2]):
+        assert isinstance(r, LoraRequestError), (b, r)
+    assert not isinstance(res[-2], Exception) and res[-2][1] == ()
+    assert isinstance(res[-1], LoraRequestError)
+    opened = [c[2] for c in spy.calls[n:] if c[0] == "load"]
+    assert all(os.path.dirname(p) == str(setup["lora_dir"].resolve()) for p in opened), opened
+    assert all("outside" not in p and "escape" not in p for p in opened)
+    np.testing.assert_allclose(res[0][0]["out_sample"], setup["refs"][(("y", 0.5),)][0], rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_that_fails_to_load_fails_its_group_only(setup, tmp_path):
+    eng = engines.load_engine(setup["unet"])
+    d = tmp_path / "loras"
+    shutil.copytree(setup["lora_dir"], d, symlinks=True)
+    (d / "broken.safetensors").write_bytes(b"not a safetensors file")
+    sw = LoraSwitcher(eng, refit.Refitter(eng), d, baked=[("x", 1.0)])
+    f0 = setup["feeds"][0]
+    res = sw.run([(f0, '{"broken": 1}'), (f0, "{}"), (f0, '{"broken": 1, "x": 1}')])
+    assert isinstance(res[0], Exception) and isinstance(res[2], Exception)
+    np.testing.assert_allclose(res[1][0]["out_sample"], setup["refs"][()][0], rtol=1e-5, atol=1e-5)
+    (out, key), = sw.run([(f0, '{"x": 1}')])
+    np.testing.assert_allclose(out["out_sample"], setup["refs"][(("x", 1.0),)][0], rtol=1e-5, atol=1e-5)
+
+
+def test_baked_files_missing(setup, tmp_path):
+    """Without the baked adapter files, absent `loras` means the exported weights, until a refit."""
+    eng = engines.load_engine(setup["unet"])
+    d = tmp_path / "only_y"
+    d.mkdir()
+    shutil.copy(setup["lora_dir"] / "y.safetensors", d / "y.safetensors")
+    sw = LoraSwitcher(eng, refit.Refitter(eng), d, baked=[("x", 1.0)])
+    f0 = setup["feeds"][0]
+    (out, key), = sw.run([(f0, None)])
+    np.testing.assert_array_equal(out["out_sample"], setup["baked_out"][0])
+    assert sw.run([(f0, "{}")])[0][1] == ()
+    assert isinstance(sw.run([(f0, None)])[0], LoraRequestError)
+    assert math.isfinite(float(sw.run([(f0, '{"y": 0.5}')])[0][0]["out_sample"].sum()))
