@@ -168,7 +168,7 @@ def sd_two(tmp_path_factory, second_lora):
 def sdxl_cli(tmp_path_factory):
     out = tmp_path_factory.mktemp("exports") / "sdxl_cli"
     r = run_cli("--family", "sdxl", "--model", "tiny", "--lora", "examples/sdxl_tiny_lora.safetensors",
-                "--out", out)
+                "--out", out, "--triton-repo", out.parent / "sdxl_cli_triton")
     assert r.returncode == 0, r.stderr[-3000:]
     return out, json.loads((out / "manifest.json").read_text()), [(EXAMPLES / "sdxl_tiny_lora.safetensors", 1.0)]
 
@@ -229,7 +229,7 @@ def test_base_weights_and_manifest(which, request):
         sample = manifest["components"]["unet"]["inputs"][0]
         assert sample["name"] == "sample" and sample["shape"][2:] == ["height", "width"]
         assert manifest["components"]["unet"]["outputs"][0]["name"] == "out_sample"
-    leftovers = [p for p in out.parent.iterdir() if p.name.startswith(".")]
+    leftovers = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
     assert not leftovers
 
 
@@ -257,6 +257,7 @@ def test_other_adapter_changes_only_mapped_initializers(sd_one, sd_two):
 
 def test_cli_progress_and_summary(sdxl_cli):
     out, manifest, _ = sdxl_cli
+    assert (out.parent / "sdxl_cli_triton" / "unet" / "config.pbtxt").is_file()  # --triton-repo
     assert set(manifest["components"]) == {"unet", "text_encoder", "text_encoder_2"}
     te2 = manifest["components"]["text_encoder_2"]
     assert [o["name"] for o in te2["outputs"]] == ["text_embeds", "hidden_states"]
