@@ -92,8 +92,9 @@ def _normalize_loras(loras) -> list[tuple[str, float, str | None]]:
 class ModelSource:
     """Where components come from: "tiny", a local diffusers directory, or a hub repo id."""
 
-    def __init__(self, model, family: FamilySpec, components: list[str], seed: int = 0):
+    def __init__(self, model, family: FamilySpec, components: list[str], seed: int = 0, hub_kwargs=None):
         self.model, self.family, self.components, self.seed = model, family, components, seed
+        self.hub_kwargs = dict(hub_kwargs or {})
         if callable(model) and not isinstance(model, (str, os.PathLike)):
             self.kind = "factory"  # model(component, dtype) -> module; dropped after each export
             return
@@ -124,7 +125,12 @@ class ModelSource:
             patterns = ["model_index.json"]
             for c in self.components:
                 patterns += [f"{c}/*.json", f"{c}/*.safetensors"]
-            self.root = Path(snapshot_download(str(self.model), allow_patterns=patterns))
+            try:
+                self.root = Path(snapshot_download(str(self.model), allow_patterns=patterns,
+                                                        **self.hub_kwargs))
+            except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth...
+                raise FileNotFoundError(f"model {self.model!r} is not a local directory and could not be fetched "
+                                        f"from the Hugging Face hub: {type(e).__name__}: {e}") from e
         return self.root
 
     def load(self, component: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -340,6 +346,7 @@ def export_pipeline(
     seed: int = 0,
     external_data: bool | None = None,
     tensorrt: bool = False,
+    hub_kwargs: dict | None = None,
 ) -> dict:
     """Export a family's components with LoRAs baked in. Returns the manifest (also written).
 
@@ -349,7 +356,8 @@ def export_pipeline(
     fp16 | bf16. components: subset (list or "unet,text_encoder"); default all of the
     family's. overwrite: None replaces a previous export in out_dir but refuses a non-empty
     directory that is not one. Raises ValueError / FileNotFoundError / ExportError (and
-    ExportValidationError past tolerance) and then leaves no out_dir behind.
+    ExportValidationError past tolerance) and then leaves no out_dir behind. hub_kwargs go to
+    `huggingface_hub.snapshot_download` (revision, cache_dir, local_files_only, token...).
     """
     from tqdm.auto import tqdm
 
@@ -363,7 +371,7 @@ def export_pipeline(
     bad = [c for c in components if c not in spec.components]
     if bad:
         raise ValueError(f"family {family!r} has no component(s) {bad}; have {list(spec.components)}")
-    source = ModelSource(model, spec, components, seed=seed)
+    source = ModelSource(model, spec, components, seed=seed, hub_kwargs=hub_kwargs)
     if tensorrt:
         from .tensorrt import check_available
 

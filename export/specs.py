@@ -3,7 +3,11 @@
 Adding a family means adding one `FamilySpec` to `FAMILIES`; the machinery in
 `export.onnx_export` / `export.pipeline` is generic.
 
-Graph inputs are named after the diffusers / transformers `forward` arguments. Outputs:
+Graph inputs are named after the diffusers / transformers `forward` arguments. Dtypes:
+floating inputs in the export dtype, except `timestep` (float32, shape [batch]);
+`input_ids` int64 [batch, 77]; SDXL's `time_ids` [batch, 6] and `text_embeds` [batch, 1280]
+(real config) in the export dtype. Dynamic axes: `batch` everywhere, `height` / `width`
+(latent) for the UNet's `sample` and `out_sample`. Outputs:
 
 - UNet (`sd`, `sdxl`): `out_sample`, the denoiser's prediction (noise / v), same shape as
   `sample`.

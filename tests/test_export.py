@@ -501,3 +501,17 @@ def test_refit_of_an_export_matches_the_export_of_the_same_adapters(sd_one, sd_t
     with torch.no_grad():
         ref = spec.wrap(base)(*[torch.from_numpy(feeds[n]) for n in spec.input_names])
     assert rel_err(engine.infer(feeds)["out_sample"], ref.numpy()) <= 1e-4
+
+
+def test_hub_model_id_from_local_cache(tmp_path):
+    """--model <hub id>: snapshot_download of the component subfolders (served offline from a local cache)."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-sd"
+    snap = repo / "snapshots" / ("0" * 40)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    build_tiny("sd", ["text_encoder"], seed=1)["text_encoder"].save_pretrained(snap / "text_encoder")
+    manifest = export.export_pipeline("sd", "someone/tiny-sd", [], tmp_path / "o", components=["text_encoder"],
+                                      progress=False, hub_kwargs={"cache_dir": str(cache), "local_files_only": True})
+    assert manifest["model"] == "someone/tiny-sd" and manifest["components"]["text_encoder"]["validation"]["passed"]
+    check_weights_map(tmp_path / "o" / "text_encoder", build_tiny("sd", ["text_encoder"], seed=1)["text_encoder"])
