@@ -254,6 +254,7 @@ def write_repository(
     intra_op_threads: int = 0,
     link: bool = True,
     overwrite: bool = True,
+    log_batches: bool = False,
 ) -> dict:
     """Write a Triton model repository for an export; returns {model name: config.pbtxt path}.
 
@@ -269,6 +270,7 @@ def write_repository(
     python_path: directories the Python models add to sys.path (the project, if the
       server's Python environment does not have it installed).
     link: hard-link engine files instead of copying when possible.
+    log_batches: the denoiser logs, per execute, its requests, adapter groups and refits.
     """
     export_dir = Path(export_dir).resolve()
     repo = Path(repo_dir)
@@ -370,6 +372,8 @@ def write_repository(
                 "baked_loras": json.dumps([[n, s] for n, s, _ in baked]),
                 "batch_requests": "true" if batch_requests else "false",
             })
+            if log_batches:
+                params["log_batches"] = "true"
             text = make_config(name, backend="python", parameters=params,
                                extra_outputs=[(APPLIED_OUTPUT, "TYPE_STRING", [1])], **common)
         (mdir / "config.pbtxt").write_text(text)

@@ -404,6 +404,7 @@ class DenoiserModel:
         self.input_names = [i["name"] for i in self.config["input"]]
         self.output_names = [o["name"] for o in self.config["output"] if o["name"] != APPLIED_OUTPUT]
         self.batched = int(self.config.get("max_batch_size", 0)) > 0
+        self.log_batches = (_param(self.config, "log_batches", "false") or "false").lower() == "true"
         print(f"[lora-engines] {args.get('model_name')}: {self.engine.backend} engine, adapters from {lora_dir}, "
               f"baked {dict(self.switcher.baked_key)}", file=sys.stderr, flush=True)
 
@@ -418,7 +419,14 @@ class DenoiserModel:
                 loras, feeds = None, LoraRequestError(f"bad request parameters: {e}")
             items.append((feeds, loras))
         responses = []
-        for res in self.switcher.run(items, concat=self.concat):
+        refits = self.switcher.refits
+        results = self.switcher.run(items, concat=self.concat)
+        if self.log_batches:
+            groups = {json.dumps(r[1]) for r in results if not isinstance(r, Exception)}
+            print(f"[lora-engines] execute requests={len(requests)} groups={len(groups)} "
+                  f"errors={sum(isinstance(r, Exception) for r in results)} "
+                  f"refits={self.switcher.refits - refits}", file=sys.stderr, flush=True)
+        for res in results:
             if isinstance(res, Exception):
                 responses.append(_error(pb_utils, str(res), isinstance(res, LoraRequestError)))
                 continue
