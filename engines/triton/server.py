@@ -120,6 +120,7 @@ class TritonServer:
     """A tritonserver process serving `model_repository` on 127.0.0.1.
 
     ``models``: names to load (explicit model control); None loads every model.
+    ``http_port`` / ``grpc_port``: fixed ports (default: free ones, picked at start).
     ``python``: the interpreter whose environment runs the Python-backend models (default:
     this one). Readiness is polled on HTTP; `start` raises TritonServerError with the log
     tail if the server exits or is not ready in ``start_timeout`` seconds.
@@ -127,7 +128,9 @@ class TritonServer:
 
     def __init__(self, model_repository: str | os.PathLike, *, models: list[str] | None = None,
                  host: str = "127.0.0.1", start_timeout: float = 180.0, log_verbose: int = 0,
-                 extra_args: list[str] | None = None, python: str | os.PathLike | None = None):
+                 extra_args: list[str] | None = None, python: str | os.PathLike | None = None,
+                 http_port: int | None = None, grpc_port: int | None = None):
+        self._ports = (http_port, grpc_port)
         self.python = Path(python) if python else Path(sys.executable)
         self.model_repository = Path(model_repository).resolve()
         self.models = models
@@ -177,8 +180,9 @@ class TritonServer:
         self._tmp = tempfile.TemporaryDirectory(prefix="tritonserver-")
         root = Path(self._tmp.name)
         backends = self._backend_dir(server_dir, root)
-        self.http_port, self.grpc_port = free_port(self.host), free_port(self.host)
-        while self.grpc_port == self.http_port:
+        self.http_port = self._ports[0] or free_port(self.host)
+        self.grpc_port = self._ports[1] or free_port(self.host)
+        while self.grpc_port == self.http_port and not self._ports[1]:
             self.grpc_port = free_port(self.host)
         args = [
             str(server_dir / "bin" / "tritonserver"),
