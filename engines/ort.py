@@ -9,7 +9,9 @@
     of a memory copy instead of a new session.
 `session`: the graph keeps the weights as initializers; their values are supplied with
     `SessionOptions.add_external_initializers`, and a refit builds a new session with the
-    new values (then swaps it in; the old one serves until then). Swaps cost a full session
+    new values (by default the old one is freed first, so memory peaks at one session; it is
+    rebuilt if the new one fails; `keep_old_session=True` trades memory for never being
+    without a session). Swaps cost a full session
     creation (seconds to tens of seconds at real scale), but every graph optimization that
     needs constant weights stays on. Pick it when swaps are rare and an execution provider
     gains a lot from constant weights (e.g. fusions of the CUDA/TensorRT EPs, Conv weight
@@ -23,6 +25,7 @@ can re-layout, and a LoRA touching a Conv is refused with a clear error), or a l
 
 from __future__ import annotations
 
+import gc
 import tempfile
 import threading
 import time
@@ -81,6 +84,7 @@ class OrtEngine(Engine):
         weights: Iterable[str] | str | None = None,
         device: str = "cpu",
         device_id: int = 0,
+        keep_old_session: bool = False,
     ):
         mode = mode or DEFAULT_MODE
         if mode not in MODES:
@@ -91,6 +95,7 @@ class OrtEngine(Engine):
         self.directory = self.model_path.parent
         self.providers = providers or ["CPUExecutionProvider"]
         self.device, self.device_id = device, device_id
+        self.keep_old_session = keep_old_session  # session mode: build the new session before freeing the old
         self._template_options = session_options
         self._lock = threading.RLock()
         self.timings: dict[str, float] = {}
@@ -236,10 +241,21 @@ class OrtEngine(Engine):
                 arrays = dict(self._arrays)
                 for n, a in weights.items():
                     arrays[n] = np.array(a, copy=True, order="C")
+                if not self.keep_old_session:
+                    # Inference waits on the lock during a swap anyway: free the old session first
+                    # (peak memory of one session, not two) and rebuild it if the new one fails.
+                    self._session = self._keepalive = None
+                    gc.collect()
                 try:
                     session, keep = self._new_session(arrays)
-                except Exception as e:  # the old session stays in service
-                    raise EngineError(f"refit failed while creating the new session; weights unchanged: {e}") from e
+                except Exception as e:
+                    if self._session is None:
+                        try:
+                            self._session, self._keepalive = self._new_session(self._arrays)
+                        except Exception as e2:  # noqa: BLE001
+                            raise EngineError(f"refit failed while creating the new session ({e}), and so did "
+                                              f"restoring the previous one ({e2}); reload the engine") from e
+                    raise EngineError(f"refit failed while creating the new session; previous weights kept: {e}") from e
                 self._session, self._keepalive, self._arrays = session, keep, arrays
             else:
                 previous = self._read_weights(list(weights))

@@ -109,12 +109,23 @@ def test_session_mode_failure_keeps_old_session(tmp_path_factory, monkeypatch):
     feeds = inputs_for(engine, seed=6)
     before = _state(engine, r, feeds)
 
-    def boom(arrays):
-        raise RuntimeError("no memory for a new session")
+    real = engine._new_session
+    calls = {"n": 0}
+
+    def boom(arrays):  # the new session fails; rebuilding the previous one works
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("no memory for a new session")
+        return real(arrays)
 
     monkeypatch.setattr(engine, "_new_session", boom)
     with pytest.raises(RefitError, match="no memory"):
         r.load_lora(str(files["y"]), adapter_name="y")
+    _assert_unchanged(before, engine, r, feeds)
+    engine.keep_old_session, calls["n"] = True, 0  # the other strategy: the old session is never freed
+    with pytest.raises(RefitError, match="no memory"):
+        r.load_lora(str(files["y"]), adapter_name="y")
+    assert calls["n"] == 1
     _assert_unchanged(before, engine, r, feeds)
 
 
