@@ -58,7 +58,7 @@ class ParamStore:
         base = torch.empty_like(current)
         c2, b2 = current.reshape(current.shape[0], -1), base.view(current.shape[0], -1)
         for r0, r1 in row_blocks(current.shape):
-            b2[r0:r1] = (c2[r0:r1].float() - delta.rows(r0, r1)).to(current.dtype)
+            b2[r0:r1] = torch.sub(c2[r0:r1], delta.rows(r0, r1)).to(current.dtype)
         base.view(-1)[r.index.long()] = r.values
         return base
 
@@ -98,7 +98,7 @@ class ParamStore:
         for r0, r1 in row_blocks(param.shape):
             d = delta.rows(r0, r1)
             new = apply_rows(w2[r0:r1], d)
-            back = (new.float() - d).to(param.dtype)
+            back = torch.sub(new, d).to(param.dtype)
             bad = (_bits(back) != _bits(w2[r0:r1])).view(-1).nonzero().view(-1)
             if bad.numel():
                 wrong.append((bad + r0 * rest).to(index_dtype))

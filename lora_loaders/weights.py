@@ -82,7 +82,7 @@ class AdditiveDelta:
 
 def apply_rows(base_rows: torch.Tensor, delta_rows: torch.Tensor) -> torch.Tensor:
     """One block of the effective weight: cast(float32(base) + delta), in base's dtype."""
-    return (base_rows.float() + delta_rows).to(base_rows.dtype)
+    return torch.add(base_rows, delta_rows).to(base_rows.dtype)  # mixed add: exact fp32 promotion, one pass
 
 
 def effective_weight(base: torch.Tensor, contributions: Sequence[Contribution]) -> torch.Tensor:
