@@ -335,17 +335,29 @@ def _load_engine(engine_dir: Path, args: dict, config: dict):
     if choice in ("tensorrt", "trt"):
         return engines.load_engine(engine_dir, backend="tensorrt", device=device_id)
     opts = {}
+    threads = _int_param(config, "intra_op_threads")
+    if threads > 0:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        opts["session_options"] = so
     if kind == "GPU":
-        opts = {"device": "cuda", "device_id": device_id,
-                "providers": [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]}
+        opts.update({"device": "cuda", "device_id": device_id,
+                     "providers": [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]})
     return engines.load_engine(engine_dir, backend="onnxruntime", **opts)
 
 
-def _threads(config):
+def _int_param(config, name) -> int:
     try:
-        n = int(_param(config, "intra_op_threads", "0") or 0)
+        return int(_param(config, name, "0") or 0)
     except ValueError:
-        n = 0
+        return 0
+
+
+def _threads(config):
+    n = _int_param(config, "intra_op_threads")
     if n > 0:
         import torch
 
