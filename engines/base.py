@@ -72,12 +72,16 @@ class Engine(abc.ABC):
             self.weight_info(n)
         return self._read_weights(names)
 
-    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        """Write new values for some refittable weights, all or nothing."""
+    def set_weights(self, weights: Mapping[str, np.ndarray], copy: bool = True) -> None:
+        """Write new values for some refittable weights, all or nothing.
+
+        copy=False lets the engine keep the given (C-contiguous, writable) arrays as its
+        storage instead of copying them: the caller hands them over and must not modify them.
+        """
         if not weights:
             return
         self.check_weights(weights)
-        self._write_weights(dict(weights))
+        self._write_weights(dict(weights), copy)
 
     def check_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Raise WeightError unless every array matches a refittable weight's shape and dtype."""
@@ -102,7 +106,7 @@ class Engine(abc.ABC):
     def _read_weights(self, names: list[str]) -> dict[str, np.ndarray]: ...
 
     @abc.abstractmethod
-    def _write_weights(self, weights: dict[str, np.ndarray]) -> None:
+    def _write_weights(self, weights: dict[str, np.ndarray], copy: bool = True) -> None:
         """Write validated weights atomically (restore the previous values on failure)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook

@@ -2,8 +2,10 @@
 
 `inputs` (default): at load, on an in-memory copy of the graph (the file on disk is not
     touched), every refittable initializer becomes a graph input. Its value lives in an
-    OrtValue bound once through an IOBinding; a refit writes new values into those buffers
-    in place (`OrtValue.update_inplace`), so no session is created. Cost: ONNX Runtime can
+    OrtValue bound through one IOBinding; a refit binds OrtValues over the new buffers in
+    their place on CPU (zero copy: the refitter hands over the arrays it computed), or
+    writes into the device buffers in place (`OrtValue.update_inplace`) on a GPU EP. No
+    session is created. Cost: ONNX Runtime can
     no longer constant-fold or pre-pack those weights. On the CPU EP that cost was not
     measurable for the SD 1.5 UNet (see bench/bench_refit.py), while a swap takes the time
     of a memory copy instead of a new session.
@@ -64,6 +66,12 @@ def _ortvalue(arr: np.ndarray, device: str, device_id: int):
     if arr.dtype.name == "bfloat16":
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr.view(np.uint16), TensorProto.BFLOAT16)
     return ort.OrtValue.ortvalue_from_numpy(arr, device, device_id)
+
+
+def _owned(arr: np.ndarray, copy: bool) -> np.ndarray:
+    if copy or not (arr.flags.c_contiguous and arr.flags.writeable):
+        return np.array(arr, copy=True, order="C")
+    return arr
 
 
 def _storage(arr: np.ndarray) -> np.ndarray:
@@ -234,7 +242,7 @@ class OrtEngine(Engine):
         with self._lock:  # host copies are kept current in every mode
             return {n: self._arrays[n].copy() for n in names}
 
-    def _write_weights(self, weights: dict[str, np.ndarray]) -> None:
+    def _write_weights(self, weights: dict[str, np.ndarray], copy: bool = True) -> None:
         t0 = time.perf_counter()
         with self._lock:
             if self.mode == "session":
@@ -257,25 +265,36 @@ class OrtEngine(Engine):
                                               f"restoring the previous one ({e2}); reload the engine") from e
                     raise EngineError(f"refit failed while creating the new session; previous weights kept: {e}") from e
                 self._session, self._keepalive, self._arrays = session, keep, arrays
+            elif self.device == "cpu":
+                # Bind the new buffers in place of the old ones (pointer swaps, no copy of the old
+                # values needed to restore): all of them, or none.
+                new = {n: _owned(a, copy) for n, a in weights.items()}
+                bound = []
+                try:
+                    for n, a in new.items():
+                        ov = _ortvalue(a, "cpu", 0)
+                        self._binding.bind_ortvalue_input(n, ov)
+                        bound.append((n, ov))
+                except Exception as e:
+                    for n, _ in bound:
+                        self._binding.bind_ortvalue_input(n, self._ortvalues[n])
+                    raise EngineError(f"refit failed binding {n!r}; previous weights restored: {e}") from e
+                for n, ov in bound:
+                    self._ortvalues[n], self._arrays[n] = ov, new[n]
             else:
-                previous = self._read_weights(list(weights))
+                # Device buffers: written in place; the host copies are the restore source.
                 done = []
                 try:
                     for n, a in weights.items():
-                        self._update(n, a)
+                        self._ortvalues[n].update_inplace(_storage(np.ascontiguousarray(a)))
                         done.append(n)
                 except Exception as e:
-                    for n in done:
-                        self._update(n, previous[n])
+                    for d in done:
+                        self._ortvalues[d].update_inplace(_storage(self._arrays[d]))
                     raise EngineError(f"refit failed writing {n!r}; previous weights restored: {e}") from e
+                for n, a in weights.items():
+                    self._arrays[n] = _owned(a, True)
         self.timings["last_write_s"] = time.perf_counter() - t0
-
-    def _update(self, name: str, arr: np.ndarray) -> None:
-        src = np.ascontiguousarray(arr)
-        self._ortvalues[name].update_inplace(_storage(src))
-        host = self._arrays[name]
-        if self.device != "cpu" or self._ortvalues[name].data_ptr() != host.ctypes.data:
-            np.copyto(host, src)  # a device buffer (or a copied one): keep the host copy current
 
     def close(self) -> None:
         self._session = None

@@ -240,7 +240,7 @@ class TensorRTEngine(Engine):
             self._reader = InitializerReader(self.model_path)
         return np.array(self._reader.array(name))
 
-    def _write_weights(self, weights: dict[str, np.ndarray]) -> None:
+    def _write_weights(self, weights: dict[str, np.ndarray], copy: bool = True) -> None:
         with self._lock:
             previous = self._read_weights(list(weights))
             try:

@@ -148,7 +148,8 @@ def compute(files: ComponentFiles, active: Sequence[tuple[LoraAdapter, float]], 
         if tuple(new.shape) != entry.param_shape or new.dtype != entry.param_dtype:
             raise RefitError(f"effective value of {param} has shape {tuple(new.shape)} {new.dtype}, "
                              f"expected {entry.param_shape} {entry.param_dtype}")
-        if cs and new.is_floating_point() and not bool(torch.isfinite(new).all()):
+        # NaN/Inf anywhere makes the float32 sum non-finite (one read pass, no temporary).
+        if cs and new.is_floating_point() and not bool(torch.isfinite(new.sum(dtype=torch.float32))):
             bad = _culprits(cs, names, active)
             raise RefitError(f"effective value of {param} has NaN or Inf values (from {bad}); "
                              "the engine keeps its previous weights")

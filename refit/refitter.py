@@ -190,7 +190,7 @@ class Refitter:
         self.engine.check_weights(arrays)
         t2 = time.perf_counter()
         try:
-            self.engine.set_weights(arrays)
+            self.engine.set_weights(arrays, copy=False)
         except Exception as e:
             raise RefitError(f"writing {len(arrays)} weight(s) into the {self.engine.backend} engine failed; "
                              f"its previous weights were kept: {e}") from e

@@ -99,6 +99,9 @@ def test_modes_infer_and_swap(tmp_path, mode, external):
     y, z = expected(f, w=w2, k=k2)
     np.testing.assert_allclose(out["y"], y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["z"], z, rtol=1e-5, atol=1e-5)
+    w2[:] = 0  # set_weights copied the caller's array
+    np.testing.assert_allclose(e.infer(f)["y"], y, rtol=1e-5, atol=1e-5)
+    w2 = (W * 2).astype(np.float32)
     got = e.get_weights(["lin.weight.T", "lin.bias"])
     assert np.array_equal(got["lin.weight.T"], w2) and np.array_equal(got["lin.bias"], B)
     got["lin.bias"][:] = 0  # get_weights returns copies

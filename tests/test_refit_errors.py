@@ -85,19 +85,19 @@ def test_write_failure_halfway_restores(setup, monkeypatch):
     engine, r, files, feeds = setup
     before = _state(engine, r, feeds)
     calls = {"n": 0}
-    real = engine._update
+    real = engine._binding.bind_ortvalue_input
 
-    def flaky(name, arr):
+    def flaky(name, ov):
         calls["n"] += 1
         if calls["n"] == 4:
             raise OSError("simulated device error")
-        real(name, arr)
+        real(name, ov)
 
-    monkeypatch.setattr(engine, "_update", flaky)
+    monkeypatch.setattr(engine._binding, "bind_ortvalue_input", flaky)
     with pytest.raises(RefitError, match="simulated device error"):
         r.load_lora(str(files["x"]), adapter_name="x")
-    assert calls["n"] > 4  # the three written weights were rewritten with their old values
-    monkeypatch.setattr(engine, "_update", real)
+    assert calls["n"] > 4  # the three rebound weights were bound back to their old buffers
+    monkeypatch.setattr(engine._binding, "bind_ortvalue_input", real)
     _assert_unchanged(before, engine, r, feeds)
 
 
