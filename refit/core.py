@@ -13,6 +13,7 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from .store import ComponentFiles, RefitError
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 CACHE_SIZE = 16
+WORKERS: int | None = None  # threads computing weights; None: min(4, torch threads)
 
 
 def file_sha256(path) -> str:
@@ -135,9 +137,10 @@ def compute(files: ComponentFiles, active: Sequence[tuple[LoraAdapter, float]], 
     missing = sorted(p for p in targets if p not in files.map)
     if missing:
         raise RefitError(f"the active adapters touch weights this engine does not map: {missing[:5]}")
-    values = {}
     order = {p: i for i, p in enumerate(files.map.entries)}
-    for param in sorted(targets | set(dirty), key=lambda p: order.get(p, -1)):
+    params = sorted(targets | set(dirty), key=lambda p: order.get(p, -1))
+
+    def one(param):
         entry = files.map[param]
         base = files.base(param)
         cs = contribs.get(entry.module, [])
@@ -153,8 +156,16 @@ def compute(files: ComponentFiles, active: Sequence[tuple[LoraAdapter, float]], 
             bad = _culprits(cs, names, active)
             raise RefitError(f"effective value of {param} has NaN or Inf values (from {bad}); "
                              "the engine keeps its previous weights")
-        values[param] = new
-    return targets, values
+        return new
+
+    workers = WORKERS if WORKERS is not None else min(4, torch.get_num_threads())
+    if workers <= 1 or len(params) < 8:
+        return targets, {p: one(p) for p in params}
+    files.prepare()
+    # Weights are independent: compute several at once (torch releases the GIL); same bits.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(one, params))
+    return targets, dict(zip(params, results))
 
 
 def _culprits(cs, names, active) -> str:

@@ -105,6 +105,11 @@ class ComponentFiles:
                              f"the weights map says {entry.param_shape} {entry.param_dtype}")
         return t
 
+    def prepare(self) -> None:
+        """Open the lazy readers now (before using them from several threads)."""
+        self.baked_params()
+        self._reader()
+
     def baked_adapters(self) -> list[dict]:
         """The adapters baked at export, as the manifest lists them."""
         for src in (self.component_manifest, self.manifest):
