@@ -147,3 +147,18 @@ def test_shipping_errors(export_x, tmp_path):
         write_repository(export, tmp_path / "r4", text_encoder_backend="tensorflow")
     with pytest.raises(FileNotFoundError):
         write_repository(tmp_path / "nothing", tmp_path / "r5")
+
+
+def test_cli_write(export_x, tmp_path, capsys):
+    from engines.triton.__main__ import main
+
+    export, loras = export_x
+    repo = tmp_path / "repo"
+    assert main(["write", str(export), str(repo), "--text-encoders", "python", "--lora", str(loras["y"]),
+                 "--max-batch-size", "2", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        assert f"{name}: " in printed
+        cfg = _parse(repo / name / "config.pbtxt")
+        assert cfg.backend == "python" and cfg.max_batch_size == 2
+    assert (repo / "unet" / "loras" / "y.safetensors").is_file()
