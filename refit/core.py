@@ -127,9 +127,11 @@ def targets_of(contribs: dict) -> set[str]:
 
 
 def compute(files: ComponentFiles, active: Sequence[tuple[LoraAdapter, float]], dirty: Iterable[str],
-            names: Sequence[str] | None = None) -> tuple[set[str], dict[str, torch.Tensor]]:
+            names: Sequence[str] | None = None, to_onnx: bool = False) -> tuple[set[str], dict]:
     """(new targets, {param: new torch-layout value}) for every param in targets | dirty.
 
+    With to_onnx=True the values are already in the initializers' layout and dtype
+    ({initializer name: numpy array}, see `to_initializers`), transformed on the same threads.
     `names` (adapter names, parallel to `active`) only serve error messages.
     """
     contribs = contributions_by_module(active, files.component)
@@ -156,16 +158,18 @@ def compute(files: ComponentFiles, active: Sequence[tuple[LoraAdapter, float]], 
             bad = _culprits(cs, names, active)
             raise RefitError(f"effective value of {param} has NaN or Inf values (from {bad}); "
                              "the engine keeps its previous weights")
-        return new
+        return _to_initializer(entry, new) if to_onnx else new
 
     workers = WORKERS if WORKERS is not None else min(4, torch.get_num_threads())
     if workers <= 1 or len(params) < 8:
-        return targets, {p: one(p) for p in params}
-    files.prepare()
-    # Weights are independent: compute several at once (torch releases the GIL); same bits.
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(one, params))
-    return targets, dict(zip(params, results))
+        results = [one(p) for p in params]
+    else:
+        files.prepare()
+        # Weights are independent: compute several at once (torch releases the GIL); same bits.
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(one, params))
+    keys = [files.map[p].initializer for p in params] if to_onnx else params
+    return targets, dict(zip(keys, results))
 
 
 def _culprits(cs, names, active) -> str:
@@ -176,14 +180,14 @@ def _culprits(cs, names, active) -> str:
     return "adapter(s) " + ", ".join(repr(n) for n in found)
 
 
+def _to_initializer(entry, v: torch.Tensor) -> np.ndarray:
+    arr = to_numpy(entry.to_onnx(v))
+    if tuple(arr.shape) != entry.shape or arr.dtype.name != entry.raw["dtype"]:
+        raise RefitError(f"{entry.param} -> {entry.initializer}: got {tuple(arr.shape)} {arr.dtype}, the weights "
+                         f"map says {entry.shape} {entry.raw['dtype']}")
+    return arr
+
+
 def to_initializers(files: ComponentFiles, values: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """{initializer name: array in the initializer's layout and dtype}."""
-    out = {}
-    for param, v in values.items():
-        entry = files.map[param]
-        arr = to_numpy(entry.to_onnx(v))
-        if tuple(arr.shape) != entry.shape or arr.dtype.name != entry.raw["dtype"]:
-            raise RefitError(f"{param} -> {entry.initializer}: got {tuple(arr.shape)} {arr.dtype}, the weights map "
-                             f"says {entry.shape} {entry.raw['dtype']}")
-        out[entry.initializer] = arr
-    return out
+    return {files.map[p].initializer: _to_initializer(files.map[p], v) for p, v in values.items()}

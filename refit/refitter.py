@@ -184,9 +184,8 @@ class Refitter:
         t0 = time.perf_counter()
         pairs = [(self._adapters[n], float(weights[n])) for n in active] if enabled else []
         names = list(active) if enabled else []
-        targets, values = core.compute(self.files, pairs, self._dirty, names)
+        targets, arrays = core.compute(self.files, pairs, self._dirty, names, to_onnx=True)
         t1 = time.perf_counter()
-        arrays = core.to_initializers(self.files, values)
         self.engine.check_weights(arrays)
         t2 = time.perf_counter()
         try:
@@ -199,7 +198,7 @@ class Refitter:
         self._weights = {n: float(weights[n]) for n in active}
         self._enabled = enabled
         self._dirty = targets
-        self.last_refit = {"compute_s": t1 - t0, "transform_s": t2 - t1, "write_s": t3 - t2,
+        self.last_refit = {"compute_s": t1 - t0, "check_s": t2 - t1, "write_s": t3 - t2,
                            "total_s": t3 - t0, "weights": len(arrays)}
 
     def __repr__(self):
