@@ -264,6 +264,7 @@ def export_component(
         )
     step("optimize")
     model_ir = program.model
+    holders = list(model_ir.graph.initializers.values())  # every Value holding a torch tensor
     passes.strip_prefix(model_ir, wrapper.prefix)
     params = targetable_parameters(module)
     folded = passes.fold_param_transposes(model_ir, set(params))
@@ -284,6 +285,12 @@ def export_component(
     save_weights_map(wmap, out_dir / "weights_map.json")
     inputs_desc, outputs_desc = io_description(model_ir, spec)
     opset_used = model_ir.opset_imports.get("", None)
+    # Drop the IR's references to the torch tensors: onnxscript's module-level rewrite rules
+    # keep the last graph they matched on, which would hold the whole model in memory
+    # during validation (and until the next export).
+    for value in [*holders, *model_ir.graph.initializers.values()]:
+        value.const_value = None
+    model_ir.graph.initializers.clear()
     del program, model_ir
     return {
         "dir": out_dir.name,

@@ -29,13 +29,16 @@ manifest.json::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import gc
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -421,6 +424,7 @@ def _export_one(source, spec, component, tdtype, adapters, tmp, family, opset, v
     comp_dir.mkdir()
 
     def step(name):
+        log.debug("%s: %s done", component, name)
         bar.set_postfix_str(f"{component}: {name}", refresh=False)
         bar.update(1)
 
@@ -449,8 +453,14 @@ def _export_one(source, spec, component, tdtype, adapters, tmp, family, opset, v
         module.float()
         ref = _torch_outputs(cspec, module, {k: (v.float() if v.is_floating_point() else v)
                                              for k, v in inputs.items()})
+    alive = weakref.ref(module)
+    params = [weakref.ref(p) for p in module.parameters()]
     del module
-    gc.collect()
+    _release_memory()
+    if alive() is not None or any(p() is not None for p in params):
+        log.debug("%s: the torch module (%s) or %d of its parameters still referenced after export", component,
+                  "alive" if alive() is not None else "dead", sum(p() is not None for p in params))
+    log.debug("%s: torch model released, rss %.2f GB", component, _rss() / 1e9)
     if validate:
         result = validate_onnx(comp_dir / entry["model"], entry["dtype"], feeds, ref, cspec.output_names, tmp)
         entry["validation"] = result
@@ -463,6 +473,25 @@ def _export_one(source, spec, component, tdtype, adapters, tmp, family, opset, v
                  {k: f"{v['rel_err']:.2e}" for k, v in result["outputs"].items()})
     step("validate")
     return entry
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _release_memory() -> None:
+    """Collect, then hand freed heap pages back to the OS (glibc keeps them otherwise), so the
+    ONNX Runtime session of the validation step does not stack on the torch model's memory."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def _torch_outputs(cspec, module, inputs) -> list[np.ndarray]:

@@ -97,7 +97,14 @@ def run_onnxruntime(model_path: Path, feeds: dict) -> list:
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    # Keep memory at one copy of the weights: no prepacked duplicates.
+    # Keep memory at about one copy of the weights: no prepacked duplicates, no layout
+    # transforms or fp16->fp32 weight copies from the extended / layout optimizers (at
+    # ORT_ENABLE_ALL a real fp16 UNet costs ~5x its weights on CPU, at BASIC ~1x).
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.enable_cpu_mem_arena = False
+    # fp16 MatMul / Conv run through inserted Casts on CPU; the default order runs every
+    # Cast(weight) first (they only depend on initializers), holding all fp32 copies at once.
+    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     so.add_session_config_entry("session.disable_prepacking", "1")
     sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
     try:
