@@ -280,6 +280,10 @@ def export_component(
     nbytes = sum(_nbytes(v) for v in model_ir.graph.initializers.values())
     if external_data is None:
         external_data = nbytes > EXTERNAL_DATA_THRESHOLD
+    elif not external_data and nbytes > EXTERNAL_DATA_THRESHOLD:
+        log.warning("%s: %.1f GB of weights cannot be embedded in a protobuf; writing %s", spec.name,
+                    nbytes / 1e9, DATA_FILE)
+        external_data = True
     model_path = out_dir / MODEL_FILE
     ir.save(model_ir, model_path, external_data=DATA_FILE if external_data else None)
     save_weights_map(wmap, out_dir / "weights_map.json")
