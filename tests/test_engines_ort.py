@@ -170,3 +170,29 @@ def test_linear_only_weights(tmp_path):
     assert e.weight_names() == ["lin.weight.T", "lin.bias"]
     with pytest.raises(ValueError, match="weights="):
         OrtEngine(tmp_path / "comp", weights="convs")
+
+
+@pytest.mark.parametrize("mode", ["inputs", "session"])
+def test_bfloat16_weights(tmp_path, mode):
+    """bf16 weights (no numpy dtype of its own: ml_dtypes) are read, validated and swapped."""
+    import ml_dtypes
+
+    w = RNG.standard_normal((2, 3)).astype(ml_dtypes.bfloat16)
+    g = helper.make_graph(
+        [helper.make_node("Cast", ["w"], ["wf"], to=TensorProto.FLOAT), helper.make_node("Add", ["x", "wf"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    p = tmp_path / "bf16.onnx"
+    onnx.save(m, str(p))
+    e = OrtEngine(p, mode=mode, weights=["w"])
+    x = np.zeros((2, 3), np.float32)
+    np.testing.assert_array_equal(e.infer({"x": x})["y"], w.astype(np.float32))
+    assert e.weight_info("w").dtype == np.dtype(ml_dtypes.bfloat16)
+    w2 = (w.astype(np.float32) * 2 + 1).astype(ml_dtypes.bfloat16)
+    with pytest.raises(WeightError, match="dtype"):
+        e.set_weights({"w": w2.astype(np.float32)})
+    e.set_weights({"w": w2})
+    np.testing.assert_array_equal(e.infer({"x": x})["y"], w2.astype(np.float32))
+    assert e.get_weights(["w"])["w"].tobytes() == w2.tobytes()
