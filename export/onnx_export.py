@@ -161,11 +161,37 @@ def build_weights_map(
     return wmap
 
 
+def _as_torch(tensor) -> torch.Tensor | None:
+    """The torch tensor behind an IR tensor (lazy ones evaluated), or None."""
+    if isinstance(tensor, ir.LazyTensor):
+        tensor = tensor.evaluate() if hasattr(tensor, "evaluate") else tensor._evaluate()
+    raw = getattr(tensor, "raw", None)
+    return raw if isinstance(raw, torch.Tensor) else None
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point() and a.element_size() in (2, 4, 8):
+        view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+    return torch.equal(a, b)
+
+
 def _verify(value: ir.Value, param: torch.Tensor, entry: dict, pname: str) -> None:
-    expected = to_initializer(torch_to_numpy(param), entry)
     tensor = value.const_value
     if tensor is None:
         raise ExportError(f"initializer {value.name} has no value")
+    got_t = _as_torch(tensor)
+    if got_t is not None:  # fast path: torch on both sides, bit comparison through integer views
+        expected_t = to_initializer(param.detach(), entry)
+        if tuple(got_t.shape) != tuple(expected_t.shape) or got_t.dtype != expected_t.dtype:
+            raise ExportError(f"initializer {value.name} is {got_t.dtype}{list(got_t.shape)}, the map's transform "
+                              f"of {pname} gives {expected_t.dtype}{list(expected_t.shape)}")
+        if not _same_bits(got_t, expected_t):
+            raise ExportError(f"initializer {value.name} does not hold the bits of {entry['transform']}({pname})")
+        return
+    expected = to_initializer(torch_to_numpy(param), entry)
     got = tensor.numpy()
     if tuple(got.shape) != tuple(expected.shape) or got.dtype != expected.dtype:
         raise ExportError(f"initializer {value.name} is {got.dtype}{list(got.shape)}, the map's transform of "

@@ -94,6 +94,14 @@ class _TransposedTensor:
         self.tensor, self.perm = tensor, tuple(perm)
 
     def __call__(self):
+        raw = getattr(self.tensor, "raw", None)
+        if raw is not None and type(raw).__module__.startswith("torch"):
+            try:  # torch transposes (multi-threaded, any dtype) and keeps the exporter's tensor type
+                from torch.onnx._internal.exporter._core import TorchTensor
+
+                return TorchTensor(raw.detach().permute(*self.perm).contiguous())
+            except ImportError:
+                pass
         arr = self.tensor.numpy()
         return ir.tensor(np.ascontiguousarray(arr.transpose(self.perm)))
 

@@ -515,3 +515,34 @@ def test_hub_model_id_from_local_cache(tmp_path):
                                       progress=False, hub_kwargs={"cache_dir": str(cache), "local_files_only": True})
     assert manifest["model"] == "someone/tiny-sd" and manifest["components"]["text_encoder"]["validation"]["passed"]
     check_weights_map(tmp_path / "o" / "text_encoder", build_tiny("sd", ["text_encoder"], seed=1)["text_encoder"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_verify_catches_one_flipped_bit(dtype):
+    import onnx_ir as ir
+    from torch.onnx._internal.exporter._core import TorchTensor
+
+    from export.onnx_export import ExportError, _verify
+    from export.passes import _TransposedTensor
+    from export.weights_map import make_transform
+
+    w = torch.randn(6, 4).to(dtype)
+    name = str(dtype).removeprefix("torch.")
+    entry = make_transform([6, 4], name, [4, 6], name, perm=[1, 0])
+    lazy = ir.LazyTensor(_TransposedTensor(TorchTensor(w), (1, 0)), dtype=TorchTensor(w).dtype, shape=ir.Shape([4, 6]))
+    value = ir.Value(name="w.T", const_value=lazy)
+    _verify(value, w, entry, "w")  # exact
+    bad = w.clone()
+    bits = bad.view({4: torch.int32, 2: torch.int16}[bad.element_size()])
+    bits[2, 1] ^= 1
+    with pytest.raises(ExportError, match="does not hold the bits"):
+        _verify(value, bad, entry, "w")
+    with pytest.raises(ExportError, match="does not hold the bits"):  # numpy path, eager tensor
+        _verify(ir.Value(name="w", const_value=ir.tensor(torch_to_np(w.T.contiguous()))), bad.T.contiguous(),
+                make_transform([4, 6], name, [4, 6], name), "w")
+
+
+def torch_to_np(t):
+    from export.onnx_export import torch_to_numpy
+
+    return torch_to_numpy(t)
