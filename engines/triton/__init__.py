@@ -5,7 +5,7 @@
 
 See `engines.triton.repository` (layout, options), `engines.triton.serving` (the ``loras``
 request parameter, grouping, safety) and `engines.triton.server` (run the PyPI
-tritonserver on loopback). Deployment notes: engines/TRITON.md.
+tritonserver on loopback). Deployment notes: the README, section Triton.
 """
 
 from .repository import make_config, parse_config, write_repository
