@@ -12,10 +12,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from .weights import AdditiveDelta, Contribution, apply_rows, effective_bias, effective_weight, row_blocks
+from .weights import (
+    AdditiveDelta,
+    Contribution,
+    Scratch,
+    apply_rows,
+    effective_bias,
+    effective_weight,
+    remove_rows,
+    row_blocks,
+)
 
 
 @dataclass
@@ -29,6 +39,13 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64, 1: torch.int8}[t.element_size()])
 
 
+def _mismatches(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Flat positions where a and b differ in bits."""
+    if a.device.type == "cpu":  # numpy's compare and nonzero are several times faster than torch's here
+        return torch.from_numpy(np.flatnonzero(_bits(a).numpy() != _bits(b).numpy()))
+    return (_bits(a) != _bits(b)).view(-1).nonzero().view(-1)
+
+
 class ParamStore:
     """Effective weights for the parameters of one module tree, with exact base restore."""
 
@@ -39,6 +56,7 @@ class ParamStore:
         self._copies: dict[str, torch.Tensor] = {}
         self._residuals: dict[str, _Residual] = {}
         self._applied: dict[str, list[Contribution]] = {}  # what each modified parameter holds now
+        self._scratch = Scratch()
 
     def has(self, name: str) -> bool:
         return name in self._params
@@ -58,7 +76,8 @@ class ParamStore:
         base = torch.empty_like(current)
         c2, b2 = current.reshape(current.shape[0], -1), base.view(current.shape[0], -1)
         for r0, r1 in row_blocks(current.shape):
-            b2[r0:r1] = torch.sub(c2[r0:r1], delta.rows(r0, r1)).to(current.dtype)
+            d, work = self._block_buffers(r0, r1, c2)
+            remove_rows(c2[r0:r1], delta.rows(r0, r1, out=d), out=b2[r0:r1], work=work)
         base.view(-1)[r.index.long()] = r.values
         return base
 
@@ -92,22 +111,28 @@ class ParamStore:
             param.data.copy_(base)  # start from the exact base, then update in place
         w2 = param.data.view(param.shape[0], -1)
         delta = AdditiveDelta(contributions, param.shape)
-        rest = w2.shape[1]
         index_dtype = torch.int32 if param.numel() < 2**31 else torch.int64
         wrong, values = [], []
         for r0, r1 in row_blocks(param.shape):
-            d = delta.rows(r0, r1)
-            new = apply_rows(w2[r0:r1], d)
-            back = torch.sub(new, d).to(param.dtype)
-            bad = (_bits(back) != _bits(w2[r0:r1])).view(-1).nonzero().view(-1)
+            d, work = self._block_buffers(r0, r1, w2)
+            delta.rows(r0, r1, out=d)
+            new = apply_rows(w2[r0:r1], d, out=self._scratch.get("new", d.shape, w2.dtype, w2.device), work=work)
+            back = remove_rows(new, d, out=self._scratch.get("back", d.shape, w2.dtype, w2.device), work=work)
+            bad = _mismatches(back, w2[r0:r1])
             if bad.numel():
-                wrong.append((bad + r0 * rest).to(index_dtype))
-                values.append(w2[r0:r1].reshape(-1)[bad].clone())
-            w2[r0:r1] = new
+                wrong.append((bad + r0 * w2.shape[1]).to(index_dtype))
+                values.append(w2[r0:r1].reshape(-1)[bad])
+            w2[r0:r1].copy_(new)
         index = torch.cat(wrong) if wrong else torch.empty(0, dtype=index_dtype)
         vals = torch.cat(values) if values else torch.empty(0, dtype=param.dtype)
         self._copies.pop(name, None)
         self._residuals[name] = _Residual(list(contributions), index, vals)
+
+    def _block_buffers(self, r0, r1, rows2d):
+        """The float32 delta and work buffers for one block of a 2-D weight view."""
+        shape = (r1 - r0, rows2d.shape[1])
+        return (self._scratch.get("delta", shape, device=rows2d.device),
+                self._scratch.get("work", shape, device=rows2d.device))
 
     def accept_current(self, name: str):
         """Make the current value the new base (diffusers' unload after fuse keeps fused weights)."""

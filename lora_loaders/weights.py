@@ -59,6 +59,21 @@ def row_blocks(shape) -> Iterator[tuple[int, int]]:
         yield r0, min(r0 + step, shape[0])
 
 
+class Scratch:
+    """Reusable block buffers: a fresh multi-MiB tensor per block costs page faults, measured."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, key: str, shape, dtype=torch.float32, device=None) -> torch.Tensor:
+        shape = torch.Size(shape)
+        buf = self._buffers.get((key, dtype, device))
+        if buf is None or buf.numel() < shape.numel():
+            buf = torch.empty(max(shape.numel(), BLOCK_ELEMENTS), dtype=dtype, device=device)
+            self._buffers[(key, dtype, device)] = buf
+        return buf[: shape.numel()].view(shape)
+
+
 class AdditiveDelta:
     """sum_i w_i * delta_i for additive adapters, by blocks of output rows (float32, 2-D)."""
 
@@ -72,17 +87,30 @@ class AdditiveDelta:
             else:
                 self._terms.append((None, weight * layer.delta(self.shape).flatten(1)))
 
-    def rows(self, r0: int, r1: int) -> torch.Tensor:
-        total = None
-        for up, rhs in self._terms:
-            d = up[r0:r1] @ rhs if up is not None else rhs[r0:r1]
-            total = d if total is None else total.add_(d)
-        return total
+    def rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows r0:r1 of the summed delta, written into `out` (float32, 2-D) when given."""
+        if out is None:
+            out = torch.empty(r1 - r0, self.shape[1:].numel(), device=self._terms[0][1].device)
+        for i, (up, rhs) in enumerate(self._terms):
+            if i == 0:
+                torch.mm(up[r0:r1], rhs, out=out) if up is not None else out.copy_(rhs[r0:r1])
+            else:
+                out.add_(up[r0:r1] @ rhs if up is not None else rhs[r0:r1])
+        return out
 
 
-def apply_rows(base_rows: torch.Tensor, delta_rows: torch.Tensor) -> torch.Tensor:
+def apply_rows(base_rows, delta_rows, out=None, work=None) -> torch.Tensor:
     """One block of the effective weight: cast(float32(base) + delta), in base's dtype."""
-    return torch.add(base_rows, delta_rows).to(base_rows.dtype)  # mixed add: exact fp32 promotion, one pass
+    work = torch.empty_like(delta_rows) if work is None else work
+    work.copy_(base_rows).add_(delta_rows)
+    return work.to(base_rows.dtype) if out is None else out.copy_(work)
+
+
+def remove_rows(current_rows, delta_rows, out=None, work=None) -> torch.Tensor:
+    """The inverse step: cast(float32(current) - delta), what an exact restore starts from."""
+    work = torch.empty_like(delta_rows) if work is None else work
+    work.copy_(current_rows).sub_(delta_rows)
+    return work.to(current_rows.dtype) if out is None else out.copy_(work)
 
 
 def effective_weight(base: torch.Tensor, contributions: Sequence[Contribution]) -> torch.Tensor:
@@ -97,11 +125,13 @@ def effective_weight(base: torch.Tensor, contributions: Sequence[Contribution]) 
             d = weight_delta(layer, w0, weight)
             total = d if total is None else total + d
         return (w0 + total).to(base.dtype)
-    delta = AdditiveDelta(contributions, base.shape)
+    delta, scratch = AdditiveDelta(contributions, base.shape), Scratch()
     out = torch.empty_like(base)
     b2, o2 = base.reshape(base.shape[0], -1), out.view(base.shape[0], -1)
     for r0, r1 in row_blocks(base.shape):
-        o2[r0:r1] = apply_rows(b2[r0:r1], delta.rows(r0, r1))
+        shape = (r1 - r0, b2.shape[1])
+        d = delta.rows(r0, r1, out=scratch.get("delta", shape, device=base.device))
+        apply_rows(b2[r0:r1], d, out=o2[r0:r1], work=scratch.get("work", shape, device=base.device))
     return out
 
 
