@@ -77,7 +77,6 @@ def run(dtype: str = "fp16", rank: int = 16, lora: bool = True, out: Path | None
         config: str = "sdxl", external_data: bool | None = None) -> dict:
     import export
 
-    tdtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     work = Path(tempfile.mkdtemp(prefix="bench_export_"))
     out = out or work / "sdxl"
     loras = []

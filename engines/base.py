@@ -39,14 +39,17 @@ class Engine(abc.ABC):
     directory: Path | None = None  # engine directory (model.onnx, weights_map.json, ...) if known
     model_path: Path | None = None  # the ONNX file the engine was built from, if known
 
+    _inputs: list[str]  # graph input names (refittable weights excluded), set by subclasses
+    _outputs: list[str]
+
     # -- inference ---------------------------------------------------------------------
     @property
-    @abc.abstractmethod
-    def input_names(self) -> list[str]: ...
+    def input_names(self) -> list[str]:
+        return list(self._inputs)
 
     @property
-    @abc.abstractmethod
-    def output_names(self) -> list[str]: ...
+    def output_names(self) -> list[str]:
+        return list(self._outputs)
 
     @abc.abstractmethod
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...

@@ -197,14 +197,6 @@ class OrtEngine(Engine):
         return self._session
 
     # -- inference -----------------------------------------------------------------------
-    @property
-    def input_names(self) -> list[str]:
-        return list(self._inputs)
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self._outputs)
-
     def _check_feeds(self, feeds: Mapping[str, np.ndarray]):
         unknown = [k for k in feeds if k not in self._inputs]
         missing = [k for k in self._inputs if k not in feeds]

@@ -180,14 +180,6 @@ class TensorRTEngine(Engine):
         self._current: dict[str, np.ndarray] = {}  # host copies of what was last written
         self._keep = []  # device tensors backing the last refit
 
-    @property
-    def input_names(self) -> list[str]:
-        return list(self._inputs)
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self._outputs)
-
     def weight_infos(self) -> dict[str, WeightInfo]:
         return self._infos
 

@@ -158,6 +158,15 @@ def _delta_2d_shape(layer: LoraLayer) -> tuple[int, int]:
     return d.shape[0], d[0].numel() if d.dim() > 1 else 1
 
 
+def adapter_name_list(adapter_names, present) -> list[str]:
+    """`adapter_names` (a name or a list) as a list, raising as diffusers does if one is not present."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ValueError(f"Adapter name(s) {missing} not in the list of present adapters: {sorted(present)}")
+    return names
+
+
 @dataclass
 class LoraAdapter:
     """A LoRA in canonical form: targets (component, module path) -> LoraLayer."""

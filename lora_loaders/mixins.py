@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import LoraAdapter
+from .adapter import LoraAdapter, adapter_name_list
 from .families import FAMILIES, FamilySpec, get_family
 from .reader import align_to_model, check_against_model, read_lora
 from .serialization import adapter_to_state_dict, save_state_dict
@@ -174,10 +174,7 @@ class LoraBaseMixin:
         A UNet entry may be per block: `{"down": 0.9, "mid": 1, "up": {"block_0": 0.6, "block_1": [0.4, 0.8, 1]}}`.
         """
         state = self._lora
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        missing = [n for n in names if n not in state.adapters]
-        if missing:
-            raise ValueError(f"Adapter name(s) {missing} not in the list of present adapters: {sorted(state.adapters)}")
+        names = adapter_name_list(adapter_names, state.adapters)
         weights = copy.deepcopy(adapter_weights)
         if not isinstance(weights, list):
             weights = [weights] * len(names)
@@ -223,10 +220,7 @@ class LoraBaseMixin:
 
     def delete_adapters(self, adapter_names):
         state = self._lora
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        missing = [n for n in names if n not in state.adapters]
-        if missing:
-            raise ValueError(f"Adapter name(s) {missing} not in the list of present adapters: {sorted(state.adapters)}")
+        names = adapter_name_list(adapter_names, state.adapters)
         touched = self._touched_by(names)
         for n in names:
             del state.adapters[n]
@@ -281,10 +275,7 @@ class LoraBaseMixin:
         """Merge adapters into the weights of `components` (default: the family's)."""
         state = self._lora
         components = self._check_components(components, self._spec.fuse_default, "fuse_lora")
-        names = list(adapter_names) if adapter_names is not None else list(state.active)
-        missing = [n for n in names if n not in state.adapters]
-        if missing:
-            raise ValueError(f"Adapter name(s) {missing} not in the list of present adapters: {sorted(state.adapters)}")
+        names = adapter_name_list(state.active if adapter_names is None else adapter_names, state.adapters)
         present = self._lora_components()
         components = [c for c in components if c in present]
         for component in components:  # diffusers scales the active adapters by lora_scale

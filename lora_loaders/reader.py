@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -119,18 +119,24 @@ def align_to_model(adapter: LoraAdapter, components: Mapping[str, torch.nn.Modul
     """The adapter with module paths spelled as the given model spells them."""
     from .targets import targetable_modules
 
-    modules_of = {c: targetable_modules(m) for c, m in components.items() if m is not None}
-    layers = {}
+    return align_module_names(adapter, {c: targetable_modules(m) for c, m in components.items() if m is not None})
+
+
+def align_module_names(adapter: LoraAdapter, modules_of: Mapping[str, Collection[str]]) -> LoraAdapter:
+    """The adapter with module paths spelled as `modules_of[component]` spells them (e.g. CLIP's
+    `text_model.`, which transformers 5 dropped from parameter names); itself if none differ."""
+    layers, changed = {}, False
     for (component, module), layer in adapter.layers.items():
         modules = modules_of.get(component)
-        if modules is not None:
-            if module not in modules:
-                for alias in _ALIASES:
-                    if module.startswith(alias) and module[len(alias):] in modules:
-                        module = module[len(alias):]
-                    elif alias + module in modules:
-                        module = alias + module
+        if modules is not None and module not in modules:
+            for alias in _ALIASES:
+                if module.startswith(alias) and module[len(alias):] in modules:
+                    module, changed = module[len(alias):], True
+                elif alias + module in modules:
+                    module, changed = alias + module, True
         layers[(component, module)] = layer
+    if not changed:
+        return adapter
     return LoraAdapter(layers, adapter.family, adapter.format, adapter.source, adapter.metadata)
 
 

@@ -47,25 +47,27 @@ def read_adapter(source, family: str, module_names: dict[str, Iterable[str]] | N
                  **kwargs) -> tuple[LoraAdapter, str | None]:
     """(adapter, sha256 of the file or None) for a path / hub id / state dict / LoraAdapter.
 
-    Files are parsed once per (content hash, family): later reads come from a small cache.
+    With `module_names`, module paths come back spelled as those names spell them. Files are
+    parsed once per (content hash, family): later reads come from a small cache.
     """
-    if isinstance(source, LoraAdapter):
-        return source, None
     from lora_loaders import read_lora
+    from lora_loaders.reader import align_module_names
 
+    names = {c: set(m) for c, m in (module_names or {}).items()}
+    if isinstance(source, LoraAdapter):
+        return align_module_names(source, names), None
     path = None
     if isinstance(source, (str, os.PathLike)) and Path(source).is_file():
         path = Path(source)
     if path is None:  # dict, directory or hub id: parse every time
-        return read_lora(source, family, module_names=module_names, **kwargs), None
+        return align_module_names(read_lora(source, family, module_names=module_names, **kwargs), names), None
     digest = file_sha256(path)
-    key = (digest, family, tuple(sorted((c, len(list(m))) for c, m in (module_names or {}).items())),
-           tuple(sorted(kwargs.items())))
+    key = (digest, family, tuple(sorted((c, len(m)) for c, m in names.items())), tuple(sorted(kwargs.items())))
     with _CACHE_LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key], digest
-    adapter = read_lora(str(path), family, module_names=module_names, **kwargs)
+    adapter = align_module_names(read_lora(str(path), family, module_names=module_names, **kwargs), names)
     with _CACHE_LOCK:
         _CACHE[key] = adapter
         while len(_CACHE) > CACHE_SIZE:

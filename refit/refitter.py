@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping
 
 from engines.base import Engine
-from lora_loaders.adapter import LoraAdapter
+from lora_loaders.adapter import LoraAdapter, adapter_name_list
 
 from . import core
 from .store import ComponentFiles, RefitError
@@ -83,7 +83,6 @@ class Refitter:
                 raise
             except Exception as e:
                 raise RefitError(f"cannot read LoRA {adapter_name!r} for {self.files.family} {component}: {e}") from e
-            adapter = _align(adapter, component, set(self.files.map.modules()))
             core.check_adapter(adapter, self.files, adapter_name)
             self._check_refittable(adapter, adapter_name)
             self._adapters[adapter_name] = adapter
@@ -103,12 +102,8 @@ class Refitter:
 
         `set_adapters([])` returns the engine to its base weights.
         """
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         with self._lock:
-            missing = [n for n in names if n not in self._adapters]
-            if missing:
-                raise ValueError(f"Adapter name(s) {missing} not in the list of present adapters: "
-                                 f"{sorted(self._adapters)}")
+            names = adapter_name_list(adapter_names, self._adapters)
             weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
             if len(weights) != len(names):
                 raise ValueError(f"Length of adapter names {len(names)} is not equal to the length of the weights "
@@ -133,12 +128,8 @@ class Refitter:
             self._transition(self._active, self._weights, True)
 
     def delete_adapters(self, adapter_names) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         with self._lock:
-            missing = [n for n in names if n not in self._adapters]
-            if missing:
-                raise ValueError(f"Adapter name(s) {missing} not in the list of present adapters: "
-                                 f"{sorted(self._adapters)}")
+            names = adapter_name_list(adapter_names, self._adapters)
             active = [n for n in self._active if n not in names]
             self._transition(active, {n: self._weights[n] for n in active}, self._enabled)
             for n in names:
@@ -206,22 +197,3 @@ class Refitter:
                 f"active={self._active}, enabled={self._enabled})")
 
 
-def _align(adapter: LoraAdapter, component: str, modules: set[str]) -> LoraAdapter:
-    """Module paths spelled as the exported graph's parameters spell them (e.g. CLIP's `text_model.`)."""
-    try:
-        from lora_loaders.reader import _ALIASES as aliases
-    except ImportError:  # pragma: no cover
-        aliases = ("text_model.",)
-    layers = {}
-    changed = False
-    for (c, module), layer in adapter.layers.items():
-        if c == component and module not in modules:
-            for alias in aliases:
-                if module.startswith(alias) and module[len(alias):] in modules:
-                    module, changed = module[len(alias):], True
-                elif alias + module in modules:
-                    module, changed = alias + module, True
-        layers[(c, module)] = layer
-    if not changed:
-        return adapter
-    return LoraAdapter(layers, adapter.family, adapter.format, adapter.source, adapter.metadata)

@@ -4,7 +4,6 @@ import copy
 import re
 
 import pytest
-import torch
 
 import lora_loaders as L
 from lora_files import kohya_lora, peft_lora, to_sgm

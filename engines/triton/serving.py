@@ -385,6 +385,16 @@ def _request_loras(request):
     return params.get(LORAS_PARAMETER)
 
 
+def _open_engine(args):
+    """The model's config, directory, engine directory and loaded engine (both model kinds)."""
+    config = json.loads(args["model_config"])
+    _threads(config)
+    model_dir = _model_dir(args)
+    component = _param(config, "component")
+    engine_dir = model_dir / (_param(config, "engine_dir") or f"{args.get('model_version', '1')}/{component}")
+    return config, model_dir, engine_dir, _load_engine(engine_dir, args, config)
+
+
 class DenoiserModel:
     """``TritonPythonModel`` for a denoiser: engine + Refitter + per-request ``loras``.
 
@@ -398,15 +408,11 @@ class DenoiserModel:
     def initialize(self, args):
         import refit
 
-        self.config = json.loads(args["model_config"])
-        _threads(self.config)
-        model_dir = _model_dir(args)
+        self.config, model_dir, engine_dir, self.engine = _open_engine(args)
         component = _param(self.config, "component")
-        engine_dir = model_dir / (_param(self.config, "engine_dir") or f"{args.get('model_version', '1')}/{component}")
         lora_dir = Path(_param(self.config, "lora_dir") or "loras")
         if not lora_dir.is_absolute():
             lora_dir = model_dir / lora_dir
-        self.engine = _load_engine(engine_dir, args, self.config)
         self.refitter = refit.Refitter(self.engine, directory=engine_dir, family=_param(self.config, "family"),
                                        component=component)
         baked = json.loads(_param(self.config, "baked_loras", "[]") or "[]")
@@ -461,12 +467,7 @@ class EncoderModel:
     """``TritonPythonModel`` for a text encoder (no LoRA switching: what the export baked)."""
 
     def initialize(self, args):
-        self.config = json.loads(args["model_config"])
-        _threads(self.config)
-        model_dir = _model_dir(args)
-        component = _param(self.config, "component")
-        engine_dir = model_dir / (_param(self.config, "engine_dir") or f"{args.get('model_version', '1')}/{component}")
-        self.engine = _load_engine(engine_dir, args, self.config)
+        self.config, _, _, self.engine = _open_engine(args)
         self.input_names = [i["name"] for i in self.config["input"]]
         self.output_names = [o["name"] for o in self.config["output"]]
 
