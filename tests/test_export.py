@@ -264,6 +264,22 @@ def test_cli_progress_and_summary(sdxl_cli):
     assert manifest["adapters"][0]["name"] == "sdxl_tiny_lora"
 
 
+def test_readme_main_job_command(tmp_path):
+    """The README's first command, as written (its export step, with the output sent to tmp_path)."""
+    import shlex
+
+    block = (ROOT / "README.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0]
+    step = next(s for s in block.split("&&") if " -m export " in s)
+    args = shlex.split(step)
+    args = args[args.index("export") + 1:]
+    args[args.index("--out") + 1] = str(tmp_path / "out")
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert all(c["validation"]["passed"] for c in manifest["components"].values())
+    assert manifest["adapters"][0]["scale"] == float(args[args.index("--lora") + 1].rsplit(":", 1)[1])
+
+
 def test_fp16_sdxl_unet_loads_and_runs_in_ort(tmp_path):
     """torch's exporter emits Concat(float16, float32) in SDXL's added time embedding; the pass fixes it."""
     out = tmp_path / "fp16"
