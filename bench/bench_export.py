@@ -1,6 +1,6 @@
 """fp16 export of the real SDXL UNet config (random weights) with a LoRA baked: time and peak RSS.
 
-    python bench/bench_export.py [--config sdxl|sd15] [--dtype fp16] [--rank 16] [--no-lora] [--out DIR] [--json FILE]
+    python bench/bench_export.py [--config sdxl|sd15|tiny_sdxl] [--dtype fp16] [--rank 16] [--no-lora] [--out DIR] [--json FILE]
 
 The UNet is built on the meta device and materialized in fp16 (never in fp32), handed to
 `export.export_pipeline` as a factory so the pipeline frees it after export. Reports wall
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from real_models import CONFIGS, real_unet  # noqa: E402
 
-FAMILY = {"sdxl": "sdxl", "sd15": "sd"}
+FAMILY = {"sdxl": "sdxl", "sd15": "sd", "tiny_sdxl": "sdxl"}
 
 
 def peak_rss_bytes() -> int:
