@@ -24,7 +24,6 @@ from .weights import (
     effective_bias,
     effective_weight,
     remove_rows,
-    row_blocks,
 )
 
 
@@ -75,9 +74,8 @@ class ParamStore:
         delta = AdditiveDelta(r.contributions, current.shape)  # additive: independent of the base
         base = torch.empty_like(current)
         c2, b2 = current.reshape(current.shape[0], -1), base.view(current.shape[0], -1)
-        for r0, r1 in row_blocks(current.shape):
-            d, work = self._block_buffers(r0, r1, c2)
-            remove_rows(c2[r0:r1], delta.rows(r0, r1, out=d), out=b2[r0:r1], work=work)
+        for r0, r1, d, work in delta.blocks(self._scratch, current.device):
+            remove_rows(c2[r0:r1], d, b2[r0:r1], work)
         base.view(-1)[r.index.long()] = r.values
         return base
 
@@ -113,11 +111,9 @@ class ParamStore:
         delta = AdditiveDelta(contributions, param.shape)
         index_dtype = torch.int32 if param.numel() < 2**31 else torch.int64
         wrong, values = [], []
-        for r0, r1 in row_blocks(param.shape):
-            d, work = self._block_buffers(r0, r1, w2)
-            delta.rows(r0, r1, out=d)
-            new = apply_rows(w2[r0:r1], d, out=self._scratch.get("new", d.shape, w2.dtype, w2.device), work=work)
-            back = remove_rows(new, d, out=self._scratch.get("back", d.shape, w2.dtype, w2.device), work=work)
+        for r0, r1, d, work in delta.blocks(self._scratch, w2.device):
+            new = apply_rows(w2[r0:r1], d, self._scratch.get("new", d.shape, w2.dtype, w2.device), work)
+            back = remove_rows(new, d, self._scratch.get("back", d.shape, w2.dtype, w2.device), work)
             bad = _mismatches(back, w2[r0:r1])
             if bad.numel():
                 wrong.append((bad + r0 * w2.shape[1]).to(index_dtype))
@@ -127,12 +123,6 @@ class ParamStore:
         vals = torch.cat(values) if values else torch.empty(0, dtype=param.dtype)
         self._copies.pop(name, None)
         self._residuals[name] = _Residual(list(contributions), index, vals)
-
-    def _block_buffers(self, r0, r1, rows2d):
-        """The float32 delta and work buffers for one block of a 2-D weight view."""
-        shape = (r1 - r0, rows2d.shape[1])
-        return (self._scratch.get("delta", shape, device=rows2d.device),
-                self._scratch.get("work", shape, device=rows2d.device))
 
     def accept_current(self, name: str):
         """Make the current value the new base (diffusers' unload after fuse keeps fused weights)."""

@@ -87,30 +87,27 @@ class AdditiveDelta:
             else:
                 self._terms.append((None, weight * layer.delta(self.shape).flatten(1)))
 
-    def rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows r0:r1 of the summed delta, written into `out` (float32, 2-D) when given."""
-        if out is None:
-            out = torch.empty(r1 - r0, self.shape[1:].numel(), device=self._terms[0][1].device)
-        for i, (up, rhs) in enumerate(self._terms):
-            if i == 0:
-                torch.mm(up[r0:r1], rhs, out=out) if up is not None else out.copy_(rhs[r0:r1])
-            else:
-                out.add_(up[r0:r1] @ rhs if up is not None else rhs[r0:r1])
-        return out
+    def blocks(self, scratch: Scratch, device=None) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """(r0, r1, delta rows r0:r1, a float32 work buffer of that shape) for each row block."""
+        cols = self.shape[1:].numel()
+        for r0, r1 in row_blocks(self.shape):
+            out = scratch.get("delta", (r1 - r0, cols), device=device)
+            for i, (up, rhs) in enumerate(self._terms):
+                if i == 0:
+                    torch.mm(up[r0:r1], rhs, out=out) if up is not None else out.copy_(rhs[r0:r1])
+                else:
+                    out.add_(up[r0:r1] @ rhs if up is not None else rhs[r0:r1])
+            yield r0, r1, out, scratch.get("work", out.shape, device=device)
 
 
-def apply_rows(base_rows, delta_rows, out=None, work=None) -> torch.Tensor:
+def apply_rows(base_rows, delta_rows, out, work) -> torch.Tensor:
     """One block of the effective weight: cast(float32(base) + delta), in base's dtype."""
-    work = torch.empty_like(delta_rows) if work is None else work
-    work.copy_(base_rows).add_(delta_rows)
-    return work.to(base_rows.dtype) if out is None else out.copy_(work)
+    return out.copy_(work.copy_(base_rows).add_(delta_rows))
 
 
-def remove_rows(current_rows, delta_rows, out=None, work=None) -> torch.Tensor:
+def remove_rows(current_rows, delta_rows, out, work) -> torch.Tensor:
     """The inverse step: cast(float32(current) - delta), what an exact restore starts from."""
-    work = torch.empty_like(delta_rows) if work is None else work
-    work.copy_(current_rows).sub_(delta_rows)
-    return work.to(current_rows.dtype) if out is None else out.copy_(work)
+    return out.copy_(work.copy_(current_rows).sub_(delta_rows))
 
 
 def effective_weight(base: torch.Tensor, contributions: Sequence[Contribution]) -> torch.Tensor:
@@ -125,13 +122,10 @@ def effective_weight(base: torch.Tensor, contributions: Sequence[Contribution]) 
             d = weight_delta(layer, w0, weight)
             total = d if total is None else total + d
         return (w0 + total).to(base.dtype)
-    delta, scratch = AdditiveDelta(contributions, base.shape), Scratch()
     out = torch.empty_like(base)
     b2, o2 = base.reshape(base.shape[0], -1), out.view(base.shape[0], -1)
-    for r0, r1 in row_blocks(base.shape):
-        shape = (r1 - r0, b2.shape[1])
-        d = delta.rows(r0, r1, out=scratch.get("delta", shape, device=base.device))
-        apply_rows(b2[r0:r1], d, out=o2[r0:r1], work=scratch.get("work", shape, device=base.device))
+    for r0, r1, d, work in AdditiveDelta(contributions, base.shape).blocks(Scratch(), base.device):
+        apply_rows(b2[r0:r1], d, o2[r0:r1], work)
     return out
 
 
