@@ -43,9 +43,9 @@ def build_unet(smoke: bool):
     from diffusers import UNet2DConditionModel
 
     if smoke:
-        from export.tiny import TINY_CONFIGS
+        from lora_loaders.families import get_family
 
-        config = TINY_CONFIGS["sd"]["unet"][2]
+        config = dict(get_family("sd").component("unet").tiny)
     else:
         config = SD15_UNET
     with torch.device("meta"):
@@ -85,8 +85,7 @@ def export_with(unet, lora: Path, out_dir: Path) -> float:
     from safetensors.torch import save_file
 
     from export.onnx_export import export_component
-    from export.specs import family_spec
-    from lora_loaders import loader_for
+    from lora_loaders import get_family, loader_for
 
     from torch import nn
 
@@ -97,7 +96,7 @@ def export_with(unet, lora: Path, out_dir: Path) -> float:
     loader = loader_for("sd", unet=unet)
     loader.load_lora_weights(str(lora), adapter_name="a")
     loader.fuse_lora()
-    export_component(unet, family_spec("sd").components["unet"], out_dir, "sd")
+    export_component(unet, get_family("sd").component("unet"), out_dir, get_family("sd"))
     elapsed = time.perf_counter() - t0
     save_file(base, str(out_dir / "base_weights.safetensors"))
     del base

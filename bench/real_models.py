@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from export.tiny import TINY_CONFIGS
+from lora_loaders.families import get_family
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -20,7 +20,7 @@ SDXL_UNET = dict(
     norm_num_groups=32, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
-CONFIGS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET, "tiny_sdxl": TINY_CONFIGS["sdxl"]["unet"][2]}  # tiny: smoke runs
+CONFIGS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET, "tiny_sdxl": dict(get_family("sdxl").component("unet").tiny)}  # tiny: smoke runs
 
 
 @torch.no_grad()

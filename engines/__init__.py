@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import Engine, EngineError, WeightError, WeightInfo
-from .mapping import MapEntry, WeightsMap, load_weights_map
+from .manifest import Manifest, ManifestError
+from .weights_map import MapEntry, WeightsMap, load_weights_map
 from .ort import DEFAULT_MODE, MODES, OrtEngine
 
 PLAN_FILE = "model.plan"
@@ -59,6 +60,6 @@ def load_engine(path, backend: str | None = None, **opts) -> Engine:
 
 
 __all__ = [
-    "BACKENDS", "DEFAULT_MODE", "MODES", "Engine", "EngineError", "MapEntry", "OrtEngine", "WeightError",
-    "WeightInfo", "WeightsMap", "load_engine", "load_weights_map",
+    "BACKENDS", "DEFAULT_MODE", "MODES", "Engine", "EngineError", "MapEntry", "Manifest", "ManifestError", "OrtEngine",
+    "WeightError", "WeightInfo", "WeightsMap", "load_engine", "load_weights_map",
 ]

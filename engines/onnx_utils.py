@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -99,11 +98,6 @@ class InitializerReader:
         return numpy_helper.to_array(t)
 
 
-def load_model(path) -> onnx.ModelProto:
-    """Load an ONNX model with its external data."""
-    return onnx.load(str(path), load_external_data=True)
-
-
 def take_initializers(model: onnx.ModelProto, names, base_dir: Path | None = None) -> dict[str, np.ndarray]:
     """Pop the named initializers out of the main graph and return their values (graph order)."""
     wanted = set(names)
@@ -174,6 +168,3 @@ def onnx_elem_type(model: onnx.ModelProto, names) -> dict[str, int]:
     wanted = set(names)
     return {t.name: t.data_type for t in model.graph.initializer if t.name in wanted}
 
-
-def file_size(path) -> int:
-    return os.path.getsize(path)

@@ -7,9 +7,9 @@
     writes into the device buffers in place (`OrtValue.update_inplace`) on a GPU EP. No
     session is created. Cost: ONNX Runtime can
     no longer constant-fold or pre-pack those weights. Measured with bench/bench_refit.py
-    (SD 1.5 UNet fp32, rank-32 LoRA on 160 attention/FF Linears, CPU EP, 2 busy cores):
-    inference 1.04-1.07x the baked graph, a swap 2.5-4.2 s against 19-21 s in `session`
-    mode and 114-190 s for re-export + new session (45x). Hence the default.
+    (real-config SD 1.5 UNet fp32, rank-32 LoRA on its 160 attention/FF Linears, CPU EP,
+    2 cores): inference 1.02-1.07x the baked graph, a swap 0.65-0.81 s against 8.7-11.7 s
+    in `session` mode and 59-64 s for re-export + new session (78-90x). Hence the default.
 `session`: the graph keeps the weights as initializers; their values are supplied with
     `SessionOptions.add_external_initializers`, and a refit builds a new session with the
     new values (by default the old one is freed first, so memory peaks at one session; it is
@@ -42,7 +42,7 @@ from onnx.external_data_helper import load_external_data_for_tensor
 
 from . import onnx_utils as ou
 from .base import Engine, EngineError, WeightError, WeightInfo
-from .mapping import load_weights_map
+from .weights_map import load_weights_map
 
 MODES = ("inputs", "session")
 DEFAULT_MODE = "inputs"
@@ -309,7 +309,3 @@ def select_weights(wmap, which: str) -> list[str]:
         return [e.initializer for e in wmap.entries.values() if e.module in linear]
     raise ValueError(f"weights= takes 'all', 'linear' or a list of initializer names, not {which!r}")
 
-
-def check_mode(mode):
-    if mode is not None and mode not in MODES:
-        raise WeightError(f"unknown weight mode {mode!r}; choose one of {MODES}")

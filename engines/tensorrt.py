@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import Engine, EngineError, WeightInfo
-from .mapping import load_weights_map
+from .weights_map import load_weights_map
 
 PLAN_FILE = "model.plan"
 
@@ -187,7 +187,7 @@ class TensorRTEngine(Engine):
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from .mapping import from_numpy, to_numpy
+        from .weights_map import from_numpy, to_numpy
 
         missing = [n for n in self._inputs if n not in feeds]
         unknown = [n for n in feeds if n not in self._inputs]
@@ -251,7 +251,7 @@ class TensorRTEngine(Engine):
         trt = _trt()
         import torch
 
-        from .mapping import from_numpy
+        from .weights_map import from_numpy
 
         keep = []
         for name, arr in weights.items():

@@ -1,21 +1,17 @@
-"""Export: family specs, ONNX export with LoRAs baked in, weights maps, base weights, TensorRT build.
+"""Export: ONNX export with LoRAs baked in, weights maps, base weights, TensorRT build.
 
     manifest = export.export_pipeline("sdxl", model="tiny", loras=[("x.safetensors", 1.0)],
                                       out_dir="out/sdxl", dtype="fp16")
 
-See `export.pipeline` (output layout, manifest), `export.weights_map` (weights map format
-and transform helpers) and `export.specs` (graph input / output names per family).
+Everything family-specific (graph inputs and outputs, axes, tiny configs) comes from the
+registry (`lora_loaders.families`); see `export.pipeline` (output layout), `export.graph`
+(wrapper, example inputs) and `engines.weights_map` / `engines.manifest` (file formats).
 """
 
 from .onnx_export import ExportError, export_component
-from .pipeline import MANIFEST_FILE, export_pipeline, parse_lora_arg
-from .specs import FAMILIES, ComponentSpec, FamilySpec, family_spec
+from .pipeline import OutputExistsError, export_pipeline, parse_lora_arg
+from .tiny import build_tiny
 from .validate import ExportValidationError
-from .weights_map import (BASE_WEIGHTS_FILE, WEIGHTS_MAP_FILE, from_initializer, load_base_weights,
-                          load_weights_map, to_initializer)
 
-__all__ = [
-    "export_pipeline", "export_component", "parse_lora_arg", "ExportError", "ExportValidationError",
-    "FAMILIES", "ComponentSpec", "FamilySpec", "family_spec", "MANIFEST_FILE", "WEIGHTS_MAP_FILE",
-    "BASE_WEIGHTS_FILE", "load_weights_map", "load_base_weights", "to_initializer", "from_initializer",
-]
+__all__ = ["export_pipeline", "export_component", "parse_lora_arg", "build_tiny", "ExportError",
+           "ExportValidationError", "OutputExistsError"]

@@ -2,6 +2,10 @@
 
     python -m export --family sdxl --model tiny --lora x.safetensors[:SCALE] [--lora ...] --out out/sdxl
            [--dtype fp16|bf16|fp32] [--components unet,text_encoder] [--tensorrt] [--triton-repo DIR]
+
+Exit codes: 0 done, 2 bad usage or input (unknown family, missing or unusable LoRA, bad
+scale, existing output without --overwrite), 1 a failure while working (validation past
+tolerance, TensorRT unavailable, out of disk). Ctrl-C or SIGTERM leave nothing behind.
 """
 
 from __future__ import annotations
@@ -9,12 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
-    p.add_argument("--family", required=True, help="model family: sd | sdxl")
+    from lora_loaders.families import FAMILIES
+
+    exportable = [f.name for f in FAMILIES.values() if any(s.inputs for s in f.components.values())]
+    p = argparse.ArgumentParser(prog="python -m export", description="Export a family's components to ONNX with LoRAs baked in.",
+                                epilog=__doc__.split("\n\n")[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", required=True, help="model family: " + " | ".join(exportable))
     p.add_argument("--model", default="tiny",
                    help="'tiny' (built-in small random model), a local diffusers directory, or a hub repo id")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
@@ -22,13 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--components", default=None, help="comma-separated subset, e.g. unet,text_encoder")
-    p.add_argument("--opset", type=int, default=None)
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (model.plan)")
     p.add_argument("--triton-repo", default=None, metavar="DIR", help="also write a Triton model repository")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each step and how long it took")
     return p
 
 
@@ -38,24 +47,34 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("torch.onnx", "onnx_ir", "onnxscript", "diffusers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so the temporary directory is removed
     from . import export_pipeline
     from .onnx_export import ExportError
-    from .validate import ExportValidationError
+    from .pipeline import OutputExistsError
 
     try:
         manifest = export_pipeline(
             args.family, model=args.model, loras=args.lora, out_dir=args.out, dtype=args.dtype,
             components=args.components, opset=args.opset, progress=not args.no_progress,
-            validate=not args.no_validate, overwrite=True if args.overwrite else None, tensorrt=args.tensorrt,
+            validate=not args.no_validate, overwrite=args.overwrite, tensorrt=args.tensorrt,
         )
         if args.triton_repo:
             from engines.triton import write_repository
 
             write_repository(args.out, args.triton_repo)
-    except (ExportError, ExportValidationError, ValueError, KeyError, FileNotFoundError, OSError, RuntimeError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except OutputExistsError as e:
+        what = "holds a previous export" if e.previous else "is not empty"
+        print(f"error: output directory {e.path} {what}; pass --overwrite to replace it", file=sys.stderr)
         return 2
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        return 2
+    except (ExportError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     summary = {c: {"validation": (v.get("validation") or {}).get("outputs"), "dir": v["dir"]}
                for c, v in manifest["components"].items()}
     print(json.dumps({"out": args.out, "components": summary}, indent=1))

@@ -1,6 +1,7 @@
 """Export one component (a torch module, adapters already fused) to ONNX with its weights map.
 
-Generic: everything family-specific comes from an `export.specs.ComponentSpec`.
+Generic: everything family-specific comes from the component's registry entry
+(`lora_loaders.families.ComponentSpec`: graph inputs and outputs over the family's axes).
 
 Steps: torch's dynamo exporter with `optimize=False`; initializers renamed back to the
 component's `state_dict` names; `Transpose(param)` folded into `<param>.T` initializers
@@ -22,11 +23,12 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from lora_loaders.targets import targetable_parameters
+from engines.weights_map import WEIGHTS_MAP_FILE, WeightsMap, make_transform, to_initializer
+from lora_loaders.families import ComponentSpec, FamilySpec
+from lora_loaders.index import targetable_parameters
 
 from . import passes
-from .specs import ComponentSpec
-from .weights_map import make_transform, new_weights_map, save_weights_map, to_initializer
+from .graph import Wrapper, dynamic_axes, example_inputs
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ def _rename_initializer(graph: ir.Graph, old: str, new: str) -> None:
 def build_weights_map(
     model_ir: ir.Model, module: torch.nn.Module, params: list[str], folded: dict, chains: dict,
     component: str, family: str, dtype: str,
-) -> dict:
+) -> WeightsMap:
     """Weights map from the export's provenance; every entry verified by value. Renames as it goes."""
     graph = model_ir.graph
     state = dict(module.named_parameters())
@@ -155,9 +157,9 @@ def build_weights_map(
     if unused:
         log.warning("%s: %d targetable parameter(s) not in the graph (unused by its outputs): %s",
                     component, len(unused), unused[:5])
-    wmap = new_weights_map(component, family, dtype, entries)
+    wmap = WeightsMap.new(component, family, dtype, entries)
     if unused:
-        wmap["unused_params"] = unused
+        wmap.data["unused_params"] = unused
     return wmap
 
 
@@ -200,9 +202,9 @@ def _verify(value: ir.Value, param: torch.Tensor, entry: dict, pname: str) -> No
         raise ExportError(f"initializer {value.name} does not hold the bits of {entry['transform']}({pname})")
 
 
-def _name_output_dims(model_ir: ir.Model, spec: ComponentSpec) -> None:
+def _name_output_dims(model_ir: ir.Model, axes_of: dict) -> None:
     for out in model_ir.graph.outputs:
-        axes = spec.dynamic_axes.get(out.name, {})
+        axes = axes_of.get(out.name, {})
         if out.shape is None:
             continue
         dims = []
@@ -216,13 +218,16 @@ def _name_output_dims(model_ir: ir.Model, spec: ComponentSpec) -> None:
         out.shape = ir.Shape(dims)
 
 
-def io_description(model_ir: ir.Model, spec: ComponentSpec) -> tuple[list, list]:
+def io_description(model_ir: ir.Model, spec: ComponentSpec, axes_of: dict) -> tuple[list, list]:
+    docs = {t.name: t.doc for t in (*spec.inputs, *spec.outputs)}
+
     def describe(values):
         out = []
         for v in values:
-            shape = [d if isinstance(d, int) else (d.value if hasattr(d, "value") else str(d)) for d in v.shape]
+            axes = axes_of.get(v.name, {})
+            shape = [axes[i] if i in axes else (d if isinstance(d, int) else str(d)) for i, d in enumerate(v.shape)]
             out.append({"name": v.name, "dtype": _ir_dtype_name(v.dtype), "shape": shape,
-                        "dynamic_axes": {str(k): n for k, n in spec.dynamic_axes.get(v.name, {}).items()}})
+                        "dynamic_axes": {str(k): n for k, n in axes.items()}, "doc": docs.get(v.name, "")})
         return out
 
     return describe(model_ir.graph.inputs), describe(model_ir.graph.outputs)
@@ -265,7 +270,7 @@ def _optimize(program, protected: set[str]) -> None:
 
 
 def export_component(
-    module: torch.nn.Module, spec: ComponentSpec, out_dir: str | os.PathLike, family: str,
+    module: torch.nn.Module, spec: ComponentSpec, out_dir: str | os.PathLike, family: FamilySpec,
     opset: int | None = None, external_data: bool | None = None, step=lambda msg: None,
 ) -> dict:
     """Export `module` (eval, adapters fused) to out_dir/model.onnx + weights_map.json.
@@ -275,18 +280,21 @@ def export_component(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = next(module.parameters()).dtype
-    wrapper = spec.wrap(module).eval()
-    inputs = spec.make_inputs(module, dtype, spec.export_inputs)
-    args = tuple(inputs[n] for n in spec.input_names)
-    dynamic_shapes = tuple(spec.dynamic_axes.get(n, {}) or None for n in spec.input_names)
+    wrapper = Wrapper(module, spec).eval()
+    inputs = example_inputs(family, spec, module, dtype, "example")
+    input_names = list(inputs)
+    output_names = [o.name for o in spec.outputs]
+    axes_of = dynamic_axes(spec, module.config)
+    args = tuple(inputs.values())
+    dynamic_shapes = tuple(axes_of.get(n) or None for n in input_names)
     kwargs = {}
     if opset is not None:
         kwargs["opset_version"] = opset
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            wrapper, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=spec.input_names,
-            output_names=spec.output_names, optimize=False, verbose=False, **kwargs,
+            wrapper, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
+            output_names=output_names, optimize=False, verbose=False, **kwargs,
         )
     step("optimize")
     model_ir = program.model
@@ -299,9 +307,9 @@ def export_component(
     _optimize(program, set(params) | set(folded))
     model_ir = program.model
     passes.fix_mixed_float_inputs(model_ir)  # the optimizer can expose new ones
-    _name_output_dims(model_ir, spec)
+    _name_output_dims(model_ir, axes_of)
     step("weights map")
-    wmap = build_weights_map(model_ir, module, params, folded, chains, spec.name, family, dtype_str(dtype))
+    wmap = build_weights_map(model_ir, module, params, folded, chains, spec.name, family.name, dtype_str(dtype))
     step("save")
     nbytes = sum(_nbytes(v) for v in model_ir.graph.initializers.values())
     if external_data is None:
@@ -312,8 +320,8 @@ def export_component(
         external_data = True
     model_path = out_dir / MODEL_FILE
     ir.save(model_ir, model_path, external_data=DATA_FILE if external_data else None)
-    save_weights_map(wmap, out_dir / "weights_map.json")
-    inputs_desc, outputs_desc = io_description(model_ir, spec)
+    wmap.save(out_dir / WEIGHTS_MAP_FILE)
+    inputs_desc, outputs_desc = io_description(model_ir, spec, axes_of)
     opset_used = model_ir.opset_imports.get("", None)
     # Drop the IR's references to the torch tensors: onnxscript's module-level rewrite rules
     # keep the last graph they matched on, which would hold the whole model in memory
@@ -326,12 +334,14 @@ def export_component(
         "dir": out_dir.name,
         "model": MODEL_FILE,
         "external_data": DATA_FILE if external_data else None,
-        "weights_map": "weights_map.json",
+        "weights_map": WEIGHTS_MAP_FILE,
         "class": spec.class_name,
+        "library": spec.library,
+        "role": spec.role,
         "dtype": dtype_str(dtype),
         "opset": opset_used,
         "initializer_bytes": nbytes,
-        "mapped_initializers": len(wmap["entries"]),
+        "mapped_initializers": len(wmap),
         "inputs": inputs_desc,
         "outputs": outputs_desc,
         "export_example_shapes": {k: list(v.shape) for k, v in inputs.items()},

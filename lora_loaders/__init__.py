@@ -1,18 +1,28 @@
-"""LoRA files of every common format -> canonical adapters -> exact, strict diffusers-style loaders."""
+"""LoRA files of every common layout -> canonical adapters -> exact, strict diffusers-style loaders.
+
+    adapter = lora_loaders.read_lora("x.safetensors", family="sdxl")    # parse, then bind
+    loader = lora_loaders.loader_for("sdxl", unet=unet, text_encoder=te, text_encoder_2=te2)
+    loader.load_lora_weights("x.safetensors", adapter_name="x")
+"""
 
 from .adapter import LoraAdapter, LoraLayer
+from .bind import LoraKeyError, bind, check
 from .families import FAMILIES, FamilySpec, get_family
+from .formats import ParsedLora, ParseError, parse
+from .index import TargetIndex, targetable_modules, targetable_parameters
 from .io import LoraFileError
 from .mixins import *  # noqa: F401,F403 - the per-family mixins, with diffusers' names
 from .mixins import LoraBaseMixin, loader_for, loader_for_pipeline
-from .reader import LoraKeyError, check_against_model, read_lora
+from .reader import bind_parsed, parse_file, read_lora
 from .serialization import adapter_to_state_dict, save_state_dict
-from .targets import contributions_by_module, targetable_parameters
+from .state import LoraState
+from .targets import contributions_by_module, param_contributions, params_of
 from .weights import effective_bias, effective_weight
 
 __all__ = [
     "LoraAdapter", "LoraLayer", "FAMILIES", "FamilySpec", "get_family", "LoraFileError", "LoraKeyError",
-    "LoraBaseMixin", "loader_for", "loader_for_pipeline", "read_lora", "check_against_model",
-    "adapter_to_state_dict", "save_state_dict", "contributions_by_module", "targetable_parameters",
+    "ParseError", "ParsedLora", "TargetIndex", "LoraState", "LoraBaseMixin", "loader_for", "loader_for_pipeline",
+    "read_lora", "parse", "parse_file", "bind", "bind_parsed", "check", "adapter_to_state_dict", "save_state_dict",
+    "contributions_by_module", "param_contributions", "params_of", "targetable_modules", "targetable_parameters",
     "effective_weight", "effective_bias",
 ]

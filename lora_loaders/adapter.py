@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-KINDS = ("lora", "loha", "lokr", "full")
+KINDS = ("lora", "loha", "lokr", "full", "ia3", "replace")
 
 # Tensors each kind needs (alternatives separated by "|").
 _REQUIRED = {
@@ -19,6 +19,8 @@ _REQUIRED = {
     "loha": ("w1a", "w1b", "w2a", "w2b"),
     "lokr": ("w1|w1a", "w2|w2a"),
     "full": (),  # "diff" (weight delta) and/or a bias delta
+    "ia3": ("weight",),  # per-channel scale of the weight (LyCORIS IA3)
+    "replace": ("weight",),  # a value that replaces the weight (BFL Control's norm scales)
 }
 
 
@@ -32,6 +34,7 @@ class LoraLayer:
     bias: torch.Tensor | None = None  # bias delta, scaled like the weight delta
     magnitude: torch.Tensor | None = None  # PEFT DoRA magnitude (one per output)
     dora_scale: torch.Tensor | None = None  # LyCORIS DoRA scale (per output or per input)
+    on_input: bool | None = None  # IA3: the scale is per input channel (else per output channel)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -71,7 +74,7 @@ class LoraLayer:
     @property
     def is_additive(self) -> bool:
         """True when the effective weight is base + a delta that does not depend on base."""
-        return self.magnitude is None and self.dora_scale is None
+        return self.magnitude is None and self.dora_scale is None and self.kind not in ("ia3", "replace")
 
     def tensors_all(self):
         yield from self.tensors.values()
@@ -80,18 +83,30 @@ class LoraLayer:
                 yield t
 
     def delta_shape(self) -> tuple[int, ...]:
-        """Shape of the delta this layer produces (2-D except for full deltas)."""
+        """Shape of the delta this layer produces (2-D except for full deltas, IA3 and replacements)."""
         if self.kind == "full":
             return tuple(self.tensors["diff"].shape) if "diff" in self.tensors else ()
+        if self.kind in ("ia3", "replace"):
+            return tuple(self.tensors["weight"].shape)
         return _delta_2d_shape(self)
 
     def fits(self, weight_shape) -> bool:
         """Whether the delta can be added to a weight of this shape."""
         weight_shape = tuple(weight_shape)
+        if not weight_shape:
+            return False
         if self.bias is not None and self.bias.numel() != weight_shape[0]:
             return False
         if self.kind == "full":
-            return "diff" not in self.tensors or tuple(self.tensors["diff"].shape) == weight_shape
+            return "diff" not in self.tensors or _same_numel_rows(self.tensors["diff"].shape, weight_shape)
+        if self.kind == "replace":
+            return self.tensors["weight"].numel() == torch.Size(weight_shape).numel()
+        if self.kind == "ia3":
+            if len(weight_shape) < 2:
+                return False
+            return self.tensors["weight"].numel() == weight_shape[1 if self.on_input else 0]
+        if len(weight_shape) < 2:
+            return False  # low-rank factors need a matrix (or a conv kernel)
         out, rest = _delta_2d_shape(self)
         if out != weight_shape[0] or rest != torch.Size(weight_shape[1:]).numel():
             return False
@@ -118,14 +133,23 @@ class LoraLayer:
             if w2.dim() == 4:
                 w1 = w1.reshape(*w1.shape, 1, 1)
             d = torch.kron(w1, w2)
-        elif "diff" in t:
+        elif self.kind == "full" and "diff" in t:
             d = t["diff"]
+        elif self.kind in ("ia3", "replace"):
+            raise ValueError(f"a {self.kind} layer has no base-independent delta")
         else:
             return torch.zeros(weight_shape)
         return (d * self.scale).reshape(weight_shape)
 
     def bias_delta(self) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.float() * self.scale
+
+
+def _same_numel_rows(shape, weight_shape) -> bool:
+    """A full delta fits when it has the weight's shape, or its rows and elements (a conv stored flat)."""
+    shape = tuple(shape)
+    return shape == weight_shape or (len(shape) >= 1 and shape[0] == weight_shape[0]
+                                     and torch.Size(shape).numel() == torch.Size(weight_shape).numel())
 
 
 def _rebuild(t, a, b, tucker, weight_shape):
@@ -139,8 +163,8 @@ def _delta_2d_shape(layer: LoraLayer) -> tuple[int, int]:
     if layer.kind == "lora":
         return t["up"].shape[0], t["down"].flatten(1).shape[1]
     if layer.kind == "loha":
-        if "t1" in t:
-            return t["w1a"].shape[0], t["w1b"].shape[1] * t["t1"].shape[2] * t["t1"].shape[3]
+        if "t1" in t:  # Tucker: w1a (rank, out), w1b (rank, in), t1 (rank, rank, k, k)
+            return t["w1a"].shape[1], t["w1b"].shape[1] * t["t1"].shape[2] * t["t1"].shape[3]
         return t["w1a"].shape[0], t["w1b"].shape[1]
     if layer.kind == "lokr":
         w1 = t["w1"].shape if "w1" in t else (t["w1a"].shape[0], t["w1b"].shape[1])
@@ -176,6 +200,7 @@ class LoraAdapter:
     format: str = "unknown"
     source: str | None = None
     metadata: dict = field(default_factory=dict)
+    origin: dict = field(default_factory=dict, repr=False, compare=False)  # target -> the file's module key
 
     @property
     def components(self) -> list[str]:
@@ -196,10 +221,9 @@ class LoraAdapter:
             for t in (layer.bias, layer.magnitude, layer.dora_scale):
                 if t is not None:
                     h.update(t.detach().float().contiguous().numpy().tobytes())
+            h.update(repr(layer.on_input).encode())
         return h.hexdigest()
 
-    def check_finite(self, name: str = "adapter"):
-        for (component, module), layer in self.layers.items():
-            for t in layer.tensors_all():
-                if not torch.isfinite(t).all():
-                    raise ValueError(f"adapter {name!r} has NaN or Inf values in {component}.{module}")
+    def with_layers(self, layers: dict[tuple[str, str], LoraLayer]) -> LoraAdapter:
+        return LoraAdapter(layers, self.family, self.format, self.source, self.metadata,
+                           {k: v for k, v in self.origin.items() if k in layers})

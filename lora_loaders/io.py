@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -125,3 +126,20 @@ def safetensors_header(path: Path) -> dict:
             f"{path} is truncated: its header describes {8 + n + data_len} bytes but the file has {size}"
         )
     return header
+
+
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """`path[:scale]` -> (path, scale), as the command lines take it. A path that exists (even with a
+    `:` in it) is taken whole; a scale must be a finite number."""
+    arg = str(arg)
+    path, _, text = arg.rpartition(":")
+    if Path(arg).exists() or ":" not in arg or "/" in text or "\\" in text:  # "C:/x.safetensors" is a path
+        return arg, 1.0
+    try:
+        scale = float(text)
+    except ValueError:
+        raise ValueError(f"LoRA {arg!r}: scale {text!r} is not a number (use PATH or PATH:SCALE, "
+                         "e.g. x.safetensors:0.8)") from None
+    if not math.isfinite(scale):
+        raise ValueError(f"LoRA {arg!r}: scale {text!r} is not a finite number")
+    return path, scale

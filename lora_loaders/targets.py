@@ -1,32 +1,17 @@
-"""Which parameters a LoRA can touch, and how adapters combine per module."""
+"""How adapters combine per module, and which parameters (weight, bias) each module's adapters set.
+
+The one expansion of adapter layers into parameters, used by the mixins, the export and
+refit alike: a module's weight takes every contribution; its bias only those with a bias
+delta.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
-from torch import nn
-
 from .adapter import LoraAdapter
+from .index import targetable_modules, targetable_parameters  # noqa: F401 - re-exported
 from .weights import Contribution
-
-# Module types whose weight (and bias) an adapter may change.
-TARGETABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def targetable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """{module path: module} for every Linear / Conv in `model`."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, TARGETABLE_TYPES)}
-
-
-def targetable_parameters(model: nn.Module) -> list[str]:
-    """Parameter names (`<module>.weight`, `<module>.bias`) an adapter can change, in model order."""
-    names = []
-    for path, module in targetable_modules(model).items():
-        for pname, p in module.named_parameters(recurse=False):
-            if p is not None and pname in ("weight", "bias"):
-                names.append(f"{path}.{pname}")
-    return names
 
 
 def contributions_by_module(
@@ -40,5 +25,24 @@ def contributions_by_module(
     return out
 
 
-def param_dtype(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
+def param_contributions(module: str, contributions: list[Contribution]) -> dict[str, list[Contribution]]:
+    """{`<module>.weight`: all of them, `<module>.bias`: those with a bias delta (if any)}."""
+    weight = [c for c in contributions if not _bias_only(c)]
+    out = {f"{module}.weight": weight} if weight else {}
+    biased = [c for c in contributions if c[0].bias is not None]
+    if biased:
+        out[f"{module}.bias"] = biased
+    return out
+
+
+def params_of(by_module: dict[str, list[Contribution]]) -> dict[str, list[Contribution]]:
+    """`param_contributions` over every module."""
+    out = {}
+    for module, cs in by_module.items():
+        out.update(param_contributions(module, cs))
+    return out
+
+
+def _bias_only(c: Contribution) -> bool:
+    layer = c[0]
+    return layer.kind == "full" and "diff" not in layer.tensors

@@ -27,6 +27,15 @@ BLOCK_ELEMENTS = 1 << 19  # float32 elements per row block (2 MiB): speed vs pea
 
 def weight_delta(layer: LoraLayer, base: torch.Tensor, weight: float) -> torch.Tensor:
     """What one adapter adds to a whole float32 base weight, at the given weight."""
+    if layer.kind == "ia3":
+        # LyCORIS IA3: W * (1 + w * s), s per output row, or per input column with on_input.
+        s = layer.tensors["weight"].float().reshape(-1)
+        shape = [1] * base.dim()
+        shape[1 if layer.on_input else 0] = s.numel()
+        return base * (weight * s.reshape(shape))
+    if layer.kind == "replace":
+        # The file's value replaces the weight (BFL Control norms); weight 0 keeps the base.
+        return (layer.tensors["weight"].float().reshape(base.shape) - base) if weight else torch.zeros_like(base)
     delta = layer.delta(base.shape)
     if layer.magnitude is not None:
         # PEFT DoRA: renormalise each output row of (W + s*BA) to the learned magnitude.
@@ -35,7 +44,10 @@ def weight_delta(layer: LoraLayer, base: torch.Tensor, weight: float) -> torch.T
         factor = layer.magnitude.float().reshape(-1) / norm
         return factor.reshape(-1, *[1] * (base.dim() - 1)) * combined - base
     if layer.dora_scale is not None:
-        # LyCORIS DoRA: renormalise at full strength, then blend by the weight.
+        # LyCORIS DoRA: Wc = W + delta renormalised to dora_scale (per output row for an (out, 1)
+        # scale, per input column for (1, in)) at full strength, then blended with the base by
+        # the weight m, as ComfyUI and A1111 apply it: W' = W + m * (Wc * s - W). (LyCORIS' own
+        # multiplier keeps the direction change at m = 0; equal at m = 1.)
         combined = base + delta
         scale = layer.dora_scale.float()
         if scale.numel() == base.shape[0] and scale.shape[0] == base.shape[0]:
@@ -43,8 +55,7 @@ def weight_delta(layer: LoraLayer, base: torch.Tensor, weight: float) -> torch.T
         else:
             norm = combined.transpose(0, 1).flatten(1).norm(dim=1)
             norm = norm.reshape(1, -1, *[1] * (base.dim() - 2))
-        decomposed = combined * (scale.reshape(norm.shape) / (norm + _EPS))
-        return weight * (decomposed - base)
+        return weight * (combined * (scale.reshape(norm.shape) / (norm + _EPS)) - base)
     return weight * delta
 
 
@@ -79,13 +90,14 @@ class AdditiveDelta:
 
     def __init__(self, contributions: Sequence[Contribution], shape):
         self.shape = torch.Size(shape)
+        cols = self.shape[1:].numel()  # 1 for a 1-D weight (norms)
         self._terms = []
         for layer, weight in contributions:
             if layer.kind == "lora":  # keep it low-rank: (up * w * s)[rows] @ down
                 up = layer.tensors["up"].float().flatten(1) * (weight * layer.scale)
                 self._terms.append((up, layer.tensors["down"].float().flatten(1)))
             else:
-                self._terms.append((None, weight * layer.delta(self.shape).flatten(1)))
+                self._terms.append((None, weight * layer.delta(self.shape).reshape(self.shape[0], cols)))
 
     def blocks(self, scratch: Scratch, device=None) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """(r0, r1, delta rows r0:r1, a float32 work buffer of that shape) for each row block."""

@@ -10,24 +10,22 @@ before anything is written.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from engines.mapping import to_numpy
+from engines.weights_map import to_numpy
 from lora_loaders.adapter import LoraAdapter
-from lora_loaders.targets import contributions_by_module
-from lora_loaders.weights import effective_bias, effective_weight
+from lora_loaders.targets import params_of
+from lora_loaders.weights import Contribution, effective_bias, effective_weight
 
 from .store import ComponentFiles, RefitError
 
-# -- parsed adapters, cached by file content ----------------------------------------------
+# -- adapters, bound to an engine's weights map and cached -----------------------------------
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_LOCK = threading.Lock()
@@ -35,109 +33,87 @@ CACHE_SIZE = 16
 WORKERS: int | None = None  # threads computing weights; None: min(4, torch threads)
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _index_key(files: ComponentFiles) -> str:
+    key = getattr(files, "_index_key", None)
+    if key is None:
+        h = hashlib.sha256(repr(sorted(files.map.param_shapes().items())).encode())
+        key = files._index_key = h.hexdigest()
+    return key
 
 
-def read_adapter(source, family: str, module_names: dict[str, Iterable[str]] | None = None,
-                 **kwargs) -> tuple[LoraAdapter, str | None]:
-    """(adapter, sha256 of the file or None) for a path / hub id / state dict / LoraAdapter.
+def read_adapter(source, files: ComponentFiles, name: str = "adapter", **kwargs) -> tuple[LoraAdapter, str | None]:
+    """(adapter, sha256 of the file or None) for a path / hub id / state dict / LoraAdapter, bound to
+    this engine's mapped modules (the one strictness check of `lora_loaders.bind`).
 
-    With `module_names`, module paths come back spelled as those names spell them. Files are
-    parsed once per (content hash, family): later reads come from a small cache.
+    Files are parsed once per content; the bound adapter is cached by (content hash, family,
+    component, the engine's module names and shapes).
     """
-    from lora_loaders import read_lora
-    from lora_loaders.reader import align_module_names
+    from lora_loaders.bind import LoraKeyError, align
+    from lora_loaders.families import get_family
+    from lora_loaders.reader import bind_parsed, parse_file
 
-    names = {c: set(m) for c, m in (module_names or {}).items()}
-    if isinstance(source, LoraAdapter):
-        return align_module_names(source, names), None
-    path = None
-    if isinstance(source, (str, os.PathLike)) and Path(source).is_file():
-        path = Path(source)
-    if path is None:  # dict, directory or hub id: parse every time
-        return align_module_names(read_lora(source, family, module_names=module_names, **kwargs), names), None
-    digest = file_sha256(path)
-    key = (digest, family, tuple(sorted((c, len(m)) for c, m in names.items())), tuple(sorted(kwargs.items())))
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-            return _CACHE[key], digest
-    adapter = align_module_names(read_lora(str(path), family, module_names=module_names, **kwargs), names)
-    with _CACHE_LOCK:
-        _CACHE[key] = adapter
-        while len(_CACHE) > CACHE_SIZE:
-            _CACHE.popitem(last=False)
+    spec = get_family(files.family)
+    try:
+        if isinstance(source, LoraAdapter):
+            return align(source, spec, files.index), None
+        parsed, digest, where = parse_file(source, **kwargs)
+        key = (digest, files.family, files.component, _index_key(files))
+        with _CACHE_LOCK:
+            if digest is not None and key in _CACHE:
+                _CACHE.move_to_end(key)
+                return _CACHE[key], digest
+        adapter = bind_parsed(parsed, spec, files.index, where=where, sha256=digest)
+    except LoraKeyError as e:
+        raise RefitError(f"adapter {name!r} touches modules this {files.component} engine does not map "
+                         f"(no such Linear/Conv/norm in the exported graph): {e}") from e
+    except (OSError, ValueError) as e:
+        if "shape mismatch" in str(e):
+            raise RefitError(f"adapter {name!r} has shapes that need a different graph: {e}") from e
+        raise RefitError(f"cannot read LoRA {name!r} for {files.family} {files.component}: {e}") from e
+    if digest is not None:
+        with _CACHE_LOCK:
+            _CACHE[key] = adapter
+            while len(_CACHE) > CACHE_SIZE:
+                _CACHE.popitem(last=False)
     return adapter, digest
 
 
 def clear_cache():
+    from lora_loaders.reader import clear_cache as clear_parsed
+
     with _CACHE_LOCK:
         _CACHE.clear()
+    clear_parsed()
 
 
 # -- checks ---------------------------------------------------------------------------------
 
 def check_adapter(adapter: LoraAdapter, files: ComponentFiles, name: str) -> None:
-    """Raise unless the adapter is for this family and only touches weights the engine maps."""
+    """Raise unless the adapter is for this family and has layers for this engine's component."""
     family, component = files.family, files.component
     if adapter.family and family and adapter.family != family:
         raise RefitError(f"adapter {name!r} was read for family {adapter.family!r}; "
                          f"this engine is a {family!r} {component}")
-    layers = adapter.for_component(component)
-    if not layers:
+    if not adapter.for_component(component):
         raise RefitError(
             f"adapter {name!r} has no layers for component {component!r} "
             f"(it targets {', '.join(adapter.components) or 'nothing'}); it cannot be applied to this engine"
-        )
-    unmapped, mismatched = [], []
-    for module, layer in layers.items():
-        w = f"{module}.weight"
-        if w not in files.map:
-            unmapped.append(w)
-            continue
-        shape = files.map[w].param_shape
-        if not layer.fits(shape):
-            mismatched.append(f"{module}: LoRA delta {tuple(layer.delta_shape())} vs weight {shape}")
-        if layer.bias is not None and f"{module}.bias" not in files.map:
-            unmapped.append(f"{module}.bias")
-    if unmapped:
-        raise RefitError(
-            f"adapter {name!r} touches {len(unmapped)} weight(s) this {component} engine does not map "
-            f"(no such Linear/Conv in the exported graph): {unmapped[:5]}"
-        )
-    if mismatched:
-        raise RefitError(
-            f"adapter {name!r} has shapes that need a different graph for {len(mismatched)} module(s): "
-            + "; ".join(mismatched[:5])
         )
 
 
 # -- the computation ------------------------------------------------------------------------
 
-def targets_of(contribs: dict) -> set[str]:
-    out = set()
-    for module, cs in contribs.items():
-        out.add(f"{module}.weight")
-        if any(layer.bias is not None for layer, _ in cs):
-            out.add(f"{module}.bias")
-    return out
-
-
-def compute(files: ComponentFiles, active: Sequence[tuple[LoraAdapter, float]], dirty: Iterable[str],
-            names: Sequence[str] | None = None, to_onnx: bool = False) -> tuple[set[str], dict]:
+def compute(files: ComponentFiles, by_module: Mapping[str, list[Contribution]], dirty: Iterable[str],
+            owners: Mapping[int, str] | None = None, to_onnx: bool = False) -> tuple[set[str], dict]:
     """(new targets, {param: new torch-layout value}) for every param in targets | dirty.
 
-    With to_onnx=True the values are already in the initializers' layout and dtype
-    ({initializer name: numpy array}, see `to_initializers`), transformed on the same threads.
-    `names` (adapter names, parallel to `active`) only serve error messages.
+    by_module: {module: [(layer, weight)]} of the new state (`contributions_by_module`, or
+    the state machine's per-module contributions). With to_onnx=True the values are already
+    in the initializers' layout and dtype ({initializer name: numpy array}), transformed on
+    the same threads. `owners` ({id(layer): adapter name}) only serves error messages.
     """
-    contribs = contributions_by_module(active, files.component)
-    targets = targets_of(contribs)
+    by_param = params_of(dict(by_module))
+    targets = set(by_param)
     missing = sorted(p for p in targets if p not in files.map)
     if missing:
         raise RefitError(f"the active adapters touch weights this engine does not map: {missing[:5]}")
@@ -147,7 +123,7 @@ def compute(files: ComponentFiles, active: Sequence[tuple[LoraAdapter, float]], 
     def one(param):
         entry = files.map[param]
         base = files.base(param)
-        cs = contribs.get(entry.module, [])
+        cs = by_param.get(param, [])
         try:
             new = effective_bias(base, cs) if entry.kind == "bias" else effective_weight(base, cs)
         except Exception as e:  # noqa: BLE001 - report which weight and why
@@ -157,7 +133,7 @@ def compute(files: ComponentFiles, active: Sequence[tuple[LoraAdapter, float]], 
                              f"expected {entry.param_shape} {entry.param_dtype}")
         # NaN/Inf anywhere makes the float32 sum non-finite (one read pass, no temporary).
         if cs and new.is_floating_point() and not bool(torch.isfinite(new.sum(dtype=torch.float32))):
-            bad = _culprits(cs, names, active)
+            bad = _culprits(cs, owners)
             raise RefitError(f"effective value of {param} has NaN or Inf values (from {bad}); "
                              "the engine keeps its previous weights")
         return _to_initializer(entry, new) if to_onnx else new
@@ -174,12 +150,11 @@ def compute(files: ComponentFiles, active: Sequence[tuple[LoraAdapter, float]], 
     return targets, dict(zip(keys, results))
 
 
-def _culprits(cs, names, active) -> str:
+def _culprits(cs, owners) -> str:
     layers = {id(layer) for layer, _ in cs}
-    if names is None:
+    if not owners:
         return f"{len(layers)} adapter layer(s)"
-    found = [n for n, (a, _) in zip(names, active) if any(id(lay) in layers for lay in a.layers.values())]
-    return "adapter(s) " + ", ".join(repr(n) for n in found)
+    return "adapter(s) " + ", ".join(repr(n) for n in dict.fromkeys(owners[i] for i in layers if i in owners))
 
 
 def _to_initializer(entry, v: torch.Tensor) -> np.ndarray:

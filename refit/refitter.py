@@ -1,20 +1,25 @@
-"""`Refitter`: the diffusers LoRA API over a built engine (ONNX Runtime or TensorRT).
+"""`Refitter`: the diffusers LoRA API over a built engine (ONNX Runtime, TensorRT or torch).
 
-    r = refit.Refitter(engine)
+    r = refit.Refitter(engine)                         # knows the adapters the export baked
+    r.get_active_adapters()                            # ["x"]: what the engine holds
     r.load_lora("y.safetensors", adapter_name="y")     # y becomes the only active adapter
-    r.set_adapters(["x", "y"], [1.0, 0.5])             # stack / rescale
+    r.set_adapters(["x", "y"], [1.0, 0.5])             # stack / rescale (per-block weights too)
     r.set_adapters([])                                 # back to the exact base weights
     r.disable_lora(); r.enable_lora(); r.delete_adapters("y"); r.unload_lora_weights()
 
-Every change recomputes the engine's weights from base for the union of the previous and
-the new targets (so nothing of a previous adapter, including one baked at export,
-remains), with the one effective-weight function, casts once to the engine's dtype,
-applies the weights-map transform, validates everything (finite, shapes, dtypes), and only
-then writes, atomically (`engine.set_weights`). On any error the engine and the Refitter's
-state stay as they were, and the error says why.
+Which adapters are active at which weights is the mixins' state machine
+(`lora_loaders.state`). Every change recomputes the engine's weights from base for the
+union of the previous and the new targets (so nothing of a previous adapter, including one
+baked at export, remains), with the one effective-weight function, casts once to the
+engine's dtype, applies the weights-map transform, validates everything (finite, shapes,
+dtypes), and only then writes, atomically (`engine.set_weights`). On any error the engine
+and the Refitter's state stay as they were, and the error says why.
 
-Adapters baked at export are listed in `baked_adapters` (from the manifest) but are not
-registered as loaded adapters: load them by name like any other to combine or rescale them.
+Adapters baked at export are registered from the manifest (name, file hash, scale): their
+files are looked up where the manifest recorded them, next to the export, and in
+`lora_dir` (a Triton adapter directory), by content hash. One that is not found stays
+listed and active (the engine holds it) until a change needs its weights; then the error
+says where it was looked for, and `load_lora(path, adapter_name=name)` supplies it.
 """
 
 from __future__ import annotations
@@ -22,18 +27,31 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 from engines.base import Engine
-from lora_loaders.adapter import LoraAdapter, adapter_name_list
+from lora_loaders.adapter import LoraAdapter
+from lora_loaders.families import get_family
+from lora_loaders.reader import file_sha256
+from lora_loaders.state import LoraState
 
 from . import core
 from .store import ComponentFiles, RefitError
 
 
+class _Missing(LoraAdapter):
+    """A baked adapter whose file was not found: known by name, hash and scale only."""
+
+    def __init__(self, record: dict, searched: list[Path]):
+        super().__init__({}, format="missing")
+        self.record, self.searched = record, searched
+
+
 class Refitter:
     """LoRA adapter management over one engine (one exported component)."""
 
-    def __init__(self, engine: Engine, directory=None, family: str | None = None, component: str | None = None):
+    def __init__(self, engine: Engine, directory=None, family: str | None = None, component: str | None = None,
+                 lora_dir=None):
         self.engine = engine
         directory = directory or engine.directory
         if directory is None:
@@ -46,122 +64,148 @@ class Refitter:
         if self.files.family is None:
             raise RefitError(f"cannot tell the family of {directory}: no family in its weights map or manifest; "
                              "pass family=")
+        self._spec = get_family(self.files.family)
+        self.lora_dir = Path(lora_dir) if lora_dir else None
         refittable = set(engine.weight_names())
-        unmapped = [e.initializer for e in self.files.map.entries.values() if e.initializer not in refittable]
-        self._not_refittable = set(unmapped)
-        self._adapters: dict[str, LoraAdapter] = {}
+        self._not_refittable = {e.initializer for e in self.files.map.entries.values()
+                                if e.initializer not in refittable}
         self._hashes: dict[str, str | None] = {}
-        self._active: list[str] = []
-        self._weights: dict[str, float] = {}
-        self._enabled = True
         # Parameters whose engine value differs from base: at first, those baked at export.
         self._dirty: set[str] = set(self.files.baked_params()) & set(self.files.map.entries)
         self._lock = threading.RLock()
         self.baked_adapters: list[dict] = self.files.baked_adapters()
         self.last_refit: dict[str, float] = {}
+        self._state = LoraState()
+        self._register_baked()
 
     family = property(lambda self: self.files.family)
     component = property(lambda self: self.files.component)
+
+    # -- baked adapters ---------------------------------------------------------------------
+    def _candidates(self, record: dict) -> list[Path]:
+        name, recorded = record.get("name", ""), Path(record.get("path", ""))
+        dirs = [self.files.export_dir, self.files.export_dir / "loras", self.files.directory]
+        if self.lora_dir is not None:
+            dirs.insert(0, self.lora_dir)
+        out = [recorded] if record.get("path") else []
+        for d in dirs:
+            out += [d / f"{name}.safetensors", d / recorded.name]
+        return list(dict.fromkeys(p for p in out if str(p) not in ("", ".")))
+
+    def _register_baked(self) -> None:
+        for record in self.baked_adapters:
+            name, digest = record.get("name"), record.get("sha256")
+            searched = self._candidates(record)
+            found = next((p for p in searched if p.is_file() and (not digest or file_sha256(p) == digest)), None)
+            if found is None:
+                adapter = _Missing(record, searched)
+            else:
+                adapter, _ = core.read_adapter(str(found), self.files, name)
+            self._state.add(name, adapter)
+            self._hashes[name] = digest
+        if self.baked_adapters:
+            names = [r["name"] for r in self.baked_adapters]
+            self._state.set_adapters(names, [float(r.get("scale", 1.0)) for r in self.baked_adapters],
+                                     [self.component])
 
     # -- diffusers-style API ------------------------------------------------------------
     def load_lora(self, source, adapter_name: str | None = None, **kwargs) -> str:
         """Read a LoRA (path, hub id + weight_name, state dict or LoraAdapter) and make it the only active one.
 
-        Returns the adapter name. Raises (engine unchanged) for a LoRA of another family or
-        component, one touching weights the engine does not map, or one whose values are bad.
+        Naming a baked adapter whose file was not found supplies that file (its content hash
+        must match the export's): nothing is rewritten. Returns the adapter name. Raises
+        (engine unchanged) for a LoRA of another family or component, one touching weights
+        the engine does not map, or one whose values are bad.
         """
         with self._lock:
+            state = self._state
             if adapter_name is None:
-                adapter_name = f"default_{len(self._adapters)}"
-            if adapter_name in self._adapters:
+                adapter_name = f"default_{len(state.adapters)}"
+            missing = state.adapters.get(adapter_name)
+            if adapter_name in state.adapters and not isinstance(missing, _Missing):
                 raise ValueError(f"Adapter name {adapter_name!r} already in use")
-            component = self.files.component
-            try:
-                adapter, digest = core.read_adapter(source, self.files.family,
-                                                    module_names={component: self.files.map.modules()}, **kwargs)
-            except RefitError:
-                raise
-            except Exception as e:
-                raise RefitError(f"cannot read LoRA {adapter_name!r} for {self.files.family} {component}: {e}") from e
+            adapter, digest = core.read_adapter(source, self.files, adapter_name, **kwargs)
             core.check_adapter(adapter, self.files, adapter_name)
             self._check_refittable(adapter, adapter_name)
-            self._adapters[adapter_name] = adapter
+            if isinstance(missing, _Missing):
+                expected = missing.record.get("sha256")
+                if expected and digest != expected:
+                    raise RefitError(f"{source} is not the adapter {adapter_name!r} baked at export "
+                                     f"(sha256 {str(digest)[:12]} != {expected[:12]})")
+                state.adapters[adapter_name] = adapter  # the engine already holds it
+                self._hashes[adapter_name] = digest
+                return adapter_name
+            new = state.copy()
+            new.add(adapter_name, adapter)
+            self._transition(new)
             self._hashes[adapter_name] = digest
-            try:
-                self._transition([adapter_name], {adapter_name: 1.0}, self._enabled)
-            except Exception:
-                del self._adapters[adapter_name]
-                del self._hashes[adapter_name]
-                raise
             return adapter_name
 
     load_lora_weights = load_lora  # the mixins' name
 
     def set_adapters(self, adapter_names, adapter_weights=None) -> None:
-        """Activate these adapters with weights (float, per-adapter list, or {component: float} dicts).
-
-        `set_adapters([])` returns the engine to its base weights.
-        """
+        """Activate these adapters with weights: a float, one per adapter, {component: float} dicts,
+        or diffusers' per-block dicts for a UNet. `set_adapters([])` returns to the base weights."""
         with self._lock:
-            names = adapter_name_list(adapter_names, self._adapters)
-            weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
-            if len(weights) != len(names):
-                raise ValueError(f"Length of adapter names {len(names)} is not equal to the length of the weights "
-                                 f"{len(weights)}")
-            resolved = {}
-            for n, w in zip(names, weights):
-                if isinstance(w, Mapping):
-                    w = w.get(self.files.component)
-                    if isinstance(w, Mapping):
-                        raise ValueError("per-block weights are not supported by the refitter; give one float "
-                                         "per component")
-                resolved[n] = 1.0 if w is None else float(w)
-            self._transition(names, resolved, self._enabled)
+            new = self._state.copy()
+            new.set_adapters(adapter_names, adapter_weights, [self.component], self._expand)
+            self._transition(new)
+
+    def _expand(self, component: str, scales: dict) -> dict:
+        cspec = self._spec.components.get(component)
+        if cspec is None or cspec.block_weights is None:
+            raise ValueError(f"per-block weights are not supported for {component!r}")
+        return cspec.block_weights(scales, self.files.map.modules())
 
     def disable_lora(self) -> None:
         """Run the base weights, keeping the adapters and their settings."""
         with self._lock:
-            self._transition(self._active, self._weights, False)
+            new = self._state.copy()
+            new.set_enabled(False)
+            self._transition(new)
 
     def enable_lora(self) -> None:
         with self._lock:
-            self._transition(self._active, self._weights, True)
+            new = self._state.copy()
+            new.set_enabled(True)
+            self._transition(new)
 
     def delete_adapters(self, adapter_names) -> None:
         with self._lock:
-            names = adapter_name_list(adapter_names, self._adapters)
-            active = [n for n in self._active if n not in names]
-            self._transition(active, {n: self._weights[n] for n in active}, self._enabled)
-            for n in names:
-                del self._adapters[n]
-                self._hashes.pop(n, None)
+            new = self._state.copy()
+            new.delete(adapter_names)
+            self._transition(new)
 
     def unload_lora_weights(self) -> None:
         """Drop every adapter and return the engine to its base weights."""
         with self._lock:
-            self._transition([], {}, True)
-            self._adapters.clear()
-            self._hashes.clear()
+            self._transition(LoraState())
 
     def get_active_adapters(self) -> list[str]:
-        return list(self._active)
+        return list(self._state.active)
 
     def get_list_adapters(self) -> dict[str, list[str]]:
-        return {self.files.component: list(self._adapters)} if self._adapters else {}
+        return {self.component: list(self._state.adapters)} if self._state.adapters else {}
 
     def get_adapter_weights(self) -> dict[str, float]:
-        return {n: self._weights[n] for n in self._active}
+        """{active adapter: its weight on this component} (what `enable_lora` applies while disabled)."""
+        return {n: self._state.module_weight(n, self.component, "") for n in self._state.active}
 
     @property
     def enabled(self) -> bool:
-        return self._enabled
+        return self._state.enabled
+
+    @property
+    def missing_adapters(self) -> dict[str, list[str]]:
+        """{baked adapter whose file was not found: where it was looked for}."""
+        return {n: [str(p) for p in a.searched] for n, a in self._state.adapters.items() if isinstance(a, _Missing)}
 
     # -- machinery ------------------------------------------------------------------------
     def _check_refittable(self, adapter: LoraAdapter, name: str) -> None:
         if not self._not_refittable:
             return
         bad = []
-        for module, layer in adapter.for_component(self.files.component).items():
+        for module, layer in adapter.for_component(self.component).items():
             for kind in ("weight", "bias") if layer.bias is not None else ("weight",):
                 init = self.files.map[f"{module}.{kind}"].initializer
                 if init in self._not_refittable:
@@ -170,12 +214,29 @@ class Refitter:
             raise RefitError(f"adapter {name!r} touches {len(bad)} weight(s) this engine was built without as "
                              f"refittable: {bad[:5]}")
 
-    def _transition(self, active: list[str], weights: Mapping[str, float], enabled: bool) -> None:
+    def _contributions(self, state: LoraState) -> tuple[dict, dict[int, str]]:
+        """({module: [(layer, weight)]} the new state puts on this component, {id(layer): adapter})."""
+        if not state.enabled:
+            return {}, {}
+        owners, modules = {}, set()
+        for n in state.active:
+            a = state.adapters[n]
+            if isinstance(a, _Missing):
+                raise RefitError(
+                    f"adapter {n!r} was baked at export, and this change needs its weights, but its file "
+                    f"(sha256 {str(a.record.get('sha256'))[:12]}) was not found; looked in: "
+                    + ", ".join(str(p) for p in a.searched)
+                    + f". Pass it with load_lora(path, adapter_name={n!r}), or leave it out of the active set")
+            for module, layer in a.for_component(self.component).items():
+                owners[id(layer)] = n
+                modules.add(module)
+        return {m: state.contributions(self.component, m) for m in sorted(modules)}, owners
+
+    def _transition(self, new: LoraState) -> None:
         """Compute, validate and write the weights for a new state; commit the state only on success."""
         t0 = time.perf_counter()
-        pairs = [(self._adapters[n], float(weights[n])) for n in active] if enabled else []
-        names = list(active) if enabled else []
-        targets, arrays = core.compute(self.files, pairs, self._dirty, names, to_onnx=True)
+        by_module, owners = self._contributions(new)
+        targets, arrays = core.compute(self.files, by_module, self._dirty, owners, to_onnx=True)
         t1 = time.perf_counter()
         self.engine.check_weights(arrays)
         t2 = time.perf_counter()
@@ -185,15 +246,11 @@ class Refitter:
             raise RefitError(f"writing {len(arrays)} weight(s) into the {self.engine.backend} engine failed; "
                              f"its previous weights were kept: {e}") from e
         t3 = time.perf_counter()
-        self._active = list(active)
-        self._weights = {n: float(weights[n]) for n in active}
-        self._enabled = enabled
+        self._state = new
         self._dirty = targets
         self.last_refit = {"compute_s": t1 - t0, "check_s": t2 - t1, "write_s": t3 - t2,
                            "total_s": t3 - t0, "weights": len(arrays)}
 
     def __repr__(self):
         return (f"Refitter({self.engine!r}, family={self.family!r}, component={self.component!r}, "
-                f"active={self._active}, enabled={self._enabled})")
-
-
+                f"active={self.get_active_adapters()}, enabled={self.enabled})")

@@ -5,50 +5,25 @@
   changed (torch layout), memory-mapped with `safe_open`, read one tensor at a time;
 - `model.onnx`: every other mapped parameter's base value is its initializer there (the
   original file, never the engine's current, possibly refitted, value);
-- `manifest.json` (the component directory's or the pipeline directory above it): family,
-  component, dtype and the adapters baked at export.
+- the manifest (the component directory's or the export directory above it): family,
+  component and the adapters baked at export.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from engines.mapping import BASE_WEIGHTS, WeightsMap, from_numpy, load_weights_map
+from engines.manifest import Manifest
 from engines.onnx_utils import InitializerReader, find_model
-
-MANIFEST = "manifest.json"
+from engines.weights_map import BASE_WEIGHTS_FILE, WeightsMap, from_numpy, load_weights_map
+from lora_loaders.index import TargetIndex
 
 
 class RefitError(RuntimeError):
     """A refit that cannot be done; the engine keeps its previous weights."""
-
-
-def find_manifest(directory: Path) -> tuple[Path | None, dict]:
-    """(path, data) of the manifest describing this component directory ({} if none)."""
-    for p in (directory / MANIFEST, directory.parent / MANIFEST):
-        if p.is_file():
-            try:
-                with open(p) as f:
-                    return p, json.load(f)
-            except (OSError, json.JSONDecodeError):
-                continue
-    return None, {}
-
-
-def manifest_component(manifest: dict, component: str | None, directory: Path) -> dict:
-    """The manifest's entry for this component ({} if it has none)."""
-    comps = manifest.get("components")
-    if isinstance(comps, dict):
-        if component in comps:
-            return comps[component] or {}
-        for name, entry in comps.items():
-            if isinstance(entry, dict) and entry.get("dir") == directory.name:
-                return entry
-    return {}
 
 
 class ComponentFiles:
@@ -64,14 +39,30 @@ class ComponentFiles:
             )
         self.map: WeightsMap = wmap
         self.model_path = Path(model_path) if model_path else find_model(self.directory)
-        self.manifest_path, self.manifest = find_manifest(self.directory)
-        self.family = wmap.family or self.manifest.get("family")
-        self.component = wmap.component or self.directory.name
-        self.component_manifest = manifest_component(self.manifest, self.component, self.directory)
-        self.base_path = self.directory / BASE_WEIGHTS
+        self.manifest = Manifest.find(self.directory)
+        self.family = wmap.family or (self.manifest.family if self.manifest else None)
+        component, entry = (None, {})
+        if self.manifest is not None:
+            component, entry = self.manifest.entry_for(wmap.component, self.directory)
+        self.component = wmap.component or component or self.directory.name
+        self.component_manifest = entry
+        self.base_path = self.directory / BASE_WEIGHTS_FILE
         self._safe = None
         self._base_keys: set[str] | None = None
         self._onnx: InitializerReader | None = None
+        self._index: TargetIndex | None = None
+
+    @property
+    def index(self) -> TargetIndex:
+        """What adapters bind to: the mapped modules with their shapes."""
+        if self._index is None:
+            self._index = TargetIndex.from_params(self.component, self.map.param_shapes())
+        return self._index
+
+    @property
+    def export_dir(self) -> Path:
+        """The directory the manifest is in (the export), or the component directory."""
+        return self.manifest.root if self.manifest is not None and self.manifest.root else self.directory
 
     # -- base values ------------------------------------------------------------------
     def _safetensors(self):
@@ -111,12 +102,10 @@ class ComponentFiles:
         self._reader()
 
     def baked_adapters(self) -> list[dict]:
-        """The adapters baked at export, as the manifest lists them."""
-        for src in (self.component_manifest, self.manifest):
-            for key in ("adapters", "loras"):
-                if isinstance(src.get(key), list):
-                    return src[key]
-        return []
+        """The adapters baked into this component at export, as the manifest lists them."""
+        if self.component_manifest:
+            return list(self.component_manifest.get("adapters", []))
+        return self.manifest.adapters if self.manifest is not None else []
 
     def close(self):
         self._safe = None

@@ -1,8 +1,6 @@
 """Helpers for engine/refit tests: LoRA files and exports of tiny models with adapters baked in.
 
-`export_component_dir` uses `export.export_pipeline` when it exists (the real product path),
-else the same machinery by hand (fuse with the mixins, `export.onnx_export.export_component`,
-base weights written as the export documents them).
+`export_dir` exports with `export.export_pipeline` (the product path).
 """
 
 from __future__ import annotations
@@ -34,37 +32,8 @@ def export_dir(family: str, components: list[str], loras, out_dir, dtype: str = 
     import export
 
     out_dir = Path(out_dir)
-    if hasattr(export, "export_pipeline"):
-        export.export_pipeline(family, model="tiny", loras=[(str(p), s) for p, s in loras], out_dir=str(out_dir),
-                               dtype=dtype, components=components, validate=False, progress=False)
-        return out_dir
-    return _export_by_hand(family, components, loras, out_dir, dtype)
-
-
-def _export_by_hand(family, components, loras, out_dir, dtype):
-    from export.onnx_export import export_component
-    from export.specs import family_spec
-    from export.tiny import build_tiny
-    from lora_loaders import loader_for
-
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    models = build_tiny(family, components, dtype=torch_dtype)
-    base = {c: {k: v.clone() for k, v in m.state_dict().items()} for c, m in models.items()}
-    if loras:
-        loader = loader_for(family, **models)
-        names = []
-        for i, (p, s) in enumerate(loras):
-            loader.load_lora_weights(str(p), adapter_name=f"a{i}")
-            names.append(f"a{i}")
-        loader.set_adapters(names, [float(s) for _, s in loras])
-        loader.fuse_lora()
-    spec = family_spec(family)
-    for c, m in models.items():
-        d = out_dir / c
-        export_component(m, spec.components[c], d, family)
-        changed = {k: base[c][k] for k, v in m.state_dict().items() if k in base[c] and not torch.equal(v, base[c][k])}
-        if changed:
-            save_file({k: v.contiguous() for k, v in changed.items()}, str(d / "base_weights.safetensors"))
+    export.export_pipeline(family, model="tiny", loras=[(str(p), s) for p, s in loras], out_dir=str(out_dir),
+                           dtype=dtype, components=components, validate=False, progress=False)
     return out_dir
 
 

@@ -115,11 +115,23 @@ def test_pickles_refused_unless_opted_in(tiny_models, tmp_path):
         L.read_lora(str(tmp_path / "evil.bin"), "sd", allow_pickle=True)
 
 
+def test_nan_in_a_file_is_refused_naming_the_key(sdxl):
+    models, loader, snap = sdxl
+    sd = peft_lora({"unet": models["unet"]}, seed=7)
+    key = next(k for k in sd if k.endswith("attn2.to_k.lora_B.weight"))
+    sd[key][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=rf"{key} holds NaN or Inf values"):
+        loader.load_lora_weights(sd, adapter_name="nan")
+    assert "nan" not in loader.get_list_adapters()["unet"]
+    _unchanged(models, snap)
+
+
 def test_safe_fusing_names_adapter_and_module_and_writes_nothing(sdxl):
     models, loader, _ = sdxl
     sd = peft_lora({"unet": models["unet"]}, seed=7)
     key = next(k for k in sd if k.endswith("attn2.to_k.lora_B.weight"))
-    sd[key][0, 0] = float("nan")
+    sd[key][0, 0] = 3e38  # finite in the file; the product overflows float32
+    sd[key.replace("lora_B", "lora_A")][:] = 3e38
     loader.load_lora_weights(sd, adapter_name="nan")
     snap = _snapshot(models)
     module = key.removeprefix("unet.").removesuffix(".lora_B.weight")

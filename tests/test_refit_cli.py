@@ -10,7 +10,8 @@ import pytest
 
 import engines
 import refit
-from refit.__main__ import main, parse_lora
+from lora_loaders.io import parse_lora_arg as parse_lora
+from refit.__main__ import main
 from refit_helpers import differing, exported, initializers, lora_files
 
 FAMILY, COMPONENT = "sd", "text_encoder"
@@ -59,12 +60,12 @@ def test_cli_errors_leave_nothing(tmp_path_factory, tmp_path, capsys):
     root = tmp_path_factory.getbasetemp()
     src = exported(root, FAMILY, "x", [COMPONENT]) / COMPONENT
     out = tmp_path / "o"
-    assert main([str(src), "--lora", str(tmp_path / "missing.safetensors"), "--out", str(out)]) == 1
+    assert main([str(src), "--lora", str(tmp_path / "missing.safetensors"), "--out", str(out)]) == 2  # bad input
     assert "not found" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
-    assert main([str(src), "--lora", str(bad), "--out", str(out)]) == 1
+    assert main([str(src), "--lora", str(bad), "--out", str(out)]) == 2
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
     with pytest.raises(SystemExit):
         main([str(src)])

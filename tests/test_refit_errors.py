@@ -61,7 +61,7 @@ def test_nan_adapter_leaves_engine_unchanged(setup):
 
 def test_overflowing_scale_rejected(setup):
     engine, r, files, feeds = setup
-    r.load_lora(str(files["x"]), adapter_name="x")
+    r.set_adapters(["x"])  # x: baked at export, registered from the manifest
     before = _state(engine, r, feeds)
     with pytest.raises(RefitError, match="NaN or Inf"):
         r.set_adapters(["x"], [1e39])
@@ -95,7 +95,8 @@ def test_write_failure_halfway_restores(setup, monkeypatch):
 
     monkeypatch.setattr(engine._binding, "bind_ortvalue_input", flaky)
     with pytest.raises(RefitError, match="simulated device error"):
-        r.load_lora(str(files["x"]), adapter_name="x")
+        r.load_lora(str(files["x"]), adapter_name="x2")
+    assert "x2" not in r.get_list_adapters()[COMPONENT]
     assert calls["n"] > 4  # the three rebound weights were bound back to their old buffers
     monkeypatch.setattr(engine._binding, "bind_ortvalue_input", real)
     _assert_unchanged(before, engine, r, feeds)
@@ -156,10 +157,12 @@ def test_adapter_touching_unmapped_weights(setup):
 def test_mixin_semantics(setup):
     engine, r, files, feeds = setup
     assert r.get_active_adapters() == ["y"]
-    r.load_lora(str(files["x"]), adapter_name="x")
-    assert r.get_active_adapters() == ["x"]
+    assert r.get_list_adapters() == {COMPONENT: ["x", "y"]}  # x was baked at export
+    r.load_lora(str(files["x"]), adapter_name="x2")
+    assert r.get_active_adapters() == ["x2"]
     with pytest.raises(ValueError, match="already in use"):
         r.load_lora(str(files["x"]), adapter_name="x")
+    r.delete_adapters("x2")
     with pytest.raises(ValueError, match="not in the list"):
         r.set_adapters(["nope"])
     with pytest.raises(ValueError, match="Length"):
@@ -180,21 +183,21 @@ def test_mixin_semantics(setup):
 
 def test_parsed_adapters_are_cached(setup, monkeypatch):
     engine, r, files, feeds = setup
-    import lora_loaders
+    import lora_loaders.reader
 
     refit.clear_cache()
     calls = {"n": 0}
-    real = lora_loaders.read_lora
+    real = lora_loaders.reader.parse
 
     def counting(*a, **k):
         calls["n"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(lora_loaders, "read_lora", counting)
+    monkeypatch.setattr(lora_loaders.reader, "parse", counting)
     r.load_lora(str(files["x"]), adapter_name="x1")
     r.load_lora(str(files["x"]), adapter_name="x2")
-    r2 = refit.Refitter(engine)
-    r2.load_lora(str(files["x"]), adapter_name="x")
+    r2 = refit.Refitter(engine)  # registers the baked x: same content, no new parse
+    r2.load_lora(str(files["x"]), adapter_name="x3")
     assert calls["n"] == 1
 
 

@@ -60,8 +60,7 @@ def served(tmp_path_factory):
     unet = export / "unet"
     eng = engines.load_engine(unet)
     feeds = [inputs_for(eng, seed=s) for s in range(SEEDS)]
-    r = refit.Refitter(eng)
-    r.load_lora(str(loras["x"]), adapter_name="x")
+    r = refit.Refitter(eng)  # x: baked, registered from the manifest
     r.load_lora(str(loras["y"]), adapter_name="y")
     refs = {}
     for key in set(SETS.values()):

@@ -12,7 +12,7 @@ import pytest
 
 import engines
 import refit
-from engines.triton.serving import (BAKED, LoraDirectory, LoraRequestError, LoraSwitcher, check_adapter_name,
+from engines.triton.serving import (LoraDirectory, LoraRequestError, LoraSwitcher, check_adapter_name,
                                     parse_loras)
 from refit_helpers import exported, inputs_for, lora_files
 
@@ -86,8 +86,7 @@ def setup(tmp_path_factory):
     # references: a separate engine + Refitter per adapter set
     eng = engines.load_engine(unet)
     baked_out = [eng.infer(f)["out_sample"] for f in feeds]
-    r = refit.Refitter(eng)
-    r.load_lora(str(loras["x"]), adapter_name="x")
+    r = refit.Refitter(eng)  # x: baked, registered from the manifest
     r.load_lora(str(loras["y"]), adapter_name="y")
     refs = {}
     for key in [(), (("x", 1.0),), (("y", 0.5),), (("x", 1.0), ("y", 0.5))]:
@@ -123,7 +122,7 @@ def _switcher(setup, **kw):
 
 def test_baked_state_is_the_export(setup):
     sw, spy = _switcher(setup, preload="none")
-    assert sw.current == BAKED or sw.current == (("x", 1.0),)
+    assert sw.current == (("x", 1.0),) and spy.calls == []  # the Refitter knows the baked x: no refit
     (out, key), = sw.run([(setup["feeds"][0], None)])
     assert key == (("x", 1.0),)
     np.testing.assert_array_equal(out["out_sample"], setup["baked_out"][0])
@@ -190,11 +189,19 @@ def test_adapter_that_fails_to_load_fails_its_group_only(setup, tmp_path):
 
 def test_baked_files_missing(setup, tmp_path):
     """Without the baked adapter files, absent `loras` means the exported weights, until a refit."""
-    eng = engines.load_engine(setup["unet"])
+    unet = tmp_path / "export" / "unet"  # the export, moved where the baked file is not
+    shutil.copytree(setup["unet"], unet)
+    manifest = json.loads((setup["unet"].parent / "manifest.json").read_text())
+    for entry in [*manifest["adapters"], *manifest["components"]["unet"]["adapters"]]:
+        entry["path"] = str(tmp_path / "gone" / "x.safetensors")
+    (unet.parent / "manifest.json").write_text(json.dumps(manifest))
+    eng = engines.load_engine(unet)
     d = tmp_path / "only_y"
     d.mkdir()
     shutil.copy(setup["lora_dir"] / "y.safetensors", d / "y.safetensors")
-    sw = LoraSwitcher(eng, refit.Refitter(eng), d, baked=[("x", 1.0)])
+    r = refit.Refitter(eng, lora_dir=d)
+    assert r.get_active_adapters() == ["x"] and list(r.missing_adapters) == ["x"]
+    sw = LoraSwitcher(eng, r, d, baked=[("x", 1.0)])
     f0 = setup["feeds"][0]
     (out, key), = sw.run([(f0, None)])
     np.testing.assert_array_equal(out["out_sample"], setup["baked_out"][0])

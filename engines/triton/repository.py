@@ -30,9 +30,9 @@ import os
 import shutil
 from pathlib import Path
 
+from ..manifest import MANIFEST_FILE, Manifest
 from .serving import APPLIED_OUTPUT, LORA_SUFFIX, _NAME
 
-MANIFEST = "manifest.json"
 TEXT_ENCODER_BACKENDS = ("auto", "onnxruntime", "tensorrt", "python")
 
 # ONNX TensorProto elem_type -> Triton config data type
@@ -94,8 +94,12 @@ def _graph_io(onnx_path: Path) -> tuple[list, list]:
     return io(model.graph.input), io(model.graph.output)
 
 
-def _is_text_encoder(component: str) -> bool:
-    return component.startswith("text_encoder")
+def _role(manifest, component: str) -> str:
+    """The component's role from the family registry (or the manifest entry, for a component it lacks)."""
+    from lora_loaders.families import get_family
+
+    spec = get_family(manifest.family).components.get(component)
+    return spec.role if spec is not None else manifest.components[component].get("role", "denoiser")
 
 
 def _component_dir(export_dir: Path, component: str, entry: dict) -> Path:
@@ -282,12 +286,12 @@ def write_repository(
         raise ValueError("engine must be auto, onnxruntime or tensorrt")
     if preload not in ("baked", "all", "none"):
         raise ValueError("preload must be baked, all or none")
-    mpath = export_dir / MANIFEST
+    mpath = export_dir / MANIFEST_FILE
     if not mpath.is_file():
-        raise FileNotFoundError(f"{export_dir} is not an export directory (no {MANIFEST})")
-    manifest = json.loads(mpath.read_text())
-    family = manifest.get("family")
-    comps: dict = manifest.get("components") or {}
+        raise FileNotFoundError(f"{export_dir} is not an export directory (no {MANIFEST_FILE})")
+    manifest = Manifest.read(mpath)
+    family = manifest.family
+    comps: dict = dict(manifest.components)
     if components is not None:
         components = [c.strip() for c in components.split(",")] if isinstance(components, str) else list(components)
         missing = [c for c in components if c not in comps]
@@ -328,7 +332,7 @@ def write_repository(
             params["python_path"] = python_path
         if intra_op_threads:
             params["intra_op_threads"] = str(int(intra_op_threads))
-        if _is_text_encoder(component):
+        if _role(manifest, component) == "text_encoder":
             backend = text_encoder_backend
             if backend == "auto":
                 backend = "tensorrt" if (src / "model.plan").is_file() else "onnxruntime"
@@ -346,13 +350,13 @@ def write_repository(
                 text = make_config(name, platform="tensorrt_plan", **{**common, "kind": "KIND_GPU"})
             else:
                 _copy_dir(src, vdir / component, link)
-                _place(mpath, vdir / MANIFEST, False)
+                _place(mpath, vdir / MANIFEST_FILE, False)
                 (vdir / "model.py").write_text(MODEL_PY.format(what=f"text encoder {component}", cls="EncoderModel"))
                 params["engine"] = engine
                 text = make_config(name, backend="python", parameters=params, **common)
         else:
             _copy_dir(src, vdir / component, link)
-            _place(mpath, vdir / MANIFEST, False)
+            _place(mpath, vdir / MANIFEST_FILE, False)
             (vdir / "model.py").write_text(MODEL_PY.format(what=f"denoiser {component} with per-request LoRAs",
                                                            cls="DenoiserModel"))
             if lora_dir is None:

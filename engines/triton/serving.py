@@ -144,15 +144,14 @@ class LoraDirectory:
 
 # -- the core ----------------------------------------------------------------------------------
 
-BAKED = "<baked>"  # the engine still holds what the export baked, and the baked files are not available
-
-
 class LoraSwitcher:
     """Per-request adapter sets over one engine + Refitter (single-threaded use, locked anyway).
 
     baked: [(name, scale)] adapters baked at export (what a request without ``loras`` gets).
-    preload: "baked" loads the baked adapters now (and refits to exactly them); "all" also
-    loads every adapter in the directory; "none" loads lazily.
+    The Refitter registers them from the export's manifest (finding their files in the
+    adapter directory, by content hash), so the engine starts out holding exactly that set.
+    preload: "all" also loads every adapter in the directory now; "baked" / "none" load
+    the others when first named.
     """
 
     def __init__(self, engine, refitter, lora_dir, baked: Sequence[tuple[str, float]] = (), preload: str = "baked"):
@@ -160,26 +159,19 @@ class LoraSwitcher:
         self.refitter = refitter
         self.lora_dir = LoraDirectory(lora_dir)
         self.baked_key: Key = tuple(sorted((str(n), float(s)) for n, s in baked))
-        self.loaded: dict[str, Path] = {}
         self.refits = 0  # engine weight changes (adapter loads and set_adapters)
-        self.current: Key | str | None = self.baked_key if not self.baked_key else BAKED
         self._lock = threading.RLock()
-        self.baked_available = all(n in self.lora_dir.available() for n, _ in self.baked_key)
-        if preload in ("baked", "all") and self.baked_key and self.baked_available:
-            self.activate(self.baked_key)
+        self._sync_current()
         if preload == "all":
             for name in sorted(self.lora_dir.available()):
                 self._ensure_loaded(name)
-            if self.baked_key and self.baked_available:
-                self.activate(self.baked_key)
+            self.activate(self.baked_key)
 
     # -- requests -------------------------------------------------------------------------
-    def request_key(self, loras_value) -> Key | str:
-        """Validate a request's ``loras`` value: its adapter set (or BAKED). Raises LoraRequestError."""
+    def request_key(self, loras_value) -> Key:
+        """Validate a request's ``loras`` value: its adapter set. Raises LoraRequestError."""
         key = parse_loras(loras_value)
         if key is None:
-            if self.baked_key and not self.baked_available:
-                return BAKED
             return self.baked_key
         available = self.lora_dir.available()
         for name, _ in key:
@@ -190,27 +182,28 @@ class LoraSwitcher:
     # -- refit -----------------------------------------------------------------------------
     def _sync_current(self):
         r = self.refitter
-        self.current = tuple(sorted(r.get_adapter_weights().items())) if getattr(r, "enabled", True) else ()
+        self.current = tuple(sorted(r.get_adapter_weights().items())) if r.enabled else ()
 
     def _ensure_loaded(self, name: str):
-        if name in self.loaded:
+        r = self.refitter
+        known = name in r.get_list_adapters().get(r.component, [])
+        if known and name not in r.missing_adapters:
             return
+        if known and name not in self.lora_dir.available():
+            return  # a baked adapter without its file: the Refitter says so if a change needs it
         path = self.lora_dir.resolve(name)
+        before = self.current
         try:
-            self.refitter.load_lora(str(path), adapter_name=name)  # activates it: one refit
+            r.load_lora(str(path), adapter_name=name)  # a new adapter becomes the only active one: a refit
         finally:
             self._sync_current()
-        self.refits += 1
-        self.loaded[name] = path
+        self.refits += self.current != before
 
-    def activate(self, key: Key | str) -> bool:
+    def activate(self, key: Key) -> bool:
         """Make the engine hold this adapter set; False when it already does (no refit)."""
         with self._lock:
             if key == self.current:
                 return False
-            if key == BAKED:
-                raise LoraRequestError("the adapters baked at export are not in the adapter directory and the "
-                                       "engine has been refitted since; name the adapters in 'loras'")
             for name, _ in key:
                 self._ensure_loaded(name)
             if key != self.current:
@@ -248,13 +241,12 @@ class LoraSwitcher:
                     self.activate(key)
                 except Exception as e:  # noqa: BLE001 - the group's requests get the error
                     err = e if isinstance(e, LoraRequestError) else LoraRequestError(
-                        f"cannot apply adapters {key_json(key) if key != BAKED else key}: {e}")
+                        f"cannot apply adapters {key_json(key)}: {e}")
                     for i in idx:
                         results[i] = err
                     continue
-                applied = self.baked_key if key == BAKED else key
                 for i, out in zip(idx, self._infer([items[i][0] for i in idx], concat)):
-                    results[i] = out if isinstance(out, Exception) else (out, applied)
+                    results[i] = out if isinstance(out, Exception) else (out, key)
         return results
 
     def _infer(self, feeds_list, concat: bool):
@@ -414,7 +406,7 @@ class DenoiserModel:
         if not lora_dir.is_absolute():
             lora_dir = model_dir / lora_dir
         self.refitter = refit.Refitter(self.engine, directory=engine_dir, family=_param(self.config, "family"),
-                                       component=component)
+                                       component=component, lora_dir=lora_dir)
         baked = json.loads(_param(self.config, "baked_loras", "[]") or "[]")
         self.switcher = LoraSwitcher(self.engine, self.refitter, lora_dir, [tuple(b) for b in baked],
                                      preload=_param(self.config, "preload", "baked") or "baked")

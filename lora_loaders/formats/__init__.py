@@ -1,18 +1,5 @@
-"""LoRA file formats: one converter module each, detected from the keys.
+"""LoRA file layouts: one table-driven parser (`parse`) and the name helpers binding uses."""
 
-Each converter exposes `NAME`, `detect(keys) -> bool` and
-`convert(state_dict, metadata, spec, resolver) -> {(component, module): LoraLayer}`.
-"""
+from .parse import ParsedLora, ParseError, parse, split_key
 
-from __future__ import annotations
-
-from . import kohya, peft
-
-CONVERTERS = (kohya, peft)  # most specific first
-
-
-def detect(keys: list[str]):
-    for converter in CONVERTERS:
-        if converter.detect(keys):
-            return converter
-    return None
+__all__ = ["ParseError", "ParsedLora", "parse", "split_key"]

@@ -1,4 +1,4 @@
-"""Weights maps: which ONNX initializer holds which LoRA-targetable torch parameter, and how.
+"""The weights map (read, write, validate): which ONNX initializer holds which LoRA-targetable torch parameter, and how.
 
 One `weights_map.json` per exported component directory, next to `model.onnx`. Layout
 (version 1)::
@@ -23,7 +23,7 @@ One `weights_map.json` per exported component directory, next to `model.onnx`. L
       }
     }
 
-Every Linear / Conv weight and bias that `lora_loaders.targets.targetable_parameters`
+Every Linear / Conv / norm weight and bias that `lora_loaders.targetable_parameters`
 lists for the component appears as the "param" of exactly one entry. The transform is
 applied in this fixed order: transpose (by "perm"), reshape (to "shape"), cast (to
 "dtype"); "identity" means the initializer holds the parameter's bits unchanged. Dtype
@@ -45,9 +45,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 FORMAT = "lora-engines.weights_map"
 VERSION = 1
@@ -66,15 +69,7 @@ def np_dtype(name: str):
 
 
 def torch_dtype(name: str):
-    import torch
-
     return getattr(torch, name)
-
-
-def dtype_name(dtype) -> str:
-    """'float16' for torch.float16, np.float16, ml_dtypes.bfloat16, 'float16'."""
-    s = str(dtype)
-    return s.removeprefix("torch.")
 
 
 def transform_steps(entry: dict) -> list[str]:
@@ -157,49 +152,6 @@ def from_initializer(value, entry: dict):
     return np.ascontiguousarray(x)
 
 
-def param_to_initializer(weights_map: dict) -> dict[str, str]:
-    """{torch param name: initializer name}."""
-    return {e["param"]: name for name, e in weights_map["entries"].items()}
-
-
-def _map_path(path) -> Path:
-    path = Path(path)
-    return path / WEIGHTS_MAP_FILE if path.is_dir() else path
-
-
-def load_weights_map(path: str | os.PathLike) -> dict:
-    """Read a weights map (a component directory or the json file) and check its layout."""
-    p = _map_path(path)
-    with open(p) as f:
-        data = json.load(f)
-    if data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise ValueError(f"{p} is not a version-{VERSION} {FORMAT} file")
-    seen = {}
-    for name, e in data["entries"].items():
-        transform_steps(e)
-        if e["param"] in seen:
-            raise ValueError(f"{p}: parameter {e['param']} maps to {seen[e['param']]} and {name}")
-        seen[e["param"]] = name
-    return data
-
-
-def save_weights_map(weights_map: dict, path: str | os.PathLike) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        p = p / WEIGHTS_MAP_FILE
-    with open(p, "w") as f:
-        json.dump(weights_map, f, indent=1, sort_keys=False)
-        f.write("\n")
-    return p
-
-
-def new_weights_map(component: str, family: str, dtype: str, entries: dict, model_file: str = "model.onnx") -> dict:
-    return {
-        "format": FORMAT, "version": VERSION, "component": component, "family": family,
-        "dtype": dtype, "model": model_file, "entries": entries,
-    }
-
-
 def load_base_weights(path: str | os.PathLike, device: str = "cpu") -> dict:
     """{torch param name: base tensor} from a component dir or the safetensors file ({} if absent)."""
     from safetensors.torch import load_file
@@ -210,3 +162,146 @@ def load_base_weights(path: str | os.PathLike, device: str = "cpu") -> dict:
         if not p.exists():
             return {}
     return load_file(str(p), device=device)
+
+
+# -- the typed map ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MapEntry:
+    param: str  # torch parameter name (module path + ".weight"/".bias")
+    initializer: str  # ONNX initializer name
+    raw: Mapping  # the weights-map entry (transform, perm, shape, dtype, param_shape, param_dtype)
+
+    @property
+    def module(self) -> str:
+        return self.param.rsplit(".", 1)[0]
+
+    @property
+    def kind(self) -> str:
+        return self.param.rsplit(".", 1)[1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.raw["shape"])
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        return tuple(self.raw["param_shape"])
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return torch_dtype(self.raw["param_dtype"])
+
+    def to_onnx(self, t):
+        """The transform: torch-layout value -> the initializer's layout and dtype."""
+        return to_initializer(t, self.raw)
+
+    def to_torch(self, t):
+        """Inverse transform (exact except where the map has a narrowing cast)."""
+        return from_initializer(t, self.raw)
+
+
+_ENTRY_KEYS = ("param", "transform", "shape", "dtype", "param_shape", "param_dtype")
+
+
+class WeightsMap:
+    """{torch param: MapEntry} for one exported component, plus lookups by initializer."""
+
+    def __init__(self, data: Mapping, path: Path | None = None):
+        self.data = dict(data)
+        self.path = path
+        where = path or "weights map"
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise ValueError(f"{where} is not a version-{VERSION} {FORMAT} file")
+        if not isinstance(data.get("entries"), dict):
+            raise ValueError(f"{where}: no entries")
+        self.entries: dict[str, MapEntry] = {}
+        for name, e in data["entries"].items():
+            missing = [k for k in _ENTRY_KEYS if k not in e]
+            if missing:
+                raise ValueError(f"{where}: entry {name} lacks {missing}")
+            transform_steps(e)
+            if e["param"] in self.entries:
+                raise ValueError(f"{where}: parameter {e['param']} maps to {self.entries[e['param']].initializer} "
+                                 f"and {name}")
+            self.entries[e["param"]] = MapEntry(e["param"], name, e)
+        self.by_initializer = {e.initializer: e for e in self.entries.values()}
+
+    family = property(lambda self: self.data.get("family"))
+    component = property(lambda self: self.data.get("component"))
+    dtype = property(lambda self: self.data.get("dtype"))
+
+    def __contains__(self, param: str) -> bool:
+        return param in self.entries
+
+    def __getitem__(self, param: str) -> MapEntry:
+        return self.entries[param]
+
+    def __len__(self):
+        return len(self.entries)
+
+    def modules(self) -> list[str]:
+        return sorted({e.module for e in self.entries.values()})
+
+    def initializers(self) -> list[str]:
+        return list(self.by_initializer)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {p: e.param_shape for p, e in self.entries.items()}
+
+    @classmethod
+    def new(cls, component: str, family: str, dtype: str, entries: dict, model_file: str = "model.onnx") -> WeightsMap:
+        return cls({"format": FORMAT, "version": VERSION, "component": component, "family": family,
+                    "dtype": dtype, "model": model_file, "entries": entries})
+
+    @classmethod
+    def load(cls, path) -> WeightsMap:
+        path = Path(path)
+        if path.is_dir():
+            path = path / WEIGHTS_MAP_FILE
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        return cls(data, path)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        p = Path(path)
+        if p.is_dir():
+            p = p / WEIGHTS_MAP_FILE
+        tmp = p.with_name(f".{p.name}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, p)
+        self.path = p
+        return p
+
+
+def load_weights_map(path) -> WeightsMap | None:
+    """The weights map of an engine directory (or file), None when there is none."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_MAP_FILE
+    if not path.is_file():
+        return None
+    return WeightsMap.load(path)
+
+
+# -- numpy <-> torch, bfloat16 included ---------------------------------------------------
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def from_numpy(a: np.ndarray) -> torch.Tensor:
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))

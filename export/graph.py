@@ -1,0 +1,138 @@
+"""A component's graph, generically, from its registry entry: the wrapper the exporter traces,
+example inputs at the family's axis sizes, and the dynamic axes.
+
+Graph input i is `ComponentSpec.inputs[i]`, passed to the model's forward as its `arg`
+("a.b" for a nested dict entry); outputs are taken from the forward's result by `source`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lora_loaders.families import Cfg, ComponentSpec, FamilySpec, TensorSpec
+
+ROLES = ("example", "check")  # export trace sizes, validation sizes
+_DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
+
+
+class Wrapper(nn.Module):
+    """Positional graph inputs -> the component's forward; holds the component as `.model`
+    (its initializers are renamed back without the prefix)."""
+
+    prefix = "model."
+
+    def __init__(self, model: nn.Module, spec: ComponentSpec):
+        super().__init__()
+        self.model = model
+        self._inputs = spec.inputs_for(model.config)
+        self._sources = [o.source or o.name for o in spec.outputs]
+        self._call_kwargs = dict(spec.call_kwargs)
+        self._prepare = spec.prepare
+
+    def __new__(cls, model: nn.Module, spec: ComponentSpec):
+        # The exporter reads the forward's signature: give each graph input a named parameter.
+        names = [t.name for t in spec.inputs_for(model.config)]
+        sig = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                 for n in ("self", *names)])
+
+        def forward(self, *tensors):
+            return self._call(tensors)
+
+        forward.__signature__ = sig
+        sub = type(f"{spec.class_name}Graph", (cls,), {"forward": forward})
+        return super().__new__(sub)
+
+    def _call(self, tensors):
+        kwargs: dict = dict(self._call_kwargs)
+        for t, value in zip(self._inputs, tensors):
+            arg = (t.arg or t.name).split(".")
+            target = kwargs
+            for part in arg[:-1]:
+                target = target.setdefault(part, {})
+            target[arg[-1]] = value
+        if self._prepare is not None:
+            kwargs = self._prepare(self.model, kwargs)
+        result = self.model(**kwargs)
+        outs = tuple(_select(result, s) for s in self._sources)
+        return outs if len(outs) > 1 else outs[0]
+
+
+def _select(result, source: str):
+    for part in source.split("."):
+        if part.lstrip("-").isdigit():
+            result = result[int(part)]
+        elif isinstance(result, Mapping):
+            result = result[part]
+        else:
+            result = getattr(result, part)
+    return result
+
+
+@dataclass
+class SampleContext:
+    config: object
+    sizes: dict[str, int]
+    dtype: torch.dtype
+
+
+def axis_sizes(family: FamilySpec, role: str) -> dict[str, int]:
+    return {name: getattr(axis, role) for name, axis in family.axes.items()}
+
+
+def shape_of(t: TensorSpec, config, sizes: Mapping[str, int]) -> tuple[int, ...]:
+    dims = []
+    for d in t.dims:
+        if isinstance(d, str):
+            if d not in sizes:
+                raise ValueError(f"input {t.name!r} uses axis {d!r}, which the family does not declare")
+            dims.append(int(sizes[d]))
+        elif isinstance(d, Cfg):
+            dims.append(d(config))
+        else:
+            dims.append(int(d))
+    return tuple(dims)
+
+
+def example_inputs(family: FamilySpec, spec: ComponentSpec, model: nn.Module, dtype: torch.dtype,
+                   role: str = "example", seed: int = 0, **sizes: int) -> dict[str, torch.Tensor]:
+    """Seeded inputs for every graph input, at the family's `example` or `check` axis sizes
+    (keyword arguments override axes: `batch=3, height=24`)."""
+    sizes = {**axis_sizes(family, role), **sizes}
+    ctx = SampleContext(model.config, sizes, dtype)
+    out = {}
+    for i, t in enumerate(spec.inputs_for(model.config)):
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        shape = shape_of(t, model.config, sizes)
+        tdtype = dtype if t.dtype == "model" else _DTYPES[t.dtype]
+        if t.sample is not None:
+            value = t.sample(shape, g, ctx)
+        elif tdtype.is_floating_point:
+            value = torch.randn(shape, generator=g)
+        else:
+            value = torch.zeros(shape, dtype=tdtype)
+        out[t.name] = value.to(tdtype)
+    return out
+
+
+def dynamic_axes(spec: ComponentSpec, config) -> dict[str, dict[int, str]]:
+    """{input or output name: {dim index: axis name}}."""
+    out = {}
+    for t in (*spec.inputs_for(config), *spec.outputs):
+        axes = {i: d for i, d in enumerate(t.dims) if isinstance(d, str)}
+        if axes:
+            out[t.name] = axes
+    return out
+
+
+def run_torch(spec: ComponentSpec, model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> list:
+    """The wrapped component's outputs on these inputs, as float32 numpy arrays."""
+    wrapper = Wrapper(model, spec).eval()
+    with torch.no_grad():
+        out = wrapper(*[inputs[t.name] for t in spec.inputs_for(model.config)])
+    out = out if isinstance(out, tuple) else (out,)
+    return [o.detach().float().numpy() for o in out]

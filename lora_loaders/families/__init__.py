@@ -1,0 +1,54 @@
+"""The family registry: one entry per model family, read by every layer.
+
+An entry (`FamilySpec`, in one module of this package) declares the family's components
+(classes, roles, which take LoRAs, which are exported, graph inputs and outputs over named
+axes, tiny configs), its axes, the key prefixes of the LoRA layouts it reads with their
+name tables, and its markers. Adding a family is adding a module here.
+"""
+
+from __future__ import annotations
+
+import re
+
+from . import loader_only, sd, sd3, wan
+from .spec import Axis, Cfg, ComponentSpec, FamilySpec, NameTable, Namespace, Rule, Split, TensorSpec
+
+FAMILIES: dict[str, FamilySpec] = {
+    spec.name: spec for module in (sd, sd3, wan, loader_only) for spec in module.FAMILIES
+}
+
+
+def get_family(name: str) -> FamilySpec:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown family {name!r}; supported: {', '.join(FAMILIES)}") from None
+
+
+def _hits(spec: FamilySpec, target_names) -> int:
+    return sum(1 for m in spec.markers for n in target_names if re.search(m, n))
+
+
+def guess_family(target_names: list[str]) -> str | None:
+    """The family whose markers match the most of these `component.module` names, if any."""
+    best, best_hits = None, 0
+    for spec in FAMILIES.values():
+        hits = _hits(spec, target_names)
+        if hits > best_hits:
+            best, best_hits = spec.name, hits
+    return best
+
+
+def looks_like(spec: FamilySpec, target_names: list[str]) -> str | None:
+    """Another family this file looks made for, or None when it may be for `spec`."""
+    components = {n.split(".", 1)[0] for n in target_names}
+    if not components <= set(spec.components):
+        return guess_family(target_names) or "another family"
+    guess = guess_family(target_names)
+    if guess is None or guess == spec.name:
+        return None
+    return guess if _hits(spec, target_names) == 0 else None
+
+
+__all__ = ["FAMILIES", "Axis", "Cfg", "ComponentSpec", "FamilySpec", "NameTable", "Namespace", "Rule", "Split",
+           "TensorSpec", "get_family", "guess_family", "looks_like"]

@@ -1,0 +1,239 @@
+"""What a family entry declares: components, axes, key namespaces and name tables.
+
+Everything family-specific is data here (plus a few small hooks), read by every layer:
+the loaders (components, namespaces, name tables, fuse defaults), the export (each
+component's graph inputs and outputs over named axes, its class and tiny config), refit,
+TensorRT profiles and Triton dims (the axes). Generic code never reads a model's config
+fields; where a shape depends on the config, the entry says how (`Cfg`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A named dynamic dimension: TensorRT / Triton range, and the sizes the export uses.
+
+    `example` is the size the graph is traced at, `check` the size it is validated at (a
+    different one, so validation exercises the dynamic axis). Both stay small: they decide
+    the cost of export and validation, not what the engine accepts.
+    """
+
+    min: int
+    opt: int
+    max: int
+    example: int
+    check: int
+
+    def __post_init__(self):
+        if not (1 <= self.min <= self.opt <= self.max):
+            raise ValueError(f"axis range must satisfy 1 <= min <= opt <= max, got {self.min}, {self.opt}, {self.max}")
+        if self.example < 2:  # the exporter specializes size-1 dimensions
+            raise ValueError("an axis' example size must be at least 2")
+
+
+@dataclass(frozen=True)
+class Cfg:
+    """A dimension read from the component's config: `Cfg("in_channels")`, `Cfg("x", index=0)`,
+    `Cfg(fn=lambda config: ...)`."""
+
+    name: str = ""
+    index: int | None = None
+    fn: Callable[[Any], int] | None = None
+
+    def __call__(self, config) -> int:
+        if self.fn is not None:
+            return int(self.fn(config))
+        value = getattr(config, self.name)
+        if self.index is not None and isinstance(value, (list, tuple)):
+            value = value[self.index]
+        return int(value)
+
+
+Dim = str | int | Cfg  # an axis name, a fixed size, or a size from the config
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output.
+
+    Inputs: `arg` is the forward argument it feeds ("a.b" for a nested dict entry, e.g.
+    SDXL's `added_cond_kwargs.text_embeds`); `dtype` is "model" (the export dtype),
+    "float32", "int64" or "int32"; `sample(shape, generator, ctx)` makes example values
+    (default: normal floats / zeros for ints). Outputs: `source` is the path into the
+    forward's result ("0", "sample", "hidden_states.-2").
+    """
+
+    name: str
+    dims: tuple[Dim, ...]
+    dtype: str = "model"
+    arg: str | None = None
+    source: str | None = None
+    sample: Callable | None = None
+    when: Callable[[Any], bool] | None = None  # present only for configs where this holds (Wan's I2V image input)
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One component of a family: class, role, whether it takes LoRAs, graph I/O, tiny config."""
+
+    name: str
+    library: str  # "diffusers" | "transformers"
+    class_name: str
+    role: str  # "denoiser" | "text_encoder" | "vae"
+    lora: bool = True
+    export: bool = True
+    optional: bool = False  # a model may lack it (Wan 2.1 has no transformer_2)
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    call_kwargs: Mapping[str, Any] = field(default_factory=dict)  # static forward kwargs
+    prepare: Callable | None = None  # (model, kwargs) -> kwargs: non-tensor forward args from shapes
+    tiny: Mapping[str, Any] | None = None  # config of the built-in tiny model
+    config_class: str | None = None  # transformers config class for `tiny`
+    aliases: tuple[str, ...] = ()  # module-path prefixes a file may have or lack (CLIP's "text_model.")
+    renames: tuple[tuple[str, str], ...] = ()  # (regex, replacement) always applied to this component's names
+    block_weights: Callable | None = None  # (scales, module names) -> {module prefix: weight}
+
+    @property
+    def is_text_encoder(self) -> bool:
+        return self.role == "text_encoder"
+
+    def inputs_for(self, config) -> tuple[TensorSpec, ...]:
+        """The graph inputs of a model with this config."""
+        return tuple(t for t in self.inputs if t.when is None or t.when(config))
+
+
+@dataclass(frozen=True)
+class Split:
+    """A fused original layer that diffusers splits by output rows (qkv -> to_q, to_k, to_v).
+
+    `targets` are replacement templates; `ratios` their relative sizes, used when the model
+    is not at hand (with it, the target modules' own sizes are used and checked).
+    `swap_halves`: the original orders (shift, scale) where diffusers has (scale, shift).
+    """
+
+    targets: tuple[str, ...]
+    ratios: tuple[int, ...] | None = None
+    swap_halves: bool = False
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One name-table rule: a full-match regex over a dotted original module name, and its
+    diffusers name (a `re` replacement) or a `Split`. It also matches the flattened
+    (`_`-joined, as kohya writes) spelling of the same name."""
+
+    pattern: str
+    target: str | Split
+
+    def compiled(self) -> tuple[re.Pattern, re.Pattern]:
+        flat = self.pattern.replace(r"\.", "_")
+        return re.compile(self.pattern), re.compile(flat)
+
+
+@dataclass(frozen=True)
+class NameTable:
+    """Original-checkpoint module names -> diffusers module names. Names no rule matches pass
+    through unchanged (files mix both spellings), to be checked against the model."""
+
+    rules: tuple[Rule, ...] = ()
+    fn: Callable | None = None  # (name, ctx) -> name | None, for translations regexes cannot say (SGM blocks)
+    vocab: tuple[str, ...] = ()  # multi-word names, to un-flatten original names without the model
+
+    def __post_init__(self):
+        object.__setattr__(self, "_compiled", [(r, *r.compiled()) for r in self.rules])
+
+    def translate(self, name: str, flat: bool, ctx) -> str | Split | None:
+        """The diffusers name (or a Split with names filled in) for `name`, None if no rule matches."""
+        if self.fn is not None:
+            out = self.fn(name, flat, ctx)
+            if out is not None:
+                return out
+        for rule, dotted, flattened in self._compiled:  # noqa: B007
+            # Flat namespaces also see dotted names (`lora_unet_blocks.0.self_attn.q`, as some trainers write).
+            m = dotted.fullmatch(name) or (flattened.fullmatch(name) if flat else None)
+            if m is None:
+                continue
+            if isinstance(rule.target, Split):
+                t = rule.target
+                return Split(tuple(m.expand(x) for x in t.targets), t.ratios, t.swap_halves)
+            return m.expand(rule.target)
+        return None
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """A key prefix of LoRA files and what follows it.
+
+    `component` is where the layers go; `flat`: module names joined by `_` (kohya);
+    `table`: original-checkpoint names to translate; `format`: how the manifest names the
+    layout. Files that hold only the denoiser without a prefix use the namespace "".
+    """
+
+    prefix: str
+    component: str
+    flat: bool = False
+    table: NameTable | None = None
+    format: str = "diffusers"
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """One model family: everything the loaders, export, refit, TensorRT and Triton need."""
+
+    name: str
+    mixin: str  # diffusers' mixin class name, kept for ours
+    components: Mapping[str, ComponentSpec]
+    axes: Mapping[str, Axis] = field(default_factory=dict)
+    namespaces: tuple[Namespace, ...] = ()  # beyond "<component>." for every LoRA component
+    fuse_default: tuple[str, ...] | None = None  # None: every LoRA component
+    unfuse_default: tuple[str, ...] | None = None
+    markers: tuple[str, ...] = ()  # regexes over "component.module" names typical of this family
+    pipeline: str | None = None  # the diffusers pipeline class
+    # Family-specific `load_lora_weights(...=True)` flags that send a file's layers to another
+    # component: Wan 2.2's {"load_into_transformer_2": {"transformer": "transformer_2"}}.
+    load_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    @property
+    def lora_components(self) -> tuple[str, ...]:
+        return tuple(c for c, s in self.components.items() if s.lora)
+
+    @property
+    def exported(self) -> tuple[str, ...]:
+        return tuple(c for c, s in self.components.items() if s.export)
+
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        return tuple(c for c, s in self.components.items() if s.is_text_encoder)
+
+    @property
+    def denoisers(self) -> tuple[str, ...]:
+        return tuple(c for c, s in self.components.items() if s.role == "denoiser")
+
+    @property
+    def denoiser(self) -> str:
+        return self.denoisers[0]
+
+    def component(self, name: str) -> ComponentSpec:
+        try:
+            return self.components[name]
+        except KeyError:
+            raise ValueError(f"family {self.name!r} has no component {name!r}; it has {list(self.components)}") from None
+
+    def all_namespaces(self) -> list[Namespace]:
+        """Every key prefix this family reads, longest first (so `lora_te1_` wins over `lora_te_`)."""
+        spaces = list(self.namespaces)
+        given = {n.prefix for n in spaces}
+        spaces += [Namespace(f"{c}.", c) for c in self.lora_components if f"{c}." not in given]
+        return sorted(spaces, key=lambda n: len(n.prefix), reverse=True)
+
+    def unprefixed(self) -> Namespace:
+        """Keys without a prefix belong to the denoiser, spelled as its `<denoiser>.` keys may be."""
+        own = next((n for n in self.namespaces if n.prefix == f"{self.denoiser}."), None)
+        return Namespace("", self.denoiser, table=own.table if own else None)

@@ -1,0 +1,92 @@
+"""Wan 2.1 / 2.2 (`wan`): a video DiT (`transformer`; Wan 2.2 adds `transformer_2`) and UMT5.
+
+Layouts: diffusers/PEFT under `transformer.`; the original Wan names under
+`diffusion_model.` (or none) with `lora_A/B` or `lora_down/up`, `alpha`, `diff`, `diff_b`
+(norm deltas included: diffusers drops those); musubi-tuner's kohya names
+(`lora_unet_blocks_0_self_attn_q`, also with dots after the block as some trainers write);
+LyCORIS (`lycoris_`). A T2V LoRA loads into an I2V model as is (its `k_img` / `v_img`
+modules are simply not targeted).
+"""
+
+from __future__ import annotations
+
+from .common import BATCH, T5_TINY, hf_encoder, timesteps
+from .spec import Axis, Cfg, ComponentSpec, FamilySpec, NameTable, Namespace, Rule, TensorSpec
+
+_B = r"blocks\.(\d+)"
+ORIGINAL = NameTable(rules=(
+    Rule(rf"{_B}\.self_attn\.(q|k|v)", r"blocks.\1.attn1.to_\2"),
+    Rule(rf"{_B}\.self_attn\.o", r"blocks.\1.attn1.to_out.0"),
+    Rule(rf"{_B}\.self_attn\.norm_(q|k)", r"blocks.\1.attn1.norm_\2"),
+    Rule(rf"{_B}\.cross_attn\.(q|k|v)", r"blocks.\1.attn2.to_\2"),
+    Rule(rf"{_B}\.cross_attn\.o", r"blocks.\1.attn2.to_out.0"),
+    Rule(rf"{_B}\.cross_attn\.norm_(q|k)", r"blocks.\1.attn2.norm_\2"),
+    Rule(rf"{_B}\.cross_attn\.(k|v)_img", r"blocks.\1.attn2.add_\2_proj"),
+    Rule(rf"{_B}\.cross_attn\.norm_k_img", r"blocks.\1.attn2.norm_added_k"),
+    Rule(rf"{_B}\.norm3", r"blocks.\1.norm2"),  # the cross-attention norm: norm3 in Wan, norm2 in diffusers
+    Rule(rf"{_B}\.ffn\.0", r"blocks.\1.ffn.net.0.proj"),
+    Rule(rf"{_B}\.ffn\.2", r"blocks.\1.ffn.net.2"),
+    Rule(r"head\.head", "proj_out"),
+    Rule(r"text_embedding\.0", "condition_embedder.text_embedder.linear_1"),
+    Rule(r"text_embedding\.2", "condition_embedder.text_embedder.linear_2"),
+    Rule(r"time_embedding\.0", "condition_embedder.time_embedder.linear_1"),
+    Rule(r"time_embedding\.2", "condition_embedder.time_embedder.linear_2"),
+    Rule(r"time_projection\.1", "condition_embedder.time_proj"),
+    Rule(r"img_emb\.proj\.0", "condition_embedder.image_embedder.norm1"),
+    Rule(r"img_emb\.proj\.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    Rule(r"img_emb\.proj\.3", "condition_embedder.image_embedder.ff.net.2"),
+    Rule(r"img_emb\.proj\.4", "condition_embedder.image_embedder.norm2"),
+    Rule(r"patch_embedding", "patch_embedding"),
+))
+
+
+def _denoiser(name: str) -> ComponentSpec:
+    return ComponentSpec(
+        name=name, library="diffusers", class_name="WanTransformer3DModel", role="denoiser",
+        inputs=(
+            TensorSpec("hidden_states", ("batch", Cfg("in_channels"), "frames", "height", "width"),
+                       doc="noisy video latents (I2V: with the image condition concatenated on channels)"),
+            TensorSpec("timestep", ("batch",), dtype="float32", sample=timesteps, doc="flow-matching timestep x 1000"),
+            TensorSpec("encoder_hidden_states", ("batch", "text", Cfg("text_dim")), doc="UMT5 hidden states"),
+            TensorSpec("encoder_hidden_states_image", ("batch", 257, Cfg("image_dim")),
+                       when=lambda config: config.image_dim is not None, doc="CLIP image embedding (I2V only)"),
+        ),
+        outputs=(TensorSpec("out_sample", ("batch", Cfg("out_channels"), "frames", "height", "width"), source="0",
+                            doc="predicted velocity"),),
+        call_kwargs={"return_dict": False},
+        optional=name == "transformer_2",  # Wan 2.2 only
+        tiny=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                  text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
+    )
+
+
+_NS = dict(table=ORIGINAL)
+WAN = FamilySpec(
+    name="wan", mixin="WanLoraLoaderMixin", pipeline="WanPipeline",
+    components={
+        "transformer": _denoiser("transformer"),
+        "transformer_2": _denoiser("transformer_2"),
+        "text_encoder": hf_encoder("text_encoder", "UMT5EncoderModel", "UMT5Config", T5_TINY),
+    },
+    axes={
+        "batch": BATCH,
+        "frames": Axis(1, 21, 31, example=3, check=2),  # latent frames: 1 + (video frames - 1) / 4
+        "height": Axis(16, 60, 90, example=8, check=12),  # latents (pixels / 8), multiples of 2
+        "width": Axis(16, 104, 160, example=8, check=10),
+        "text": Axis(1, 512, 512, example=8, check=12),  # UMT5 tokens
+    },
+    namespaces=(
+        Namespace("diffusion_model.", "transformer", format="original", **_NS),
+        Namespace("transformer.", "transformer", **_NS),
+        Namespace("transformer_2.", "transformer_2", **_NS),
+        Namespace("lora_unet_", "transformer", flat=True, format="kohya", **_NS),
+        Namespace("lycoris_", "transformer", flat=True, format="lycoris", **_NS),
+    ),
+    fuse_default=("transformer",), unfuse_default=("transformer",),
+    load_options={"load_into_transformer_2": {"transformer": "transformer_2"}},
+    markers=(r"^transformer\.blocks\.\d+\.attn2\.add_k_proj", r"^transformer\.condition_embedder",
+             r"^transformer\.blocks\.\d+\.ffn\.net", r"^transformer_2\."),
+)
+
+FAMILIES = (WAN,)
