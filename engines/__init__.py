@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Engine, EngineError, WeightError, WeightInfo
+from .base import Engine, EngineError, InputError, InputInfo, WeightError, WeightInfo
 from .manifest import Manifest, ManifestError
 from .weights_map import MapEntry, WeightsMap, load_weights_map
 from .ort import DEFAULT_MODE, MODES, OrtEngine
 
 PLAN_FILE = "model.plan"
-BACKENDS = ("onnxruntime", "tensorrt")
-_ALIASES = {"ort": "onnxruntime", "onnxruntime": "onnxruntime", "trt": "tensorrt", "tensorrt": "tensorrt"}
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
+_ALIASES = {"ort": "onnxruntime", "onnxruntime": "onnxruntime", "trt": "tensorrt", "tensorrt": "tensorrt",
+            "torch": "torch", "pytorch": "torch"}
 
 
 def __getattr__(name):
@@ -24,13 +25,21 @@ def __getattr__(name):
         from .tensorrt import TensorRTEngine
 
         return TensorRTEngine
+    if name == "TorchEngine":
+        from .torch_engine import TorchEngine
+
+        return TorchEngine
+    if name == "load_pipeline":  # engines.pipeline sits on top (it refits through `refit`)
+        from .pipeline import load_pipeline
+
+        return load_pipeline
     raise AttributeError(name)
 
 
 def load_engine(path, backend: str | None = None, **opts) -> Engine:
     """Load an engine from an engine directory (model.onnx / model.plan + weights map) or file.
 
-    backend: "onnxruntime" | "ort" | "tensorrt" | "trt" | None. None picks TensorRT when the
+    backend: "onnxruntime" | "ort" | "tensorrt" | "trt" | "torch" | None. None picks TensorRT when the
     directory has a model.plan and TensorRT with a CUDA device is usable, else ONNX Runtime.
     Extra options go to the engine (OrtEngine: mode="inputs"|"session", providers, ...).
     """
@@ -56,10 +65,14 @@ def load_engine(path, backend: str | None = None, **opts) -> Engine:
         from .tensorrt import TensorRTEngine
 
         return TensorRTEngine(path, **opts)
+    if backend == "torch":  # an export made with --torch: the module in <dir>/torch (device=, compile=)
+        from .torch_engine import TorchEngine
+
+        return TorchEngine(path, **opts)
     return OrtEngine(path, **opts)
 
 
 __all__ = [
-    "BACKENDS", "DEFAULT_MODE", "MODES", "Engine", "EngineError", "MapEntry", "Manifest", "ManifestError", "OrtEngine",
-    "WeightError", "WeightInfo", "WeightsMap", "load_engine", "load_weights_map",
+    "BACKENDS", "DEFAULT_MODE", "MODES", "Engine", "EngineError", "InputError", "InputInfo", "MapEntry", "Manifest",
+    "ManifestError", "OrtEngine", "WeightError", "WeightInfo", "WeightsMap", "load_engine", "load_weights_map",
 ]

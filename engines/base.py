@@ -4,7 +4,9 @@ An engine runs a graph (`infer`: dict of numpy arrays in, dict out, names as exp
 exposes its refittable weights by ONNX initializer name. `set_weights` is atomic: every
 name, shape and dtype is checked before anything is written, and if writing fails the
 previous values are restored. Engines never cast: weights must already have the engine's
-dtype (the refitter casts once, with the effective-weight function).
+dtype (the refitter casts once, with the effective-weight function). Inputs are not cast
+either: `infer` checks their names, dtypes, ranks and fixed sizes first (`check_feeds`) and
+an input that does not fit raises `InputError` naming it, what it got and what the engine takes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,60 @@ class WeightError(ValueError):
     """Weights given to `set_weights` that the engine cannot take (name, shape, dtype, values)."""
 
 
+class InputError(EngineError, ValueError):
+    """Inputs given to `infer` that the engine does not take (names, dtypes, ranks, fixed sizes)."""
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """One graph input: its numpy dtype (None: a type numpy lacks) and shape, a dimension being
+    a fixed size (int) or dynamic (its axis name, or None when unnamed)."""
+
+    name: str
+    dtype: np.dtype | None
+    shape: tuple[int | str | None, ...]
+
+    def describe(self) -> str:
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.dtype.name if self.dtype is not None else '?'} [{dims}]"
+
+
+def _describe(arr: np.ndarray) -> str:
+    return f"{arr.dtype.name} [{', '.join(str(d) for d in arr.shape)}]"
+
+
+def check_feeds(infos: Mapping[str, InputInfo], feeds: Mapping, weights=(), where: str = "") -> dict[str, np.ndarray]:
+    """`feeds` as C-contiguous arrays, or InputError naming every input that does not fit, with
+    what it got and what the engine takes: an unknown or missing name, a dtype (never cast: the
+    caller picks the precision), a rank, a fixed size, or one axis name with two sizes."""
+    problems, arrays = [], {}
+    for name in feeds:
+        if name not in infos:
+            why = ": a refittable weight (a Refitter sets it)" if name in weights else ""
+            problems.append(f"unknown input {name!r}{why}")
+    for name, info in infos.items():
+        if name not in feeds:
+            problems.append(f"input {name!r} is missing")
+            continue
+        arr = arrays[name] = np.ascontiguousarray(feeds[name])
+        if (info.dtype is not None and arr.dtype != info.dtype) or arr.ndim != len(info.shape) \
+                or any(isinstance(d, int) and d != n for d, n in zip(info.shape, arr.shape)):
+            problems.append(f"input {name!r}: got {_describe(arr)}, the engine takes {info.describe()}")
+    if not problems:  # sizes of a named axis agree across inputs (checked on well-formed inputs only)
+        sizes: dict[str, tuple[int, str]] = {}
+        for name, arr in arrays.items():
+            for d, n in zip(infos[name].shape, arr.shape):
+                first = sizes.setdefault(d, (n, name)) if isinstance(d, str) else (n, name)
+                if first[0] != n:
+                    problems.append(f"axis {d!r} is {first[0]} in {first[1]!r} but {n} in {name!r}")
+    if problems:
+        names_wrong = set(feeds) != set(infos)
+        takes = ", ".join(f"{n} {i.describe()}" for n, i in infos.items())
+        raise InputError(f"bad inputs{' for ' + where if where else ''}: " + "; ".join(problems)
+                         + (f" (the engine takes {takes})" if names_wrong else ""))
+    return arrays
+
+
 @dataclass(frozen=True)
 class WeightInfo:
     name: str
@@ -41,6 +97,7 @@ class Engine(abc.ABC):
 
     _inputs: list[str]  # graph input names (refittable weights excluded), set by subclasses
     _outputs: list[str]
+    _input_infos: dict[str, InputInfo]  # the same inputs' dtypes and shapes, set by subclasses
 
     # -- inference ---------------------------------------------------------------------
     @property
@@ -51,8 +108,18 @@ class Engine(abc.ABC):
     def output_names(self) -> list[str]:
         return list(self._outputs)
 
+    def input_infos(self) -> dict[str, InputInfo]:
+        """{input name: InputInfo} of the graph inputs `infer` takes, in graph order."""
+        return dict(self._input_infos)
+
+    def check_inputs(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The feeds as C-contiguous arrays; InputError (naming the input, what it got and what
+        the engine takes) for an unknown or missing name, a wrong dtype, rank or fixed size."""
+        return check_feeds(self._input_infos, feeds, self.weight_infos(), str(self.model_path or self.directory or ""))
+
     @abc.abstractmethod
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph: {input name: array} (checked by `check_inputs` first) -> {output name: array}."""
 
     # -- weights -----------------------------------------------------------------------
     @abc.abstractmethod

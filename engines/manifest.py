@@ -60,6 +60,9 @@ class Manifest(Mapping):
     def __getitem__(self, key):
         return self._data[key]
 
+    def __setitem__(self, key, value):  # the writer (export, refit) fills in fields
+        self._data[key] = value
+
     def __iter__(self) -> Iterator:
         return iter(self._data)
 

@@ -41,7 +41,7 @@ from onnx import TensorProto
 from onnx.external_data_helper import load_external_data_for_tensor
 
 from . import onnx_utils as ou
-from .base import Engine, EngineError, WeightError, WeightInfo
+from .base import Engine, EngineError, InputInfo, WeightError, WeightInfo
 from .weights_map import load_weights_map
 
 MODES = ("inputs", "session")
@@ -60,6 +60,24 @@ def _ort():
     except ImportError as e:  # pragma: no cover - ort is a dependency of the cpu/gpu extras
         raise EngineError("onnxruntime is not installed (pip install lora-engines[cpu] or [gpu])") from e
     return ort
+
+
+_ORT_TYPES = {  # ONNX Runtime's NodeArg.type strings -> numpy
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
+    "tensor(uint64)": np.uint64, "tensor(uint32)": np.uint32, "tensor(uint16)": np.uint16,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+def numpy_dtype(ort_type: str) -> np.dtype | None:
+    """The numpy dtype of an ONNX Runtime type string ('tensor(float)' -> float32); None if numpy has none."""
+    if ort_type == "tensor(bfloat16)":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    t = _ORT_TYPES.get(ort_type)
+    return np.dtype(t) if t is not None else None
 
 
 def _ortvalue(arr: np.ndarray, device: str, device_id: int):
@@ -168,6 +186,8 @@ class OrtEngine(Engine):
         self.timings["session_s"] = time.perf_counter() - t0
         weight_set = set(self._infos)
         self._inputs = [i.name for i in self._session.get_inputs() if i.name not in weight_set]
+        self._input_infos = {i.name: InputInfo(i.name, numpy_dtype(i.type), tuple(i.shape))
+                             for i in self._session.get_inputs() if i.name not in weight_set}
         self._outputs = [o.name for o in self._session.get_outputs()]
 
     # -- sessions ------------------------------------------------------------------------
@@ -197,20 +217,8 @@ class OrtEngine(Engine):
         return self._session
 
     # -- inference -----------------------------------------------------------------------
-    def _check_feeds(self, feeds: Mapping[str, np.ndarray]):
-        unknown = [k for k in feeds if k not in self._inputs]
-        missing = [k for k in self._inputs if k not in feeds]
-        if unknown or missing:
-            raise EngineError(
-                f"bad inputs for {self.model_path}: "
-                + (f"unknown {unknown} " if unknown else "")
-                + (f"missing {missing} " if missing else "")
-                + f"(inputs are {self._inputs})"
-            )
-
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._check_feeds(feeds)
-        feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+        feeds = self.check_inputs(feeds)
         with self._lock:
             if self.mode == "session":
                 outs = self._session.run(self._outputs, feeds)

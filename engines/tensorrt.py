@@ -5,11 +5,12 @@
   `network.mark_weights_refittable(name)` for exactly the initializers of the weights map,
   so only LoRA-targetable weights pay for refittability. Flags are looked up by name
   (their integer values changed between TensorRT 10 and 11).
-- Refit (`TensorRTEngine.set_weights`): `trt.Refitter.set_named_weights` with the ONNX
-  initializer names, then `refit_cuda_engine`. Weights must have the engine's dtype. bf16
-  (no numpy type) and all device-side weights go through `trt.Weights(dtype, ptr, count)`
-  with `TensorLocation.DEVICE` from torch CUDA tensors. If the refit fails, the previous
-  values are set again and refitted, so the engine keeps its old weights.
+- Refit (`TensorRTEngine.set_torch_weights`, what a Refitter calls: device tensors computed on
+  the GPU from base weights kept there; `set_weights` takes numpy and copies to the device):
+  `trt.Refitter.set_named_weights` with the ONNX initializer names and
+  `trt.Weights(dtype, ptr, count)` + `TensorLocation.DEVICE`, then `refit_cuda_engine_async`.
+  Weights must have the engine's dtype. If the refit fails, the previous values are set again
+  and refitted, so the engine keeps its old weights. No host copy of the weights is kept.
 - Inference: torch CUDA tensors bound by address, `execute_async_v3` on a CUDA stream.
 
 Importing this module never needs TensorRT; using it does (pip install lora-engines[tensorrt]).
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Engine, EngineError, WeightInfo
+from .base import Engine, EngineError, InputInfo, WeightError, WeightInfo
 from .weights_map import load_weights_map
 
 PLAN_FILE = "model.plan"
@@ -82,54 +83,85 @@ def _logger():
     return trt.Logger(trt.Logger.WARNING)
 
 
+def refit_flags(trt, network, refittable) -> tuple[list[str], list[str]]:
+    """(builder flags to set, the initializers marked refittable): REFIT_INDIVIDUAL with
+    `network.mark_weights_refittable(name)` for each mapped initializer (TensorRT >= 10.2), else REFIT
+    (every weight refittable). Names the parser did not keep as weights come back unmarked."""
+    if hasattr(trt.BuilderFlag, "REFIT_INDIVIDUAL") and hasattr(network, "mark_weights_refittable"):
+        marked = [n for n in refittable if network.mark_weights_refittable(n)]
+        return ["REFIT_INDIVIDUAL"], marked
+    return ["REFIT"], list(refittable)
+
+
 def build_plan(onnx_path, plan_path=None, refittable: Iterable[str] | None = None,
                profiles: Mapping[str, tuple] | None = None, strip_plan: bool = False,
-               workspace_bytes: int | None = None, strict: bool = True) -> Path:
-    """Build a plan from an exported ONNX with only its mapped weights refittable.
+               workspace_bytes: int | None = None, strict: bool = True, timing_cache=None) -> Path:
+    """Build a plan from an exported ONNX with only its mapped weights refittable (Polygraphy's loaders).
 
-    refittable: initializer names (default: the directory's weights map). profiles:
-    {input name: (min shape, opt shape, max shape)} for dynamic inputs. strict: raise when
-    the parser did not keep a mapped initializer as a named weight (it could not be refitted).
+    Network from the ONNX file, strongly typed (the ONNX carries the precision; always so in
+    TensorRT 11); config with one optimization profile ({input: (min, opt, max) shapes}), a timing
+    cache (`timing_cache`: a path, read if present and updated), `strip_plan`; then the serialized
+    engine, saved atomically. Our own code only marks the weights refittable (`refit_flags`).
+    refittable: initializer names (default: the directory's weights map). strict: raise when the
+    parser did not keep a mapped initializer as a named weight (it could not be refitted).
+    The flags used are in `build_plan.last_info` (and the manifest, via export/tensorrt.py).
     """
     trt = _trt()
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, PostprocessConfig, \
+        Profile
+
     onnx_path = Path(onnx_path)
     plan_path = Path(plan_path) if plan_path else onnx_path.with_name(PLAN_FILE)
     if refittable is None:
         wmap = load_weights_map(onnx_path.parent)
         refittable = wmap.initializers() if wmap is not None else []
-    logger = _logger()
-    builder = trt.Builder(logger)
-    flags = 0
-    if trt_major() < 11 and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)  # always on in TensorRT 11
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineError(f"TensorRT could not parse {onnx_path}: {errors[:5]}")
-    config = builder.create_builder_config()
-    config.set_flag(builder_flag("REFIT_INDIVIDUAL"))
-    if strip_plan:
-        config.set_flag(builder_flag("STRIP_PLAN"))
-    if workspace_bytes:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    not_marked = [n for n in refittable if not network.mark_weights_refittable(n)]
+    refittable = list(refittable)
+    typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    builder, network, parser = NetworkFromOnnxPath(str(onnx_path), strongly_typed=typed or None)()
+    flags, marked = refit_flags(trt, network, refittable)
+    not_marked = sorted(set(refittable) - set(marked))
     if not_marked and strict:
         raise EngineError(f"{len(not_marked)} mapped initializer(s) are not named weights of the TensorRT network "
                           f"(folded or renamed by the parser), so they could not be refitted: {not_marked[:5]}")
+    profile = None
     if profiles:
-        profile = builder.create_optimization_profile()
+        profile = Profile()
         for name, (lo, opt, hi) in profiles.items():
-            profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
-        config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
+            profile.add(name, tuple(lo), tuple(opt), tuple(hi))
+    cache = str(timing_cache) if timing_cache else None
+    pool = {trt.MemoryPoolType.WORKSPACE: workspace_bytes} if workspace_bytes else None
+    config = CreateConfig(profiles=[profile] if profile is not None else None, strip_plan=strip_plan or None,
+                          load_timing_cache=cache if cache and Path(cache).is_file() else None,
+                          memory_pool_limits=pool)
+
+    def set_flags(builder, network, config):
+        for f in flags:
+            config.set_flag(builder_flag(f))
+
+    serialized = EngineBytesFromNetwork((builder, network, parser), config=PostprocessConfig(config, set_flags),
+                                        save_timing_cache=cache)()
     if serialized is None:
         raise EngineError(f"TensorRT failed to build {onnx_path}")
     tmp = plan_path.with_suffix(plan_path.suffix + ".tmp")
     with open(tmp, "wb") as f:
         f.write(serialized)
     tmp.replace(plan_path)
+    build_plan.last_info = {"tensorrt": trt.__version__, "gpu": _gpu_name(),
+                            "flags": flags + (["STRIP_PLAN"] if strip_plan else []) + (["STRONGLY_TYPED"] if typed else []),
+                            "refittable": len(marked), "timing_cache": cache}
     return plan_path
+
+
+build_plan.last_info = {}
+
+
+def _gpu_name() -> str | None:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001
+        return None
 
 
 class TensorRTEngine(Engine):
@@ -164,6 +196,7 @@ class TensorRTEngine(Engine):
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         self._inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._input_infos = self._describe_inputs()
         refittable = list(self._refitter.get_all_weights())
         wmap = load_weights_map(self.directory)
         shapes = {}
@@ -177,11 +210,28 @@ class TensorRTEngine(Engine):
             dtype = np_dtype_of(proto.dtype)
             shape = tuple(shapes.get(n, (proto.size,)))
             self._infos[n] = WeightInfo(n, shape, dtype)
-        self._current: dict[str, np.ndarray] = {}  # host copies of what was last written
-        self._keep = []  # device tensors backing the last refit
+        self._device_values: dict = {}  # name -> the device tensor TensorRT holds (see _device_value)
 
     def weight_infos(self) -> dict[str, WeightInfo]:
         return self._infos
+
+    def _describe_inputs(self) -> dict[str, InputInfo]:
+        """The plan's input dtypes and shapes (-1: dynamic), dynamic ones named after the export's axes."""
+        from .manifest import Manifest
+
+        manifest = Manifest.find(self.directory)
+        declared = {}
+        if manifest is not None:
+            _, entry = manifest.entry_for(None, self.directory)
+            declared = {i["name"]: i.get("shape", []) for i in entry.get("inputs", [])}
+        def dim(k: int, size: int, names: list):
+            if size >= 0:
+                return int(size)
+            return names[k] if k < len(names) and isinstance(names[k], str) else None
+
+        return {n: InputInfo(n, np_dtype_of(self._engine.get_tensor_dtype(n)),
+                             tuple(dim(k, d, declared.get(n, [])) for k, d in enumerate(self._engine.get_tensor_shape(n))))
+                for n in self._inputs}
 
     # -- inference -----------------------------------------------------------------------
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -189,14 +239,11 @@ class TensorRTEngine(Engine):
 
         from .weights_map import from_numpy, to_numpy
 
-        missing = [n for n in self._inputs if n not in feeds]
-        unknown = [n for n in feeds if n not in self._inputs]
-        if missing or unknown:
-            raise EngineError(f"bad inputs: missing {missing}, unknown {unknown} (inputs are {self._inputs})")
+        feeds = self.check_inputs(feeds)
         with self._lock, torch.cuda.device(self.device):
             keep = []
             for n in self._inputs:
-                t = from_numpy(np.ascontiguousarray(feeds[n])).to(self.device)
+                t = from_numpy(feeds[n]).to(self.device)
                 keep.append(t)
                 self._context.set_input_shape(n, tuple(t.shape))
                 self._context.set_tensor_address(n, t.data_ptr())
@@ -213,14 +260,28 @@ class TensorRTEngine(Engine):
             return {n: to_numpy(t) for n, t in outs.items()}
 
     # -- weights -------------------------------------------------------------------------
+    # The values the engine holds live on the device: the tensors handed to the last refit of
+    # each weight (TensorRT reads them in place), or the plan's own (the ONNX initializers, read
+    # when first needed for a rollback). No host copy is kept.
+    torch_weights_layout = "onnx"  # a Refitter hands device tensors in the initializers' layout
+
+    @property
+    def torch_weights_device(self):
+        return self.device
+
+    def _device_value(self, name: str):
+        t = self._device_values.get(name)
+        if t is None:
+            from .weights_map import from_numpy
+
+            t = from_numpy(self._initial(name)).to(self.device)
+        return t
+
     def _read_weights(self, names: list[str]) -> dict[str, np.ndarray]:
+        from .weights_map import to_numpy
+
         with self._lock:
-            out = {}
-            for n in names:
-                if n not in self._current:
-                    self._current[n] = self._initial(n)
-                out[n] = self._current[n].copy()
-            return out
+            return {n: to_numpy(self._device_value(n)).copy() for n in names}
 
     def _initial(self, name: str) -> np.ndarray:
         """Value built into the plan: the ONNX initializer it was built from."""
@@ -228,15 +289,37 @@ class TensorRTEngine(Engine):
             raise EngineError(f"cannot read weight {name}: no model.onnx next to the plan")
         from .onnx_utils import InitializerReader
 
-        if not hasattr(self, "_reader"):
+        if getattr(self, "_reader", None) is None:
             self._reader = InitializerReader(self.model_path)
         return np.array(self._reader.array(name))
 
-    def _write_weights(self, weights: dict[str, np.ndarray], copy: bool = True) -> None:
+    def check_torch_weights(self, values) -> None:
+        import torch
+
+        problems = []
+        for n, t in values.items():
+            info = self._infos.get(n)
+            if info is None:
+                problems.append(f"{n}: not a refittable weight of this engine")
+            elif not isinstance(t, torch.Tensor):
+                problems.append(f"{n}: expected a torch tensor, got {type(t).__name__}")
+            elif tuple(t.shape) != info.shape or _np_of_torch(t.dtype) != info.dtype or t.device != self.device \
+                    or not t.is_contiguous():
+                problems.append(f"{n}: {tuple(t.shape)} {t.dtype} on {t.device} != the engine's {info.shape} "
+                                f"{info.dtype} on {self.device} (contiguous)")
+        if problems:
+            raise WeightError(f"cannot set {len(problems)} weight(s): " + "; ".join(problems[:8]))
+
+    def set_torch_weights(self, values) -> None:
+        """Refit with device tensors in the initializers' layout, all or nothing: if the refit fails,
+        the previous values are set again and refitted (the engine keeps its old weights)."""
+        if not values:
+            return
+        self.check_torch_weights(values)
         with self._lock:
-            previous = self._read_weights(list(weights))
+            previous = {n: self._device_value(n) for n in values}
             try:
-                self._refit(weights)
+                self._refit(values)
             except Exception as e:
                 try:
                     self._refit(previous)
@@ -244,30 +327,39 @@ class TensorRTEngine(Engine):
                     raise EngineError(f"TensorRT refit failed ({e}) and restoring the previous weights "
                                       f"failed too ({e2}): the engine is in an undefined state") from e
                 raise EngineError(f"TensorRT refit failed; previous weights restored: {e}") from e
-            for n, a in weights.items():
-                self._current[n] = np.array(a, copy=True)
+            self._device_values.update(values)
 
-    def _refit(self, weights: Mapping[str, np.ndarray]) -> None:
-        trt = _trt()
-        import torch
-
+    def _write_weights(self, weights: dict[str, np.ndarray], copy: bool = True) -> None:
         from .weights_map import from_numpy
 
-        keep = []
-        for name, arr in weights.items():
-            t = from_numpy(np.ascontiguousarray(arr)).to(self.device)  # device copy: bf16 has no numpy type
-            keep.append(t)
-            w = trt.Weights(_trt_dtype(arr.dtype), t.data_ptr(), t.numel())
+        self.set_torch_weights({n: from_numpy(np.ascontiguousarray(a)).to(self.device) for n, a in weights.items()})
+
+    def _refit(self, values) -> None:
+        trt = _trt()
+        for name, t in values.items():
+            w = trt.Weights(_trt_dtype(_np_of_torch(t.dtype)), t.data_ptr(), t.numel())
             if not self._refitter.set_named_weights(name, w, trt.TensorLocation.DEVICE):
-                raise EngineError(f"TensorRT rejected weights {name!r} ({arr.dtype}, {arr.shape})")
+                raise EngineError(f"TensorRT rejected weights {name!r} ({t.dtype}, {tuple(t.shape)})")
         missing = list(self._refitter.get_missing_weights())
         if missing:
             raise EngineError(f"TensorRT refit is missing weights: {missing[:5]}")
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":  # the tensors were written on torch's stream
+            import torch
+
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
         if not self._refitter.refit_cuda_engine_async(self._stream.cuda_stream):
             raise EngineError("refit_cuda_engine_async returned False")
         self._stream.synchronize()
-        self._keep = keep
+
+
+def _np_of_torch(dtype) -> np.dtype:
+    import torch
+
+    if dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(torch.empty(0, dtype=dtype).numpy().dtype)
 
 
 def _torch_dtype(np_dtype):

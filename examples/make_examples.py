@@ -4,6 +4,8 @@
 
 - examples/sd_tiny_lora.safetensors    diffusers/PEFT keys, unet + text_encoder, rank 4
 - examples/sdxl_tiny_lora.safetensors  diffusers/PEFT keys, unet + text_encoder + text_encoder_2, rank 4
+- examples/sdxl_tiny_lora_2.safetensors  a second one to stack or swap with it: other layers in part
+  (to_k, to_out.0, proj_in/out, fc2, out_proj), rank 2
 
 They target the attention and feed-forward Linear layers of `export.tiny` models, e.g.
 `unet.<module>.lora_A.weight` / `lora_B.weight` and `text_encoder.text_model.<module>...`.
@@ -24,28 +26,34 @@ from export.tiny import build_tiny  # noqa: E402
 from lora_loaders.targets import targetable_modules  # noqa: E402
 
 TARGETS = re.compile(r"(to_q|to_k|to_v|to_out\.0|ff\.net\.0\.proj|ff\.net\.2|q_proj|k_proj|v_proj|out_proj)$")
+TARGETS_2 = re.compile(r"(to_k|to_out\.0|proj_in|proj_out|fc2|out_proj)$")
 RANK = 4
+# (file stem, family, seed, target pattern, rank)
+EXAMPLES = (("sd_tiny_lora", "sd", 101, TARGETS, RANK), ("sdxl_tiny_lora", "sdxl", 202, TARGETS, RANK),
+            ("sdxl_tiny_lora_2", "sdxl", 303, TARGETS_2, 2))
 
 
-def peft_state_dict(components: dict, seed: int, rank: int = RANK) -> dict[str, torch.Tensor]:
+def peft_state_dict(components: dict, seed: int, rank: int = RANK, targets=TARGETS) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for c, model in components.items():
         prefix = "text_model." if c.startswith("text_encoder") and not hasattr(model, "text_model") else ""
         for name, m in targetable_modules(model).items():
-            if not TARGETS.search(name) or not isinstance(m, torch.nn.Linear):
+            if not targets.search(name) or not isinstance(m, torch.nn.Linear):
                 continue
             sd[f"{c}.{prefix}{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.2
             sd[f"{c}.{prefix}{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.2
     return sd
 
 
-def main(out_dir: str | Path = Path(__file__).resolve().parent) -> list[Path]:
+def main(out_dir: str | Path = Path(__file__).resolve().parent, only=None) -> list[Path]:
     out_dir = Path(out_dir)
     written = []
-    for family, seed in (("sd", 101), ("sdxl", 202)):
-        sd = peft_state_dict(build_tiny(family), seed)
-        path = out_dir / f"{family}_tiny_lora.safetensors"
+    for stem, family, seed, targets, rank in EXAMPLES:
+        if only is not None and stem not in only:
+            continue
+        sd = peft_state_dict(build_tiny(family), seed, rank, targets)
+        path = out_dir / f"{stem}.safetensors"
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
         written.append(path)
     return written

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
+
+from engines.cli import sigterm_exits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,48 +34,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--components", default=None, help="comma-separated subset, e.g. unet,text_encoder")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (model.plan)")
+    p.add_argument("--strip-plan", action="store_true",
+                   help="with --tensorrt: plans without their refittable weights (refit before use)")
+    p.add_argument("--torch", action="store_true",
+                   help="also write each component's module (save_pretrained layout) for the torch engine")
     p.add_argument("--triton-repo", default=None, metavar="DIR", help="also write a Triton model repository")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true", help="log each step and how long it took")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each step and how long it took (no progress bar)")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("torch.onnx", "onnx_ir", "onnxscript", "diffusers"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so the temporary directory is removed
+    # Warnings of every library show (export.noise drops the few that say nothing); -v adds
+    # this project's own steps and timings, not the libraries' info logs.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        for ours in ("export", "engines", "lora_loaders"):
+            logging.getLogger(ours).setLevel(logging.INFO)
     from . import export_pipeline
     from .onnx_export import ExportError
     from .pipeline import OutputExistsError
 
-    try:
-        manifest = export_pipeline(
-            args.family, model=args.model, loras=args.lora, out_dir=args.out, dtype=args.dtype,
-            components=args.components, opset=args.opset, progress=not args.no_progress,
-            validate=not args.no_validate, overwrite=args.overwrite, tensorrt=args.tensorrt,
-        )
-        if args.triton_repo:
-            from engines.triton import write_repository
+    with sigterm_exits():  # SIGTERM unwinds, so the temporary directory is removed
+        try:
+            manifest = export_pipeline(
+                args.family, model=args.model, loras=args.lora, out_dir=args.out, dtype=args.dtype,
+                components=args.components, opset=args.opset, progress=not (args.no_progress or args.verbose),
+                validate=not args.no_validate, overwrite=args.overwrite, tensorrt=args.tensorrt, torch=args.torch,
+                strip_plan=args.strip_plan,
+            )
+            if args.triton_repo:
+                from engines.triton import write_repository
 
-            write_repository(args.out, args.triton_repo)
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except OutputExistsError as e:
-        what = "holds a previous export" if e.previous else "is not empty"
-        print(f"error: output directory {e.path} {what}; pass --overwrite to replace it", file=sys.stderr)
-        return 2
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-        return 2
-    except (ExportError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+                write_repository(args.out, args.triton_repo)
+        except KeyboardInterrupt:
+            print("error: interrupted; nothing was written", file=sys.stderr)
+            return 130
+        except OutputExistsError as e:
+            what = "holds a previous export" if e.previous else "is not empty"
+            print(f"error: output directory {e.path} {what}; pass --overwrite to replace it", file=sys.stderr)
+            return 2
+        except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+            print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+            return 2
+        except (ExportError, OSError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     summary = {c: {"validation": (v.get("validation") or {}).get("outputs"), "dir": v["dir"]}
                for c, v in manifest["components"].items()}
     print(json.dumps({"out": args.out, "components": summary}, indent=1))

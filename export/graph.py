@@ -33,6 +33,8 @@ class Wrapper(nn.Module):
         self._sources = [o.source or o.name for o in spec.outputs]
         self._call_kwargs = dict(spec.call_kwargs)
         self._prepare = spec.prepare
+        self._method = spec.method
+        self._graph_forward = spec.graph_forward
 
     def __new__(cls, model: nn.Module, spec: ComponentSpec):
         # The exporter reads the forward's signature: give each graph input a named parameter.
@@ -48,6 +50,16 @@ class Wrapper(nn.Module):
         return super().__new__(sub)
 
     def _call(self, tensors):
+        # Inputs that share an axis share its size: said to the exporter, which would otherwise give
+        # each its own symbol and fail on a model that views one by the other's size (Sana's
+        # `encoder_hidden_states.view(batch_size, -1, dim)`, its batch from `hidden_states`).
+        first: dict[str, int] = {}
+        for t, value in zip(self._inputs, tensors):
+            for i, d in enumerate(t.dims):
+                if isinstance(d, str):
+                    size = first.setdefault(d, value.shape[i])
+                    if size is not value.shape[i]:
+                        torch._check(value.shape[i] == size)
         kwargs: dict = dict(self._call_kwargs)
         for t, value in zip(self._inputs, tensors):
             arg = (t.arg or t.name).split(".")
@@ -57,7 +69,10 @@ class Wrapper(nn.Module):
             target[arg[-1]] = value
         if self._prepare is not None:
             kwargs = self._prepare(self.model, kwargs)
-        result = self.model(**kwargs)
+        if self._graph_forward is not None:
+            result = self._graph_forward(self.model, kwargs)
+        else:
+            result = self.model(**kwargs) if self._method == "forward" else getattr(self.model, self._method)(**kwargs)
         outs = tuple(_select(result, s) for s in self._sources)
         return outs if len(outs) > 1 else outs[0]
 

@@ -13,7 +13,7 @@ import torch
 from lora_loaders.families import FamilySpec
 from lora_loaders.index import TargetIndex
 
-from .tiny import build_component, cast, component_class, tiny_config
+from .tiny import build_component, cast, component_class, tiny_config, tiny_seed
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class ModelSource:
             return True
         if self.kind == "modules":
             return component in self.model
-        return (self.ensure_root() / component).is_dir()
+        return (self.ensure_root() / self.family.component(component).folder).is_dir()
 
     def _subfolder(self, component: str) -> Path:
         sub = self.ensure_root() / component
@@ -80,10 +80,9 @@ class ModelSource:
         if self.kind == "factory":
             return cast(self.model(component, dtype), dtype).eval()
         if self.kind == "tiny":
-            index = list(self.family.components).index(component)
-            torch.manual_seed(self.seed + index)
+            torch.manual_seed(self.seed + tiny_seed(self.family, component))
             return build_component(spec, tiny_config(spec), dtype)
-        sub = self._subfolder(component)
+        sub = self._subfolder(spec.folder)
         cls = component_class(spec)
         kw = {"torch_dtype": dtype} if spec.library == "diffusers" else {"dtype": dtype}
         return cast(cls.from_pretrained(sub, **kw), dtype).eval()
@@ -108,8 +107,8 @@ class ModelSource:
         spec = self.family.component(component)
         cls = component_class(spec)
         if spec.library == "diffusers":
-            config = tiny_config(spec) if self.kind == "tiny" else cls.load_config(self._subfolder(component))
+            config = tiny_config(spec) if self.kind == "tiny" else cls.load_config(self._subfolder(spec.folder))
             return cls.from_config(config)
-        cfg = tiny_config(spec) if self.kind == "tiny" else cls.config_class.from_pretrained(self._subfolder(component))
+        cfg = tiny_config(spec) if self.kind == "tiny" else cls.config_class.from_pretrained(self._subfolder(spec.folder))
         return cls(cfg)
 

@@ -27,6 +27,7 @@ from engines.weights_map import WEIGHTS_MAP_FILE, WeightsMap, make_transform, to
 from lora_loaders.families import ComponentSpec, FamilySpec
 from lora_loaders.index import targetable_parameters
 
+from . import complex_ops  # noqa: F401 - registers the exporter's missing complex-valued layout ops
 from . import passes
 from .graph import Wrapper, dynamic_axes, example_inputs
 
@@ -109,7 +110,8 @@ def build_weights_map(
 ) -> WeightsMap:
     """Weights map from the export's provenance; every entry verified by value. Renames as it goes."""
     graph = model_ir.graph
-    state = dict(module.named_parameters())
+    # every name of a tied parameter: the exporter may name its initializer after any of them (an LM head)
+    state = dict(module.named_parameters(remove_duplicate=False))
     param_set = set(params)
     found: dict[str, list[tuple[str, dict]]] = {p: [] for p in params}
     for name, value in list(graph.initializers.items()):
@@ -154,9 +156,9 @@ def build_weights_map(
             name = new
         _verify(graph.initializers[name], state[p], entry, p)
         entries[name] = {"param": p, **entry}
-    if unused:
-        log.warning("%s: %d targetable parameter(s) not in the graph (unused by its outputs): %s",
-                    component, len(unused), unused[:5])
+    if unused:  # e.g. the VAE encoder's parameters in the decoder's graph; refit refuses unmapped ones
+        log.info("%s: %d targetable parameter(s) not in the graph (unused by its outputs): %s",
+                 component, len(unused), unused[:5])
     wmap = WeightsMap.new(component, family, dtype, entries)
     if unused:
         wmap.data["unused_params"] = unused
@@ -245,7 +247,7 @@ def _nbytes(value: ir.Value) -> int:
 
 
 def _optimize(program, protected: set[str]) -> None:
-    """The exporter's optimizer, with the targetable parameters shielded.
+    """The exporter's optimizer, with the targetable parameters (and epsilons it would drop) shielded.
 
     They are made graph inputs for the duration: the optimizer neither folds nodes reading
     graph inputs nor deduplicates them (it would merge small parameters that happen to be
@@ -253,7 +255,8 @@ def _optimize(program, protected: set[str]) -> None:
     """
     graph = program.model.graph
     shield = [v for name, v in graph.initializers.items() if name in protected]
-    graph.inputs.extend(shield)
+    hidden = passes.near_identity_constants(program.model)
+    graph.inputs.extend([*shield, *hidden])
     quiet = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -264,14 +267,17 @@ def _optimize(program, protected: set[str]) -> None:
     finally:
         quiet.setLevel(level)
         graph = program.model.graph
-        for v in shield:
+        for v in [*shield, *hidden]:
             if v in graph.inputs:
                 graph.inputs.remove(v)
+        for v, tensor in hidden.items():
+            v.const_value = tensor
+            graph.register_initializer(v)
 
 
 def export_component(
     module: torch.nn.Module, spec: ComponentSpec, out_dir: str | os.PathLike, family: FamilySpec,
-    opset: int | None = None, external_data: bool | None = None, step=lambda msg: None,
+    opset: int | None = None, external_data: bool | None = None, step=lambda done: None,
 ) -> dict:
     """Export `module` (eval, adapters fused) to out_dir/model.onnx + weights_map.json.
 
@@ -296,7 +302,7 @@ def export_component(
             wrapper, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
             output_names=output_names, optimize=False, verbose=False, **kwargs,
         )
-    step("optimize")
+    step("trace")
     model_ir = program.model
     holders = list(model_ir.graph.initializers.values())  # every Value holding a torch tensor
     passes.strip_prefix(model_ir, wrapper.prefix)
@@ -307,10 +313,12 @@ def export_component(
     _optimize(program, set(params) | set(folded))
     model_ir = program.model
     passes.fix_mixed_float_inputs(model_ir)  # the optimizer can expose new ones
+    passes.drop_float64(model_ir)
+    passes.bool_where_as_uint8(model_ir)
     _name_output_dims(model_ir, axes_of)
-    step("weights map")
+    step("optimize")
     wmap = build_weights_map(model_ir, module, params, folded, chains, spec.name, family.name, dtype_str(dtype))
-    step("save")
+    step("weights map")
     nbytes = sum(_nbytes(v) for v in model_ir.graph.initializers.values())
     if external_data is None:
         external_data = nbytes > EXTERNAL_DATA_THRESHOLD
@@ -322,6 +330,7 @@ def export_component(
     ir.save(model_ir, model_path, external_data=DATA_FILE if external_data else None)
     wmap.save(out_dir / WEIGHTS_MAP_FILE)
     inputs_desc, outputs_desc = io_description(model_ir, spec, axes_of)
+    step("save")
     opset_used = model_ir.opset_imports.get("", None)
     # Drop the IR's references to the torch tensors: onnxscript's module-level rewrite rules
     # keep the last graph they matched on, which would hold the whole model in memory

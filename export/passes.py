@@ -5,6 +5,11 @@
   time_proj: float32)` in an fp16 export; ONNX Runtime refuses such a file. The pass casts
   the odd inputs to the type the node's output declares (torch's promoted type), for every
   op whose inputs are bound to one type parameter.
+- `drop_float64`: computes in float32 what a graph computes in float64 (diffusers' RoPE for
+  Flux and Wan): strongly typed TensorRT refuses DOUBLE tensors.
+- `bool_where_as_uint8`: ONNX Runtime's CPU provider has no bool `Where`; computes it in uint8.
+- `near_identity_constants`: scalar constants the exporter's optimizer would drop as no-ops
+  (`x + 1e-15`), made initializers for the export to shield from it.
 - `strip_prefix`: renames initializers of a wrapped module back to the component's own
   `state_dict` names.
 - `fold_param_transposes`: folds `Transpose(param)` into one initializer named
@@ -16,6 +21,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import onnx_ir as ir
@@ -73,6 +79,112 @@ def fix_mixed_float_inputs(model: ir.Model) -> int:
     if fixed:
         log.info("inserted %d Cast(s) for mixed-type inputs", fixed)
     return fixed
+
+
+_DOUBLE, _FLOAT = ir.DataType.DOUBLE, ir.DataType.FLOAT
+
+
+def drop_float64(model: ir.Model) -> int:
+    """Make every float64 tensor of the graph float32 (casts, constants, initializers, values).
+
+    float64 is only ever internal here (the graph's inputs and outputs are the family's), and
+    float32 keeps the result within the export's tolerance. Returns how many tensors changed.
+    """
+    changed = 0
+    io = [v.name for v in (*model.graph.inputs, *model.graph.outputs) if v.dtype == _DOUBLE]
+    if io:
+        raise ValueError(f"graph inputs / outputs {io} are float64")
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.dtype == _DOUBLE and value.const_value is not None:
+                value.const_value = ir.tensor(value.const_value.numpy().astype(np.float32), name=value.name)
+                value.type = ir.TensorType(_FLOAT)
+                changed += 1
+    for node in _all_nodes(model.graph):
+        for name, attr in list(node.attributes.items()):
+            if name in ("to", "dtype") and attr.type == ir.AttributeType.INT and attr.as_int() == _DOUBLE:
+                node.attributes[name] = ir.AttrInt64(name, _FLOAT)
+                changed += 1
+            elif attr.type == ir.AttributeType.TENSOR and attr.as_tensor().dtype == _DOUBLE:
+                node.attributes[name] = ir.AttrTensor(name, ir.tensor(attr.as_tensor().numpy().astype(np.float32)))
+                changed += 1
+        for out in node.outputs:
+            if out.dtype == _DOUBLE:
+                out.type = ir.TensorType(_FLOAT)
+    if changed:
+        log.info("computed %d float64 tensor(s) in float32", changed)
+    return changed
+
+
+
+_BOOL, _UINT8 = ir.DataType.BOOL, ir.DataType.UINT8
+
+
+def bool_where_as_uint8(model: ir.Model) -> int:
+    """Compute `Where` over bool values in uint8 (ONNX Runtime's CPU provider has no bool `Where`:
+    torch's `masked_fill` on a bool mask, HunyuanVideo's). Returns how many nodes changed."""
+    changed = 0
+    for node in list(_all_nodes(model.graph)):
+        if node.op_type != "Where" or node.domain not in ("", "ai.onnx") or node.outputs[0].dtype != _BOOL:
+            continue
+        for i in (1, 2):
+            cast = ir.node("Cast", inputs=[node.inputs[i]], attributes={"to": _UINT8}, name=f"{node.name}_u8_in{i}")
+            cast.outputs[0].name = f"{node.name}_u8_in{i}"
+            cast.outputs[0].dtype, cast.outputs[0].shape = _UINT8, node.inputs[i].shape
+            node.graph.insert_before(node, cast)
+            node.replace_input_with(i, cast.outputs[0])
+        out = node.outputs[0]
+        users = list(out.uses())
+        graph_out = [i for i, v in enumerate(node.graph.outputs) if v is out]
+        back = ir.node("Cast", inputs=[out], attributes={"to": _BOOL}, name=f"{node.name}_bool")
+        back.outputs[0].dtype, back.outputs[0].shape = _BOOL, out.shape
+        node.graph.insert_after(node, back)
+        for user, index in users:
+            user.replace_input_with(index, back.outputs[0])
+        for i in graph_out:
+            node.graph.outputs[i] = back.outputs[0]
+        back.outputs[0].name, out.name = out.name, f"{out.name}_u8"
+        out.dtype = _UINT8
+        changed += 1
+    if changed:
+        log.info("computed %d bool Where node(s) in uint8", changed)
+    return changed
+
+def near_identity_constants(model: ir.Model) -> dict[ir.Value, ir.TensorProtocol]:
+    """Scalar float constants within onnxscript's no-op tolerance of 0 or 1, taken out of the graph.
+
+    Its `x + 0`, `x - 0`, `x * 1`, `x / 1` rules match any constant within 1e-8 absolute /
+    1e-5 relative, initializers included: `x / (s + 1e-15)` (Sana's linear attention) would
+    lose its epsilon and give 0 / 0 = NaN where s is 0. Each such constant becomes a value
+    without contents (the caller makes it a graph input while the optimizer runs, then an
+    initializer again); returns {value: its tensor}.
+    """
+    def near(tensor) -> bool:
+        arr = tensor.numpy() if tensor is not None else None
+        if arr is None or arr.size != 1 or arr.dtype.kind != "f":
+            return False
+        x = float(arr.reshape(-1)[0])
+        return (x != 0 and math.isclose(x, 0, abs_tol=1e-8)) or (x != 1 and math.isclose(x, 1, rel_tol=1e-5))
+
+    graph = model.graph
+    found = {}
+    for name, value in list(graph.initializers.items()):
+        if near(value.const_value) and not value.is_graph_input():
+            found[value] = value.const_value
+            graph.initializers.pop(name)
+            value.const_value = None
+    for node in list(graph):
+        attr = node.attributes.get("value") if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        if attr is None or attr.type != ir.AttributeType.TENSOR or not near(attr.as_tensor()):
+            continue
+        out, tensor = node.outputs[0], attr.as_tensor()
+        if out.is_graph_output():
+            continue
+        value = ir.Value(name=f"{out.name}_kept", shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
+        out.replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        found[value] = tensor
+    return found
 
 
 def strip_prefix(model: ir.Model, prefix: str) -> None:

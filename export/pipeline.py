@@ -39,6 +39,7 @@ from lora_loaders.io import parse_lora_arg
 
 from .graph import example_inputs, run_torch
 from .models import ModelSource
+from .pipeline_files import write_pipeline_files
 from .onnx_export import ExportError, export_component, torch_to_numpy
 from .validate import ExportValidationError, validate_onnx
 
@@ -50,7 +51,13 @@ DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
 _SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_STEPS = ("load", "fuse", "reference", "optimize", "weights map", "save", "validate")  # progress-bar steps
+_STEPS = ("load", "fuse", "reference", "trace", "optimize", "weights map", "save", "validate")  # progress steps
+_STEP_DONE = {  # what each step did, as `-v` logs it
+    "load": "built or loaded the model", "fuse": "fused the LoRAs into its weights", "no fuse": "no LoRA touches it",
+    "reference": "ran PyTorch for reference outputs", "trace": "traced it to ONNX (torch.onnx, dynamo)",
+    "optimize": "optimized the graph (onnxscript)", "weights map": "built and verified the weights map",
+    "save": "wrote the ONNX model", "validate": "compared ONNX Runtime with PyTorch",
+}
 
 
 class OutputExistsError(ExportError):
@@ -62,24 +69,33 @@ class OutputExistsError(ExportError):
         super().__init__(f"output directory {path} {what}; pass overwrite=True to replace it")
 
 
-def _normalize_loras(loras) -> list[tuple[str, float, str | None]]:
+def _normalize_loras(loras) -> list[tuple[str, float, str | None, str | None]]:
+    """[(path, scale, name, into)] from "[COMPONENT=]path[:scale]" strings, tuples or dicts.
+
+    `into` names the component a file's denoiser layers go to where the family has more than
+    one (Wan 2.2: "transformer_2=low_noise.safetensors")."""
     out = []
     for item in loras or ():
+        name = into = None
         if isinstance(item, (str, os.PathLike)):
-            path, scale = parse_lora_arg(str(item))
-            name = None
+            text = str(item)
+            head, eq, rest = text.partition("=")
+            if eq and head.isidentifier() and not Path(text).exists():
+                into, text = head, rest
+            path, scale = parse_lora_arg(text)
         elif isinstance(item, dict):
-            path, scale, name = item["path"], item.get("scale", 1.0), item.get("name")
+            path, scale, name, into = item["path"], item.get("scale", 1.0), item.get("name"), item.get("into")
         else:
             path, scale, *rest = item
             name = rest[0] if rest else None
+            into = rest[1] if len(rest) > 1 else None
         try:
             scale = float(scale)
         except (TypeError, ValueError):
             raise ValueError(f"LoRA {path}: scale {scale!r} is not a number") from None
         if not math.isfinite(scale):
             raise ValueError(f"LoRA {path}: scale {scale!r} is not a finite number")
-        out.append((str(path), scale, name))
+        out.append((str(path), scale, name, into))
     return out
 
 
@@ -91,7 +107,11 @@ def read_adapters(loras, family: FamilySpec, index) -> list[dict]:
     from lora_loaders.reader import bind_parsed, parse_file
 
     out, names = [], set()
-    for path, scale, name in _normalize_loras(loras):
+    for path, scale, name, into in _normalize_loras(loras):
+        remap = family.remap_into(into) if into else {}
+        if into and not remap:
+            raise ValueError(f"LoRA {path}: family {family.name!r} cannot load a LoRA into {into!r} "
+                             f"(components: {list(family.components)})")
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"LoRA file not found: {path}")
@@ -99,9 +119,11 @@ def read_adapters(loras, family: FamilySpec, index) -> list[dict]:
             raise ValueError(f"LoRA path {path} is a directory; pass the .safetensors file")
         try:
             parsed, digest, where = parse_file(str(p))
-            adapter = bind_parsed(parsed, family, index, where=where, sha256=digest)
+            adapter = bind_parsed(parsed, family, index, remap=remap, where=where, sha256=digest, widen=True)
         except (OSError, ValueError, KeyError) as e:
             msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+            for prefix in (str(p.resolve()), str(p), path):  # said once, here
+                msg = msg.removeprefix(prefix).removeprefix(":").strip()
             raise type(e)(f"cannot use LoRA {path} for family {family.name!r}: {msg}") from e
         name = name or p.stem
         base, i = name, 1
@@ -110,34 +132,52 @@ def read_adapters(loras, family: FamilySpec, index) -> list[dict]:
             name = f"{base}_{i}"
         names.add(name)
         out.append({"adapter": adapter, "parsed": parsed, "scale": scale, "name": name, "path": str(p.resolve()),
-                    "sha256": digest, "where": where})
+                    "sha256": digest, "where": where, "remap": remap})
     return out
 
 
 def _bake(module: torch.nn.Module, component: str, family: FamilySpec, adapters: list[dict], comp_dir: Path,
-          bound: bool) -> list[str]:
+          bound: bool, widened: dict | None = None) -> list[str]:
     """Fuse the adapters into `module` in place (effective weights); save base values first.
 
-    Returns the torch parameter names whose values the adapters set (the keys of
-    base_weights.safetensors).
+    Modules an adapter widens (Flux Control's x_embedder) are widened first, as the loaders do,
+    and recorded in `widened` ({module: {"from", "to", "config"}}); the base values saved are
+    the widened ones. Returns the torch parameter names whose values the adapters set (the
+    keys of base_weights.safetensors).
     """
     from safetensors.torch import save_file
 
+    from lora_loaders.bind import align, resolve_fused
     from lora_loaders.index import TargetIndex
     from lora_loaders.reader import bind_parsed
     from lora_loaders.targets import contributions_by_module, params_of
     from lora_loaders.weights import effective_bias, effective_weight
+    from lora_loaders.widen import wanted, widen
 
-    pairs = []
+    index = TargetIndex.from_models({component: module})
+    bound_adapters = []
     for a in adapters:
         adapter = a["adapter"]
         if not bound:  # no module index before the models existed (factories): bind now
-            adapter = bind_parsed(a["parsed"], family, TargetIndex.from_models({component: module}), where=a["where"])
-        pairs.append((adapter, a["scale"]))
+            adapter = bind_parsed(a["parsed"], family, index, remap=a["remap"], where=a["where"], widen=True)
+        bound_adapters.append(adapter)
+    widths = {m: cols for (c, m), cols in wanted(bound_adapters, family, index).items() if c == component}
+    if widths:
+        cspec = family.component(component)
+        records = [widen(module, cspec, m, cols) for m, cols in widths.items()]
+        log.info("%s: widened %s for the LoRA(s) baked", component, {r.module: f"{r.original_width} -> {widths[r.module]}" for r in records})
+        if widened is not None:
+            widened.update({r.module: {"from": r.original_width, "to": widths[r.module], "config": r.field}
+                            for r in records})
+        index = TargetIndex.from_models({component: module},
+                                        widened={(component, r.module): r.original_width for r in records})
+        bound_adapters = [align(adapter, family, index) for adapter in bound_adapters]
+    state = dict(module.named_parameters())
+    pairs = [(resolve_fused(adapter, lambda c, p: state[p].detach()), a["scale"])
+             for adapter, a in zip(bound_adapters, adapters)]
     params = params_of(contributions_by_module(pairs, component))
     if not params:
         return []
-    state = dict(module.named_parameters())
     base = {p: state[p].detach() for p in params}
     save_file({k: v.contiguous() for k, v in base.items()}, str(comp_dir / BASE_WEIGHTS_FILE),
               metadata={"component": component, "format": "lora-engines.base_weights"})
@@ -233,6 +273,8 @@ def export_pipeline(
     external_data: bool | None = None,
     tensorrt: bool = False,
     hub_kwargs: dict | None = None,
+    torch: bool = False,
+    strip_plan: bool = False,
 ) -> Manifest:
     """Export a family's components with LoRAs baked in. Returns the manifest (also written).
 
@@ -244,7 +286,9 @@ def export_pipeline(
     optional component the model lacks, such as Wan 2.1's transformer_2, is skipped).
     overwrite: replace a non-empty out_dir. Raises ValueError / FileNotFoundError /
     ExportError (and ExportValidationError past tolerance) and then leaves no out_dir
-    behind. hub_kwargs go to `huggingface_hub.snapshot_download`.
+    behind. hub_kwargs go to `huggingface_hub.snapshot_download`. torch: also write each
+    component's module (`save_pretrained` layout) for the torch engine (export/torch_save.py).
+    strip_plan: with tensorrt, plans without their refittable weights.
     """
     from tqdm.auto import tqdm
 
@@ -279,7 +323,7 @@ def export_pipeline(
         )
         for component in present:
             entry = _export_one(source, spec, component, tdtype, adapters, tmp, opset, validate, external_data, bar,
-                                bound=index is not None)
+                                bound=index is not None, save_torch=torch)
             manifest.components[component] = entry
             val = entry.get("validation")
             if val:
@@ -287,7 +331,8 @@ def export_pipeline(
         if tensorrt:
             from .tensorrt import build_engines
 
-            build_engines(tmp, manifest, spec)
+            build_engines(tmp, manifest, spec, strip_plan=strip_plan)
+        manifest["pipeline"] = write_pipeline_files(source, spec, tmp, present)
         manifest.write(tmp)
         commit_dir(tmp, out)
         manifest.path = out / MANIFEST_FILE
@@ -301,23 +346,25 @@ def export_pipeline(
 
 
 def _export_one(source, spec: FamilySpec, component, tdtype, adapters, tmp, opset, validate, external_data, bar,
-                bound) -> dict:
+                bound, save_torch: bool = False) -> dict:
     cspec = spec.component(component)
     comp_dir = tmp / component
     comp_dir.mkdir()
     started = {"t": time.perf_counter()}
 
-    def step(name):
+    def step(done):
         now = time.perf_counter()
-        log.info("%s: %s (%.2f s)", component, name, now - started["t"])
+        log.info("%s: %s, %.2f s", component, _STEP_DONE.get(done, done), now - started["t"])
         started["t"] = now
-        bar.set_postfix_str(f"{component}: {name}", refresh=False)
+        bar.set_postfix_str(f"{component}: {done}", refresh=False)
         bar.update(1)
 
     module = source.load(component, tdtype)
+    _save_config(module, comp_dir)
     step("load")
-    baked = _bake(module, component, spec, adapters, comp_dir, bound) if adapters and cspec.lora else []
-    step("fuse")
+    widened: dict = {}
+    baked = _bake(module, component, spec, adapters, comp_dir, bound, widened) if adapters and cspec.lora else []
+    step("fuse" if baked else "no fuse")
     feeds = ref = None
     if validate:
         inputs = example_inputs(spec, cspec, module, tdtype, "check", seed=1234)
@@ -326,7 +373,13 @@ def _export_one(source, spec: FamilySpec, component, tdtype, adapters, tmp, opse
             ref = run_torch(cspec, module, inputs)
     step("reference")
     entry = export_component(module, cspec, comp_dir, spec, opset=opset, external_data=external_data, step=step)
+    if save_torch:
+        from .torch_save import save_torch_component
+
+        entry["torch"] = save_torch_component(module, comp_dir)
     entry["base_weights"] = BASE_WEIGHTS_FILE if baked else None
+    if widened:  # a Control LoRA's wider input: engines refit only adapters of this width
+        entry["widened"] = widened
     entry["baked_params"] = baked
     entry["adapters"] = [{"name": a["name"], "path": a["path"], "sha256": a["sha256"], "scale": a["scale"]}
                          for a in adapters if a["adapter"].for_component(component)]
@@ -348,6 +401,14 @@ def _export_one(source, spec: FamilySpec, component, tdtype, adapters, tmp, opse
                  {k: f"{v['rel_err']:.2e}" for k, v in result["outputs"].items()})
     step("validate")
     return entry
+
+
+def _save_config(module, comp_dir: Path) -> None:
+    """The component's config.json next to its engine (what a pipeline over the engine reads)."""
+    if hasattr(module, "save_config"):  # diffusers
+        module.save_config(comp_dir)
+    elif hasattr(module, "config") and hasattr(module.config, "save_pretrained"):  # transformers
+        module.config.save_pretrained(comp_dir)
 
 
 def _release_memory() -> None:

@@ -42,8 +42,13 @@ def check_available() -> None:
                            "(pip install 'lora-engines[tensorrt]' on a machine with an NVIDIA GPU)")
 
 
-def build_engines(out_dir: str | Path, manifest, family) -> None:
-    """Build out_dir/<component>/model.plan for every component of the manifest (records it there)."""
+def build_engines(out_dir: str | Path, manifest, family, strip_plan: bool = False, timing_cache=None) -> None:
+    """Build out_dir/<component>/model.plan for every component of the manifest (records it there:
+    plan, profiles, TensorRT version, GPU, builder flags, how many weights are refittable).
+
+    strip_plan: plans without their refittable weights (refit them from the ONNX / a Refitter
+    before use). timing_cache: a file shared by the builds (read if present, then updated).
+    """
     check_available()
     from engines.tensorrt import build_plan
 
@@ -53,5 +58,9 @@ def build_engines(out_dir: str | Path, manifest, family) -> None:
         onnx_path = out_dir / entry["dir"] / entry["model"]
         profiles = profiles_for(entry, axes)
         log.info("%s: building TensorRT plan, profiles %s", component, profiles)
-        plan = build_plan(onnx_path, profiles=profiles)
-        entry["tensorrt"] = {"plan": plan.name, "profiles": {k: [list(s) for s in v] for k, v in profiles.items()}}
+        plan = build_plan(onnx_path, profiles=profiles, strip_plan=strip_plan,
+                          timing_cache=timing_cache or out_dir / "timing.cache")
+        info = dict(build_plan.last_info)
+        info.pop("timing_cache", None)
+        entry["tensorrt"] = {"plan": plan.name, "profiles": {k: [list(s) for s in v] for k, v in profiles.items()},
+                             **info}

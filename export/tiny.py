@@ -38,10 +38,28 @@ def build_component(spec: ComponentSpec, config, dtype=torch.float32) -> torch.n
 
 
 def cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """`model.to(dtype)`, skipped when there is nothing to cast (diffusers warns on every call)."""
-    if any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
-        model = model.to(dtype)
-    return model
+    """`model.to(dtype)`, skipped when there is nothing to cast.
+
+    diffusers' `ModelMixin.to(dtype)` warns on every cast, listing the modules the model would
+    keep in float32; when it lists none ("[]") the warning says nothing, so torch's own cast is
+    used then. Models that do list some (Wan's norms) keep the warning: it is true of our export.
+    """
+    if not any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
+        return model
+    if _is_diffusers_model(model) and not getattr(model, "_keep_in_fp32_modules", None) \
+            and not getattr(model, "is_quantized", False):
+        return torch.nn.Module.to(model, dtype)
+    return model.to(dtype)
+
+
+def _is_diffusers_model(model) -> bool:
+    return any(c.__module__.startswith("diffusers.") and c.__name__ == "ModelMixin" for c in type(model).__mro__)
+
+
+def tiny_seed(spec, component: str) -> int:
+    """The seed offset of a component: the position of its folder (both VAE halves are one VAE)."""
+    folders = list(dict.fromkeys(c.folder for c in spec.components.values()))
+    return folders.index(spec.component(component).folder)
 
 
 def build_tiny(family: str, components: list[str] | None = None, seed: int = 0, dtype=torch.float32,
@@ -58,7 +76,6 @@ def build_tiny(family: str, components: list[str] | None = None, seed: int = 0, 
     out = {}
     for name in wanted:
         cspec = spec.component(name)
-        index = list(spec.components).index(name)
-        torch.manual_seed(seed + index)
+        torch.manual_seed(seed + tiny_seed(spec, name))
         out[name] = build_component(cspec, tiny_config(cspec, (overrides or {}).get(name)), dtype)
     return out

@@ -6,11 +6,11 @@
 """
 
 from .adapter import LoraAdapter, LoraLayer
-from .bind import LoraKeyError, bind, check
+from .bind import bind, check
+from .errors import LoraError, LoraFamilyError, LoraFileError, LoraKeyError, LoraShapeError, LoraWidthError, ParseError
 from .families import FAMILIES, FamilySpec, get_family
-from .formats import ParsedLora, ParseError, parse
+from .formats import ParsedLora, parse
 from .index import TargetIndex, targetable_modules, targetable_parameters
-from .io import LoraFileError
 from .mixins import *  # noqa: F401,F403 - the per-family mixins, with diffusers' names
 from .mixins import LoraBaseMixin, loader_for, loader_for_pipeline
 from .reader import bind_parsed, parse_file, read_lora
@@ -20,7 +20,8 @@ from .targets import contributions_by_module, param_contributions, params_of
 from .weights import effective_bias, effective_weight
 
 __all__ = [
-    "LoraAdapter", "LoraLayer", "FAMILIES", "FamilySpec", "get_family", "LoraFileError", "LoraKeyError",
+    "LoraAdapter", "LoraLayer", "FAMILIES", "FamilySpec", "get_family", "LoraError", "LoraFileError", "LoraKeyError",
+    "LoraShapeError", "LoraWidthError", "LoraFamilyError",
     "ParseError", "ParsedLora", "TargetIndex", "LoraState", "LoraBaseMixin", "loader_for", "loader_for_pipeline",
     "read_lora", "parse", "parse_file", "bind", "bind_parsed", "check", "adapter_to_state_dict", "save_state_dict",
     "contributions_by_module", "param_contributions", "params_of", "targetable_modules", "targetable_parameters",

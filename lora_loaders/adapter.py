@@ -50,6 +50,10 @@ class LoraLayer:
             if "w2" not in self.tensors and "w2b" not in self.tensors:
                 raise ValueError("lokr layer has lokr_w2_a but no lokr_w2_b")
 
+    def __repr__(self):  # the tensors' shapes, never their values
+        shapes = {k: tuple(v.shape) for k, v in self.tensors.items()}
+        return f"LoraLayer({self.kind}, {shapes}, alpha={self.alpha})"
+
     @property
     def rank(self) -> int | None:
         t = self.tensors
@@ -201,6 +205,10 @@ class LoraAdapter:
     source: str | None = None
     metadata: dict = field(default_factory=dict)
     origin: dict = field(default_factory=dict, repr=False, compare=False)  # target -> the file's module key
+
+    def __repr__(self):
+        return (f"LoraAdapter({len(self.layers)} layers for {self.components}, family={self.family!r}, "
+                f"format={self.format!r}, source={self.source!r})")
 
     @property
     def components(self) -> list[str]:

@@ -53,12 +53,20 @@ class Target:
 class TargetIndex:
     """{component: {module path: Target}}; a component absent from it is not checked."""
 
-    def __init__(self, modules: Mapping[str, Mapping[str, Target]]):
+    def __init__(self, modules: Mapping[str, Mapping[str, Target]],
+                 widened: Mapping[tuple[str, str], int] | None = None,
+                 inert: Iterable[tuple[str, str]] | None = None):
         self._modules = {c: dict(m) for c, m in modules.items()}
         self._flat: dict[str, dict[str, str]] = {}
+        # (component, module) -> the input width it had before a LoRA widened it (Flux Control)
+        self.widened: dict[tuple[str, str], int] = dict(widened or {})
+        # (component, module) an exported graph does not read (Qwen-Image's last text stream): a LoRA
+        # may name them, binding drops those layers, as they change no output there
+        self.inert: set[tuple[str, str]] = set(inert or ())
 
     @classmethod
-    def from_models(cls, components: Mapping[str, nn.Module | None]) -> TargetIndex:
+    def from_models(cls, components: Mapping[str, nn.Module | None],
+                    widened: Mapping[tuple[str, str], int] | None = None) -> TargetIndex:
         out = {}
         for c, model in components.items():
             if model is None:
@@ -67,16 +75,21 @@ class TargetIndex:
             for path, m in targetable_modules(model).items():
                 b = m._parameters.get("bias")
                 out[c][path] = Target(tuple(m.weight.shape), None if b is None else tuple(b.shape))
-        return cls(out)
+        return cls(out, widened)
 
     @classmethod
-    def from_params(cls, component: str, shapes: Mapping[str, Iterable[int]]) -> TargetIndex:
-        """From {param name: shape} (`<module>.weight` / `<module>.bias`), e.g. a weights map."""
+    def from_params(cls, component: str, shapes: Mapping[str, Iterable[int]],
+                    widened: Mapping[str, int] | None = None, inert: Iterable[str] = ()) -> TargetIndex:
+        """From {param name: shape} (`<module>.weight` / `<module>.bias`), e.g. a weights map;
+        `widened`: {module: its input width before a LoRA widened it}; `inert`: param names the
+        graph does not read (a weights map's `unused_params`)."""
         weights, biases = {}, {}
         for param, shape in shapes.items():
             module, _, kind = param.rpartition(".")
             (weights if kind == "weight" else biases)[module] = tuple(shape)
-        return cls({component: {m: Target(w, biases.get(m)) for m, w in weights.items()}})
+        return cls({component: {m: Target(w, biases.get(m)) for m, w in weights.items()}},
+                   {(component, m): int(w) for m, w in (widened or {}).items()},
+                   {(component, p.rpartition(".")[0]) for p in inert} - {(component, m) for m in weights})
 
     def components(self) -> list[str]:
         return list(self._modules)
@@ -87,7 +100,8 @@ class TargetIndex:
     def flat(self, component: str) -> dict[str, str]:
         """{flattened name: module path} (ambiguous flattenings left out)."""
         if component not in self._flat:
-            self._flat[component] = flat_index(self._modules.get(component, {}))
+            inert = [m for c, m in self.inert if c == component]
+            self._flat[component] = flat_index([*self._modules.get(component, {}), *inert])
         return self._flat[component]
 
     def count(self, component: str, pattern: str) -> int:

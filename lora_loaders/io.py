@@ -10,12 +10,10 @@ from pathlib import Path
 
 import torch
 
+from .errors import LoraFileError
+
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-class LoraFileError(ValueError):
-    """A LoRA file that is missing, truncated, corrupt or not allowed."""
 
 
 def resolve_path(source: str | os.PathLike, weight_name: str | None = None, **hub_kwargs) -> Path:
@@ -69,12 +67,13 @@ def _hub_download(repo_id: str, weight_name: str | None, **hub_kwargs) -> Path:
 def load_state_dict(
     source, weight_name: str | None = None, allow_pickle: bool = False, **hub_kwargs
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) from a path, directory, hub repo id or dict (shallow-copied)."""
+    """(tensors, metadata) from a path, directory, hub repo id or dict (its tensors copied: a caller
+    that changes its dict afterwards does not change a loaded adapter)."""
     if isinstance(source, dict):
-        bad = [k for k, v in source.items() if not isinstance(v, torch.Tensor)]
+        bad = [k for k, v in source.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
         if bad:
-            raise LoraFileError(f"state dict values must be tensors; not for keys {bad[:5]}")
-        return dict(source), {}
+            raise LoraFileError(f"state dict keys must be strings and values tensors; not for keys {bad[:5]}")
+        return {k: v.detach().clone() for k, v in source.items()}, {}
     path = resolve_path(source, weight_name, **hub_kwargs)
     if path.suffix in _PICKLE_SUFFIXES:
         if not allow_pickle:

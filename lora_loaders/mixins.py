@@ -16,15 +16,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import LoraAdapter, adapter_name_list
+from .adapter import adapter_name_list
 from .families import FAMILIES, FamilySpec, get_family
 from .index import TargetIndex
+from .bind import fit_widened, resolve_fused
 from .reader import read_lora
 from .serialization import adapter_to_state_dict, save_state_dict
-from .state import LoraState
+from .state import LoraState, _Fused
 from .store import ParamStore
 from .targets import param_contributions
 from .weights import weight_delta
+from .widen import Widened, restore, wanted, widen
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +66,50 @@ class LoraBaseMixin:
     def _lora_components(self) -> dict[str, nn.Module]:
         return {c: m for c in self._lora_loadable_modules if (m := getattr(self, c, None)) is not None}
 
+    @property
+    def _widened(self) -> dict[tuple[str, str], Widened]:
+        """Modules a loaded LoRA widened (Flux Control's x_embedder), with what they were."""
+        return self.__dict__.setdefault("_lora_widened_", {})
+
     def _index(self) -> TargetIndex:
-        return TargetIndex.from_models(self._lora_components())
+        return TargetIndex.from_models(self._lora_components(),
+                                       widened={k: r.original_width for k, r in self._widened.items()})
+
+    def _widen(self, widths: dict, state: LoraState) -> tuple[LoraState, list]:
+        """Widen these modules (zero input columns, as diffusers does); returns the state with the
+        loaded adapters' layers on them padded, and the new records (for `_unwiden`)."""
+        new_records = []
+        for (component, module), cols in widths.items():
+            store = self._store(component)
+            name = f"{module}.weight"
+            if name in store.modified():
+                store.write(name, [])  # back to base first: its residuals are for the old width
+            record = widen(getattr(self, component), self._spec.component(component), module, cols)
+            if (component, module) not in self._widened:
+                self._widened[(component, module)] = record
+                new_records.append(record)
+        index = self._index()
+        padded = state.copy()
+        for name, adapter in state.adapters.items():
+            layers = fit_widened(adapter.layers, index)
+            if any(layers[k] is not v for k, v in adapter.layers.items()):
+                padded.adapters[name] = adapter.with_layers(layers)
+        for target, entries in state.fused.items():
+            if target in index.widened:
+                padded.fused[target] = [_Fused(f.adapter, fit_widened({target: f.layer}, index)[target], f.weight)
+                                        for f in entries]
+        return padded, new_records
+
+    def _unwiden(self, records) -> None:
+        for record in records:
+            store = self._store(record.component)
+            if f"{record.module}.weight" in store.modified():
+                store.write(f"{record.module}.weight", [])
+            restore(getattr(self, record.component), record)
+            self._widened.pop((record.component, record.module), None)
+
+    def _base_of(self, component: str, param: str) -> torch.Tensor:
+        return self._store(component).base(param)
 
     def _store(self, component: str) -> ParamStore:
         model = getattr(self, component)
@@ -124,21 +168,33 @@ class LoraBaseMixin:
         if adapter_name in state.adapters and not hotswap:
             raise ValueError(f"Adapter name {adapter_name!r} already in use")
         components = self._lora_components()
-        adapter = read_lora(pretrained_model_name_or_path_or_dict, self._family, index=self._index(), remap=remap,
-                            **kwargs)
+        index = self._index()
+        adapter = read_lora(pretrained_model_name_or_path_or_dict, self._family, index=index, remap=remap,
+                            widen=True, **kwargs)
         skipped = [c for c in adapter.components if c not in components]
         if skipped:
             logger.info("adapter %r: skipping components not given to this loader: %s", adapter_name, skipped)
             adapter = adapter.with_layers({k: v for k, v in adapter.layers.items() if k[0] in components})
         if not adapter.layers:
             raise ValueError(f"adapter {adapter_name!r} has no layers for the components given: {list(components)}")
-        new = state.copy()
-        touched = new.add(adapter_name, adapter, hotswap)
+        records, before = [], state
+        widths = wanted([adapter], spec, index)
+        try:
+            if widths:
+                logger.info("adapter %r widens %s", adapter_name, {f"{c}.{m}": w for (c, m), w in widths.items()})
+                state, records = self._widen(widths, state)
+            adapter = resolve_fused(adapter, self._base_of)
+            new = state.copy()
+            touched = new.add(adapter_name, adapter, hotswap)
+        except BaseException:
+            self._unwiden(records)
+            raise
         self.__dict__["_lora_state_"] = new
         try:
             self._refresh(touched)
         except BaseException:
-            self.__dict__["_lora_state_"] = state
+            self.__dict__["_lora_state_"] = before
+            self._unwiden(records)
             self._refresh(touched)
             raise
 
@@ -170,8 +226,12 @@ class LoraBaseMixin:
     def delete_adapters(self, adapter_names):
         self._refresh(self._lora.delete(adapter_names))
 
-    def unload_lora_weights(self):
-        """Drop every adapter. As in diffusers, weights fused with `fuse_lora` stay fused."""
+    def unload_lora_weights(self, reset_to_overwritten_params: bool = True):
+        """Drop every adapter. As in diffusers, weights fused with `fuse_lora` stay fused.
+
+        Modules a LoRA widened (Flux Control) get their original weight back, unless fused
+        weights live in them or `reset_to_overwritten_params=False` (diffusers' default).
+        """
         touched, fused = self._lora.unload()
         for component, module in fused:
             store = self._stores.get(component)
@@ -179,9 +239,12 @@ class LoraBaseMixin:
                 for p in (f"{module}.weight", f"{module}.bias"):
                     store.accept_current(p)
         self._refresh(touched)
+        if reset_to_overwritten_params:
+            self._unwiden([r for k, r in list(self._widened.items()) if k not in fused])
 
     def get_active_adapters(self) -> list[str]:
-        return list(self._lora.active)
+        """The active adapters (each component keeps its own set, as PEFT does; this is their union)."""
+        return self._lora.active_names()
 
     def get_list_adapters(self) -> dict[str, list[str]]:
         out = {}

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .adapter import LoraAdapter
-from .bind import LoraKeyError, bind, check
+from .bind import bind, check
+from .errors import LoraError, LoraFamilyError, LoraKeyError, LoraShapeError, LoraWidthError
 from .families import FAMILIES, FamilySpec, get_family, guess_family, looks_like
 from .formats.parse import ParsedLora, ParseError, parse
 from .index import TargetIndex
@@ -73,6 +74,7 @@ def read_lora(
     allow_pickle: bool = False,
     index: TargetIndex | None = None,
     remap: Mapping[str, str] | None = None,
+    widen: bool = False,
     **hub_kwargs,
 ) -> LoraAdapter:
     """Read a LoRA (path, directory + weight_name, hub repo id + weight_name, or dict) for `family`.
@@ -80,31 +82,46 @@ def read_lora(
     With `index` (the model's `TargetIndex`) every target is checked against the model and
     spelled as the model spells it; `remap` sends a file's component to another one.
     Raises on files with no LoRA keys, unknown keys, and files made for another family.
+    `widen`: accept layers wider than a module the family lets LoRAs widen (`bind.check`).
     """
     spec = get_family(family)
     parsed, digest, where = parse_file(source, weight_name, allow_pickle, **hub_kwargs)
-    return bind_parsed(parsed, spec, index, remap=remap, where=where, sha256=digest)
+    return bind_parsed(parsed, spec, index, remap=remap, where=where, sha256=digest, widen=widen)
 
 
 def bind_parsed(parsed: ParsedLora, spec: FamilySpec, index: TargetIndex | None = None, *, remap=None,
-                where: str = "LoRA", sha256: str | None = None) -> LoraAdapter:
+                where: str = "LoRA", sha256: str | None = None, widen: bool = False) -> LoraAdapter:
     """`bind` with the family hint errors of `read_lora` (a file for another family says so)."""
     try:
         adapter = bind(parsed, spec, index, remap=remap, where=where, verify=False)
         names = [f"{c}.{m}" for c, m in adapter.layers]
         other = looks_like(spec, names)
-        if other:
-            raise ValueError(f"{where} looks like a LoRA for {other}, not for {spec.name!r} "
-                             f"(targets such as {names[:3]})")
-        check(adapter.layers, index, where, adapter.origin)
-    except (LoraKeyError, ValueError) as e:
-        other = _other_family(spec, parsed) if "looks like" not in str(e) else None
+        # Markers are a guess; a file that fits every module of the model it is given is for that model.
+        if other and not _fits(adapter, spec, index, widen):
+            keys = [adapter.origin.get(k, "") for k in list(adapter.layers)[:3]]
+            raise LoraFamilyError(f"{where} looks like a LoRA for {other}, not for {spec.name!r} "
+                             f"(targets such as {names[:3]}, from {keys})")
+        check(adapter.layers, index, where, adapter.origin, spec=spec, widen=widen)
+    except LoraWidthError:
+        raise  # the file is this family's: it needs a wider model (its message says which input)
+    except (LoraKeyError, LoraShapeError) as e:
+        other = _other_family(spec, parsed)
         if other:
             raise type(e)(f"{e}; it looks like a LoRA for {other}") from e
         raise
     if sha256:
         adapter.metadata["sha256"] = sha256
     return adapter
+
+
+def _fits(adapter: LoraAdapter, spec: FamilySpec, index: TargetIndex | None, widen: bool) -> bool:
+    if index is None or not set(adapter.components) <= set(index.components()):
+        return False
+    try:
+        check(adapter.layers, index, spec=spec, widen=widen)
+    except (LoraKeyError, LoraShapeError):
+        return False
+    return True
 
 
 def _other_family(spec: FamilySpec, parsed: ParsedLora) -> str | None:
@@ -114,7 +131,7 @@ def _other_family(spec: FamilySpec, parsed: ParsedLora) -> str | None:
             continue
         try:
             adapter = bind(parsed, other)
-        except (KeyError, ValueError):
+        except LoraError:
             continue
         names = [f"{c}.{m}" for c, m in adapter.layers]
         if looks_like(other, names) is None and guess_family(names) == other.name:

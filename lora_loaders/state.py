@@ -2,9 +2,11 @@
 
 Which adapters are loaded, which are active at which weights (per component, and per
 block where the component's entry expands block weights), whether LoRA is enabled, and
-which adapters are fused into which modules, following diffusers + PEFT: a newly loaded
-adapter becomes the only active one; a module with fused adapters shows only its fused
-weights; `disable` unmerges; `fuse(lora_scale=s)` also scales the active adapters by s.
+which adapters are fused into which modules, following diffusers + PEFT: each component
+has its own active set (PEFT keeps one per model); a newly loaded adapter becomes the only
+active one of the components it has layers for; `set_adapters` sets every component's; a
+module with fused adapters shows only its fused weights; `disable` unmerges;
+`fuse(lora_scale=s)` also scales the active adapters by s.
 
 Transitions return the (component, module) targets whose weights must be rewritten; the
 caller computes and writes them (torch parameters, or engine weights), so a failed write
@@ -37,7 +39,7 @@ class _Fused:
 class LoraState:
     def __init__(self):
         self.adapters: dict[str, LoraAdapter] = {}
-        self.active: list[str] = []
+        self.active: dict[str, list[str]] = {}  # component -> active adapters
         self.weights: dict[str, dict[str, object]] = {}  # adapter -> component -> float | {module prefix: w}
         self.multipliers: dict[str, dict[str, float]] = {}  # adapter -> component -> fuse lora_scale product
         self.enabled = True
@@ -46,7 +48,7 @@ class LoraState:
     def copy(self) -> LoraState:
         new = LoraState()
         new.adapters = dict(self.adapters)
-        new.active = list(self.active)
+        new.active = {c: list(v) for c, v in self.active.items()}
         new.weights = copy.deepcopy(self.weights)
         new.multipliers = copy.deepcopy(self.multipliers)
         new.enabled = self.enabled
@@ -54,6 +56,18 @@ class LoraState:
         return new
 
     # -- queries -----------------------------------------------------------------------
+    def active_names(self) -> list[str]:
+        """Every active adapter (of any component), in load order."""
+        on = {n for names in self.active.values() for n in names}
+        return [n for n in self.adapters if n in on]
+
+    def active_in(self, component: str) -> list[str]:
+        return list(self.active.get(component, []))
+
+    def active_targets(self) -> set[Target]:
+        return {(c, m) for c, names in self.active.items() for n in names if n in self.adapters
+                for (cc, m) in self.adapters[n].layers if cc == c}
+
     def module_weight(self, adapter: str, component: str, module: str) -> float:
         spec = self.weights.get(adapter, {}).get(component)
         mult = self.multipliers.get(adapter, {}).get(component, 1.0)
@@ -66,7 +80,7 @@ class LoraState:
         if not self.enabled:
             return []
         out = []
-        for name in self.active:
+        for name in self.active.get(component, []):
             layer = self.adapters[name].layers.get((component, module))
             if layer is not None:
                 out.append((layer, self.module_weight(name, component, module)))
@@ -94,8 +108,9 @@ class LoraState:
         old = self.adapters.get(name)
         self.adapters[name] = adapter
         if not hotswap:
-            before = self.touched(self.active)
-            self.active = [name]
+            before = {t for t in self.active_targets() if t[0] in adapter.components}
+            for c in adapter.components:
+                self.active[c] = [name]
             self.weights[name] = {}
             self.multipliers[name] = {}
             return before | set(adapter.layers) | set(self.fused)
@@ -129,15 +144,15 @@ class LoraState:
                 if unknown:
                     log.warning("set_adapters: ignoring weights for unknown components %s", sorted(unknown))
             new[name] = per_component
-        touched = self.touched(self.active) | self.touched(names)
-        self.active = names
+        touched = self.active_targets() | self.touched(names)
+        self.active = {c: list(names) for c in components}
         for name in names:
             self.weights[name] = new[name]
             self.multipliers[name] = {}
         return touched
 
     def set_enabled(self, enabled: bool) -> set[Target]:
-        touched = self.touched(self.active)
+        touched = self.active_targets()
         if not enabled:
             touched |= set(self.fused)
             self.fused.clear()  # PEFT unmerges disabled layers
@@ -151,7 +166,7 @@ class LoraState:
             del self.adapters[n]
             self.weights.pop(n, None)
             self.multipliers.pop(n, None)
-        self.active = [n for n in self.active if n not in names]
+        self.active = {c: [n for n in v if n not in names] for c, v in self.active.items()}
         return touched
 
     def unload(self) -> tuple[set[Target], set[Target]]:
@@ -163,15 +178,16 @@ class LoraState:
 
     def fuse(self, components: list[str], lora_scale: float, adapter_names=None) -> dict[Target, list[_Fused]]:
         """Plan the merge of adapters into `components` (applied with `commit_fuse`)."""
-        names = adapter_name_list(self.active if adapter_names is None else adapter_names, self.adapters)
+        given = adapter_names is not None
+        names = adapter_name_list(adapter_names if given else self.active_names(), self.adapters)
         for component in components:  # diffusers scales the active adapters by lora_scale
-            for name in self.active:
+            for name in self.active.get(component, []):
                 m = self.multipliers.setdefault(name, {})
                 m[component] = m.get(component, 1.0) * lora_scale
         plan: dict[Target, list[_Fused]] = {}
         for name in names:
             for (component, module), layer in self.adapters[name].layers.items():
-                if component not in components:
+                if component not in components or (not given and name not in self.active.get(component, [])):
                     continue
                 if any(f.adapter == name for f in self.fused.get((component, module), [])):
                     continue
@@ -188,7 +204,7 @@ class LoraState:
         keys = [k for k in self.fused if k[0] in components]
         for k in keys:
             del self.fused[k]
-        return set(keys) | self.touched(self.active)
+        return set(keys) | self.active_targets()
 
     @property
     def fused_adapters(self) -> set[str]:

@@ -1,10 +1,12 @@
 """Writing effective weights into torch parameters while keeping the exact base bits.
 
-For additive adapters the base is not copied: after writing W' = cast(W + T) we check that
-cast(W' - T) gives W back and store only the elements where it does not (rarely more than
-a few per million). Restoring recomputes T with the same function and applies those
-corrections, so the base comes back bit for bit while memory stays near the model's size.
-Weights touched by DoRA (whose delta depends on the base) keep a full copy instead.
+For additive adapters the base is not copied: while writing W' = cast(W + T) in place, block
+by block (`kernels.apply_checked`, one pass while the block is in cache), we check that
+cast(W' - T) gives W back and store only the elements where it does not (where W + T rounds
+into a coarser binade: about |T| / |W| of the elements, a few percent for strong LoRAs, with
+4 + 2 bytes each for fp16). Restoring recomputes T with the same function, in place, and
+applies those corrections, so the base comes back bit for bit while memory stays near the
+model's size. Weights touched by DoRA (whose delta depends on the base) keep a full copy.
 """
 
 from __future__ import annotations
@@ -12,19 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
-from .weights import (
-    AdditiveDelta,
-    Contribution,
-    Scratch,
-    apply_rows,
-    effective_bias,
-    effective_weight,
-    remove_rows,
-)
+from . import kernels
+from .weights import AdditiveDelta, Contribution, as_rows, effective_bias, effective_weight, map_blocks
 
 
 @dataclass
@@ -33,16 +27,9 @@ class _Residual:
     index: torch.Tensor  # flat positions where cast(W' - T) != W
     values: torch.Tensor  # the base values there
 
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64, 1: torch.int8}[t.element_size()])
-
-
-def _mismatches(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Flat positions where a and b differ in bits."""
-    if a.device.type == "cpu":  # numpy's compare and nonzero are several times faster than torch's here
-        return torch.from_numpy(np.flatnonzero(_bits(a).numpy() != _bits(b).numpy()))
-    return (_bits(a) != _bits(b)).view(-1).nonzero().view(-1)
+    @property
+    def nbytes(self) -> int:
+        return self.index.numel() * self.index.element_size() + self.values.numel() * self.values.element_size()
 
 
 class ParamStore:
@@ -55,13 +42,17 @@ class ParamStore:
         self._copies: dict[str, torch.Tensor] = {}
         self._residuals: dict[str, _Residual] = {}
         self._applied: dict[str, list[Contribution]] = {}  # what each modified parameter holds now
-        self._scratch = Scratch()
 
     def has(self, name: str) -> bool:
         return name in self._params
 
     def modified(self) -> list[str]:
         return [*self._copies, *self._residuals]
+
+    def residual_bytes(self) -> int:
+        """Memory held for exact restores (residuals and full copies)."""
+        return (sum(r.nbytes for r in self._residuals.values())
+                + sum(c.numel() * c.element_size() for c in self._copies.values()))
 
     def base(self, name: str) -> torch.Tensor:
         """The exact base value of a parameter (a view of the parameter when unmodified)."""
@@ -71,12 +62,8 @@ class ParamStore:
         r = self._residuals.get(name)
         if r is None:
             return current
-        delta = AdditiveDelta(r.contributions, current.shape)  # additive: independent of the base
         base = torch.empty_like(current)
-        c2, b2 = current.reshape(current.shape[0], -1), base.view(current.shape[0], -1)
-        for r0, r1, d, work in delta.blocks(self._scratch, current.device):
-            remove_rows(c2[r0:r1], d, b2[r0:r1], work)
-        base.view(-1)[r.index.long()] = r.values
+        _restore(current, base, r)
         return base
 
     def write(self, name: str, contributions: Sequence[Contribution]):
@@ -85,6 +72,19 @@ class ParamStore:
         contributions = list(contributions)
         if _same(self._applied.get(name, []), contributions):
             return  # e.g. fusing the adapters that are already applied
+        additive = all(layer.is_additive for layer, _ in contributions) and not name.endswith(".bias")
+        if additive and not self.keep_copies and param.data.is_contiguous():
+            # In place: back to the exact base (if modified), then the new value, with no copy.
+            if name in self._copies:
+                param.data.copy_(self._copies.pop(name))
+            r = self._residuals.pop(name, None)
+            if r is not None:
+                _restore(param.data, param.data, r)
+            self._applied.pop(name, None)
+            if contributions:
+                self._applied[name] = contributions
+                self._write_with_residual(name, contributions)
+            return
         base = self.base(name)
         if not contributions:
             param.data.copy_(base)
@@ -95,32 +95,25 @@ class ParamStore:
             self._keep_copy(name, base)
             param.data.copy_(effective_bias(base, contributions))
             return
-        additive = all(layer.is_additive for layer, _ in contributions)
-        if additive and not self.keep_copies:
-            self._write_with_residual(name, base, contributions)
-        else:
-            self._keep_copy(name, base)
-            param.data.copy_(effective_weight(base, contributions))
+        self._keep_copy(name, base)
+        param.data.copy_(effective_weight(base, contributions))
 
-    def _write_with_residual(self, name, base, contributions):
-        """Write block by block, recording where cast(W' - delta) would not give the base back."""
+    def _write_with_residual(self, name, contributions):
+        """Write the parameter (holding its exact base) in place, block by block, recording where
+        cast(W' - delta) would not give the base back."""
         param = self._params[name]
-        if base.data_ptr() != param.data_ptr():
-            param.data.copy_(base)  # start from the exact base, then update in place
-        w2 = param.data.view(param.shape[0], -1)
-        delta = AdditiveDelta(contributions, param.shape)
-        index_dtype = torch.int32 if param.numel() < 2**31 else torch.int64
-        wrong, values = [], []
-        for r0, r1, d, work in delta.blocks(self._scratch, w2.device):
-            new = apply_rows(w2[r0:r1], d, self._scratch.get("new", d.shape, w2.dtype, w2.device), work)
-            back = remove_rows(new, d, self._scratch.get("back", d.shape, w2.dtype, w2.device), work)
-            bad = _mismatches(back, w2[r0:r1])
-            if bad.numel():
-                wrong.append((bad + r0 * w2.shape[1]).to(index_dtype))
-                values.append(w2[r0:r1].reshape(-1)[bad])
-            w2[r0:r1].copy_(new)
-        index = torch.cat(wrong) if wrong else torch.empty(0, dtype=index_dtype)
-        vals = torch.cat(values) if values else torch.empty(0, dtype=param.dtype)
+        w = param.data
+        w2 = as_rows(w)
+        cols = w2.shape[1]
+        delta = AdditiveDelta(contributions, w.shape, w.device)
+        index_dtype = torch.int32 if w.numel() < 2**31 else torch.int64
+
+        def block(r0, r1):
+            return kernels.apply_checked(w2[r0:r1], delta.block_rows(r0, r1), r0 * cols, index_dtype)
+
+        parts = [p for p in map_blocks(block, delta.blocks(), w.device) if p[0].numel()]
+        index = torch.cat([p[0] for p in parts]) if parts else torch.empty(0, dtype=index_dtype, device=w.device)
+        vals = torch.cat([p[1] for p in parts]) if parts else torch.empty(0, dtype=w.dtype, device=w.device)
         self._copies.pop(name, None)
         self._residuals[name] = _Residual(list(contributions), index, vals)
 
@@ -137,6 +130,18 @@ class ParamStore:
         self._copies.pop(name, None)
         self._residuals.pop(name, None)
         self._applied.pop(name, None)
+
+
+def _restore(current: torch.Tensor, out: torch.Tensor, r: _Residual) -> None:
+    """out = the exact base of `current` (which holds base + r.contributions); out may be current."""
+    delta = AdditiveDelta(r.contributions, current.shape, current.device)  # additive: independent of the base
+    c2, o2 = as_rows(current), as_rows(out)
+
+    def block(r0, r1):
+        kernels.remove(c2[r0:r1], delta.block_rows(r0, r1), o2[r0:r1])
+
+    map_blocks(block, delta.blocks(), current.device)
+    out.view(-1)[r.index.long()] = r.values
 
 
 def _same(a: Sequence[Contribution], b: Sequence[Contribution]) -> bool:

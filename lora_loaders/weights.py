@@ -5,24 +5,32 @@ so an engine refitted to a set of adapters holds the same bits as an export of t
 Math is float32; the result is cast once to the weight's dtype.
 
 Additive adapters (LoRA, LoHa, LoKr, full deltas) are applied in blocks of output rows that
-fit in cache: a low-rank delta is never materialised whole, and each block's float32
-temporaries stay small. The blocking is part of the definition (same blocks, same order,
-same bits) for every caller.
+fit in cache: a low-rank delta is never materialised whole. Per block, the float32 delta rows
+come from one matrix product (`AdditiveDelta.rows`), then one fused pass adds them to the
+base rows and casts (`kernels.apply`; `kernels.apply_checked` for the in-place writes of the
+mixins, which also records what an exact restore needs). The blocking is part of the
+definition (same blocks, same products, same bits) for every caller. On CPU the blocks of a
+weight are spread over `torch.get_num_threads()` worker threads that each run torch with one
+thread (`map_blocks`): every consumer computes every block the same way, in any thread.
+On other devices (CUDA) a block is the whole weight and the work stays on the device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from . import kernels
 from .adapter import LoraLayer
+from .kernels import BLOCK_ELEMENTS, Scratch  # noqa: F401 - re-exported
 
 # (layer, weight): weight is the user's adapter weight times any fuse-time lora_scale.
 Contribution = tuple[LoraLayer, float]
 
 _EPS = torch.finfo(torch.float32).eps
-BLOCK_ELEMENTS = 1 << 19  # float32 elements per row block (2 MiB): speed vs peak memory, measured
 
 
 def weight_delta(layer: LoraLayer, base: torch.Tensor, weight: float) -> torch.Tensor:
@@ -63,82 +71,182 @@ def is_additive(contributions: Sequence[Contribution]) -> bool:
     return all(layer.is_additive for layer, _ in contributions)
 
 
-def row_blocks(shape) -> Iterator[tuple[int, int]]:
+def row_blocks(shape, device=None) -> list[tuple[int, int]]:
+    """The row blocks of a weight: cache-sized on CPU, the whole weight elsewhere."""
+    rows = shape[0] if len(shape) else 1
+    if device is not None and torch.device(device).type != "cpu":
+        return [(0, rows)]
     rest = max(1, torch.Size(shape[1:]).numel())
     step = max(1, BLOCK_ELEMENTS // rest)
-    for r0 in range(0, shape[0], step):
-        yield r0, min(r0 + step, shape[0])
+    return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
 
 
-class Scratch:
-    """Reusable block buffers: a fresh multi-MiB tensor per block costs page faults, measured."""
+# -- worker threads (CPU) ------------------------------------------------------------------------
 
-    def __init__(self):
-        self._buffers: dict[tuple, torch.Tensor] = {}
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_POOL_LOCK = threading.Lock()
+_IN_WORKER = threading.local()
 
-    def get(self, key: str, shape, dtype=torch.float32, device=None) -> torch.Tensor:
-        shape = torch.Size(shape)
-        buf = self._buffers.get((key, dtype, device))
-        if buf is None or buf.numel() < shape.numel():
-            buf = torch.empty(max(shape.numel(), BLOCK_ELEMENTS), dtype=dtype, device=device)
-            self._buffers[(key, dtype, device)] = buf
-        return buf[: shape.numel()].view(shape)
 
+def _init_worker(barrier: threading.Barrier):
+    _IN_WORKER.yes = True
+    torch.get_num_threads()  # torch's lazy per-thread init first: it would later reapply the global default
+    torch.set_num_threads(1)  # this thread's OpenMP / MKL: one worker per core
+    barrier.wait()
+
+
+def _pool() -> ThreadPoolExecutor | None:
+    global _POOL, _POOL_SIZE
+    n = torch.get_num_threads()  # also initialises this thread's torch threading first
+    if n <= 1:
+        return None
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_SIZE != n:
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)
+            barrier = threading.Barrier(n + 1)
+            pool = ThreadPoolExecutor(n, thread_name_prefix="lora-weights")
+            for _ in range(n):  # start every worker now, each with one torch thread
+                pool.submit(_init_worker, barrier)
+            barrier.wait()
+            # torch.set_num_threads also sets the default that threads started later begin with:
+            # put it back (from a throwaway thread, so no live thread's own setting changes).
+            t = threading.Thread(target=torch.set_num_threads, args=(n,))
+            t.start()
+            t.join()
+            _POOL, _POOL_SIZE = pool, n
+        return _POOL
+
+
+def in_worker() -> bool:
+    return getattr(_IN_WORKER, "yes", False)
+
+
+def map_blocks(fn: Callable, items: Sequence, device=None) -> list:
+    """[fn(*item) for item in items], spread in contiguous chunks over the worker threads (CPU).
+
+    Runs inline for one item (a weight of one block: handing it over costs more than it saves,
+    and on a loaded machine much more), when the caller is a worker already (nested: e.g. refit
+    computing several weights at once), and on other devices. The products of a block do not
+    depend on the thread count (tests/test_weights_perf.py checks 1 against 2 threads).
+    """
+    items = list(items)
+    if len(items) <= 1 or in_worker() or (device is not None and torch.device(device).type != "cpu"):
+        return [fn(*it) for it in items]
+    pool = _pool()
+    if pool is None:
+        return [fn(*it) for it in items]
+    n = min(_POOL_SIZE, len(items))
+    bounds = [len(items) * i // n for i in range(n + 1)]
+
+    def chunk(lo, hi):
+        return [fn(*it) for it in items[lo:hi]]
+
+    futures = [pool.submit(chunk, bounds[i], bounds[i + 1]) for i in range(n)]
+    out = []
+    for f in futures:
+        out.extend(f.result())
+    return out
+
+
+def map_items(fn: Callable, items: Sequence, elements: int | None = None) -> list:
+    """[fn(item) for item in items] on the worker threads, one item per task (independent weights).
+
+    elements: the total work in weight elements; under four blocks' worth it runs inline.
+    """
+    items = list(items)
+    small = elements is not None and elements < 4 * BLOCK_ELEMENTS
+    pool = None if (len(items) <= 1 or small or in_worker()) else _pool()
+    if pool is None:
+        return [fn(it) for it in items]
+    return list(pool.map(fn, items))
+
+
+# -- the additive delta ------------------------------------------------------------------------
 
 class AdditiveDelta:
     """sum_i w_i * delta_i for additive adapters, by blocks of output rows (float32, 2-D)."""
 
-    def __init__(self, contributions: Sequence[Contribution], shape):
+    def __init__(self, contributions: Sequence[Contribution], shape, device=None):
         self.shape = torch.Size(shape)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         cols = self.shape[1:].numel()  # 1 for a 1-D weight (norms)
         self._terms = []
         for layer, weight in contributions:
             if layer.kind == "lora":  # keep it low-rank: (up * w * s)[rows] @ down
-                up = layer.tensors["up"].float().flatten(1) * (weight * layer.scale)
-                self._terms.append((up, layer.tensors["down"].float().flatten(1)))
+                up = layer.tensors["up"].to(self.device).float().flatten(1) * (weight * layer.scale)
+                self._terms.append((up, layer.tensors["down"].to(self.device).float().flatten(1)))
             else:
-                self._terms.append((None, weight * layer.delta(self.shape).reshape(self.shape[0], cols)))
+                d = weight * layer.delta(self.shape).reshape(self.shape[0], cols)
+                self._terms.append((None, d.to(self.device)))
 
-    def blocks(self, scratch: Scratch, device=None) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-        """(r0, r1, delta rows r0:r1, a float32 work buffer of that shape) for each row block."""
+    def rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows r0:r1 of the float32 delta, into `out` ((r1 - r0, cols), contiguous)."""
+        for i, (up, rhs) in enumerate(self._terms):
+            if i == 0:
+                torch.mm(up[r0:r1], rhs, out=out) if up is not None else out.copy_(rhs[r0:r1])
+            else:
+                out.add_(up[r0:r1] @ rhs if up is not None else rhs[r0:r1])
+        return out
+
+    def block_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 in this thread's scratch buffer."""
         cols = self.shape[1:].numel()
-        for r0, r1 in row_blocks(self.shape):
-            out = scratch.get("delta", (r1 - r0, cols), device=device)
-            for i, (up, rhs) in enumerate(self._terms):
-                if i == 0:
-                    torch.mm(up[r0:r1], rhs, out=out) if up is not None else out.copy_(rhs[r0:r1])
-                else:
-                    out.add_(up[r0:r1] @ rhs if up is not None else rhs[r0:r1])
-            yield r0, r1, out, scratch.get("work", out.shape, device=device)
+        return self.rows(r0, r1, kernels.scratch().get("delta", (r1 - r0, cols), device=self.device))
+
+    def blocks(self) -> list[tuple[int, int]]:
+        return row_blocks(self.shape, self.device)
 
 
-def apply_rows(base_rows, delta_rows, out, work) -> torch.Tensor:
-    """One block of the effective weight: cast(float32(base) + delta), in base's dtype."""
-    return out.copy_(work.copy_(base_rows).add_(delta_rows))
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A weight (or a transposed initializer view of one) as a 2-D (out rows, rest) view."""
+    if t.dim() == 2:
+        return t
+    if t.dim() < 2:
+        return t.reshape(t.shape[0] if t.dim() else 1, 1)
+    return t.reshape(t.shape[0], -1)
 
 
-def remove_rows(current_rows, delta_rows, out, work) -> torch.Tensor:
-    """The inverse step: cast(float32(current) - delta), what an exact restore starts from."""
-    return out.copy_(work.copy_(current_rows).sub_(delta_rows))
+def effective_weight(base: torch.Tensor, contributions: Sequence[Contribution], out: torch.Tensor | None = None,
+                     check_finite: bool = False):
+    """W_base + sum_i w_i * s_i * delta_i (DoRA renormalisation on top), cast to base's dtype.
 
-
-def effective_weight(base: torch.Tensor, contributions: Sequence[Contribution]) -> torch.Tensor:
-    """W_base + sum_i w_i * s_i * delta_i (DoRA renormalisation on top), cast to base's dtype."""
+    out: where to write it (default: a new tensor like base); may be base itself, or a 2-D view
+    with other strides (a transposed initializer). With check_finite=True returns
+    (out, whether every value is finite).
+    """
+    finite = True
     if not contributions:
-        return base.clone()
-    base = base.detach()
-    if not is_additive(contributions):
+        if out is None:
+            out = torch.empty(base.shape, dtype=base.dtype, device=base.device).copy_(base.detach())
+        else:
+            out.copy_(base.detach().reshape(out.shape) if out.shape != base.shape else base.detach())
+    elif not is_additive(contributions):
+        base = base.detach()
         w0 = base.float()
         total = None
         for layer, weight in contributions:
             d = weight_delta(layer, w0, weight)
             total = d if total is None else total + d
-        return (w0 + total).to(base.dtype)
-    out = torch.empty_like(base)
-    b2, o2 = base.reshape(base.shape[0], -1), out.view(base.shape[0], -1)
-    for r0, r1, d, work in AdditiveDelta(contributions, base.shape).blocks(Scratch(), base.device):
-        apply_rows(b2[r0:r1], d, o2[r0:r1], work)
-    return out
+        new = (w0 + total).to(base.dtype)
+        if out is None:
+            out = new
+        else:
+            out.copy_(new.reshape(out.shape))
+        finite = not check_finite or bool(torch.isfinite(new).all())
+    else:
+        base = base.detach()
+        if out is None:
+            out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+        delta = AdditiveDelta(contributions, base.shape, base.device)
+        b2, o2 = as_rows(base), as_rows(out)
+
+        def block(r0, r1):
+            return kernels.apply(b2[r0:r1], delta.block_rows(r0, r1), o2[r0:r1])
+
+        finite = not any(map_blocks(block, delta.blocks(), base.device))
+    return (out, finite) if check_finite else out
 
 
 def effective_bias(base: torch.Tensor | None, contributions: Sequence[Contribution]) -> torch.Tensor | None:

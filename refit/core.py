@@ -13,15 +13,14 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from engines.weights_map import to_numpy
+from engines.weights_map import from_numpy, to_numpy, torch_dtype
 from lora_loaders.adapter import LoraAdapter
 from lora_loaders.targets import params_of
-from lora_loaders.weights import Contribution, effective_bias, effective_weight
+from lora_loaders.weights import Contribution, effective_bias, effective_weight, map_items
 
 from .store import ComponentFiles, RefitError
 
@@ -30,7 +29,6 @@ from .store import ComponentFiles, RefitError
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 CACHE_SIZE = 16
-WORKERS: int | None = None  # threads computing weights; None: min(4, torch threads)
 
 
 def _index_key(files: ComponentFiles) -> str:
@@ -63,6 +61,10 @@ def read_adapter(source, files: ComponentFiles, name: str = "adapter", **kwargs)
                 _CACHE.move_to_end(key)
                 return _CACHE[key], digest
         adapter = bind_parsed(parsed, spec, files.index, where=where, sha256=digest)
+        remap = spec.remap_into(files.component)
+        if remap and not adapter.for_component(files.component):
+            # A file for the family's first denoiser refits another one (Wan 2.2's transformer_2).
+            adapter = bind_parsed(parsed, spec, files.index, remap=remap, where=where, sha256=digest)
     except LoraKeyError as e:
         raise RefitError(f"adapter {name!r} touches modules this {files.component} engine does not map "
                          f"(no such Linear/Conv/norm in the exported graph): {e}") from e
@@ -104,13 +106,20 @@ def check_adapter(adapter: LoraAdapter, files: ComponentFiles, name: str) -> Non
 # -- the computation ------------------------------------------------------------------------
 
 def compute(files: ComponentFiles, by_module: Mapping[str, list[Contribution]], dirty: Iterable[str],
-            owners: Mapping[int, str] | None = None, to_onnx: bool = False) -> tuple[set[str], dict]:
+            owners: Mapping[int, str] | None = None, to_onnx: bool = False, device=None,
+            as_numpy: bool = True) -> tuple[set[str], dict]:
     """(new targets, {param: new torch-layout value}) for every param in targets | dirty.
 
     by_module: {module: [(layer, weight)]} of the new state (`contributions_by_module`, or
     the state machine's per-module contributions). With to_onnx=True the values are already
-    in the initializers' layout and dtype ({initializer name: numpy array}), transformed on
-    the same threads. `owners` ({id(layer): adapter name}) only serves error messages.
+    in the initializers' layout and dtype ({initializer name: numpy array}): a transposed
+    initializer is written in its own layout while each row block is in cache, from base
+    values read in place from base_weights.safetensors / the ONNX data (memory maps, no copy).
+    `owners` ({id(layer): adapter name}) only serves error messages.
+
+    device (e.g. "cuda:0"): compute there from base values kept on that device
+    (`device_bases`), and return torch tensors on it (as_numpy is then ignored); with the
+    default (CPU) and as_numpy=False, torch tensors instead of numpy arrays.
     """
     by_param = params_of(dict(by_module))
     targets = set(by_param)
@@ -119,35 +128,176 @@ def compute(files: ComponentFiles, by_module: Mapping[str, list[Contribution]], 
         raise RefitError(f"the active adapters touch weights this engine does not map: {missing[:5]}")
     order = {p: i for i, p in enumerate(files.map.entries)}
     params = sorted(targets | set(dirty), key=lambda p: order.get(p, -1))
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    on_cpu = dev.type == "cpu"
+    numpy_out = as_numpy and on_cpu
+    views = base_views(files) if on_cpu else None
+    bases = device_bases(files, dev) if not on_cpu else None
 
     def one(param):
         entry = files.map[param]
-        base = files.base(param)
         cs = by_param.get(param, [])
+        base = bases.get(param) if bases is not None else views.get(param)
         try:
-            new = effective_bias(base, cs) if entry.kind == "bias" else effective_weight(base, cs)
+            if entry.kind != "bias" and to_onnx and _in_place_layout(entry):
+                out = torch.empty(entry.shape, dtype=torch_dtype(entry.raw["dtype"]), device=dev)
+                _, finite = effective_weight(base, cs, out=out.t() if entry.raw["transform"] == "transpose" else out,
+                                             check_finite=True)
+                new = None
+            else:
+                if entry.kind == "bias":
+                    new = effective_bias(base, cs)
+                    finite = not cs or bool(torch.isfinite(new).all())
+                else:
+                    new, finite = effective_weight(base, cs, check_finite=True)
         except Exception as e:  # noqa: BLE001 - report which weight and why
             raise RefitError(f"cannot compute the effective value of {param}: {e}") from e
-        if tuple(new.shape) != entry.param_shape or new.dtype != entry.param_dtype:
+        if new is not None and (tuple(new.shape) != entry.param_shape or new.dtype != entry.param_dtype):
             raise RefitError(f"effective value of {param} has shape {tuple(new.shape)} {new.dtype}, "
                              f"expected {entry.param_shape} {entry.param_dtype}")
-        # NaN/Inf anywhere makes the float32 sum non-finite (one read pass, no temporary).
-        if cs and new.is_floating_point() and not bool(torch.isfinite(new.sum(dtype=torch.float32))):
+        if cs and not finite:
             bad = _culprits(cs, owners)
             raise RefitError(f"effective value of {param} has NaN or Inf values (from {bad}); "
                              "the engine keeps its previous weights")
-        return _to_initializer(entry, new) if to_onnx else new
+        if new is None:
+            return _check_initializer(entry, to_numpy(out) if numpy_out else out)
+        if to_onnx:
+            return _to_initializer(entry, new, numpy_out)
+        return new
 
-    workers = WORKERS if WORKERS is not None else min(4, torch.get_num_threads())
-    if workers <= 1 or len(params) < 8:
-        results = [one(p) for p in params]
-    else:
+    if on_cpu:
         files.prepare()
-        # Weights are independent: compute several at once (torch releases the GIL); same bits.
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(one, params))
+        # Weights are independent: one per worker thread (torch releases the GIL); same bits.
+        elements = sum(int(np.prod(files.map[p].param_shape, dtype=np.int64)) for p in params)
+        results = map_items(one, params, elements)
+    else:
+        results = [one(p) for p in params]
     keys = [files.map[p].initializer for p in params] if to_onnx else params
     return targets, dict(zip(keys, results))
+
+
+def _in_place_layout(entry) -> bool:
+    """Whether the initializer is the parameter itself or its 2-D transpose (written directly)."""
+    t = entry.raw.get("transform", "identity")
+    return t == "identity" or (t == "transpose" and list(entry.raw.get("perm", [])) == [1, 0]
+                               and len(entry.param_shape) == 2)
+
+
+# -- base values in place ----------------------------------------------------------------------
+
+_NP_OF = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32, "F64": np.float64, "I64": np.int64,
+          "I32": np.int32, "I8": np.int8, "U8": np.uint8}
+
+
+class _BaseViews:
+    """Base values of mapped parameters as torch tensors over memory maps of the exported files
+    (copy-on-write maps: nothing is read until used, nothing is ever written back)."""
+
+    def __init__(self, files: ComponentFiles):
+        self.files = files
+        self._lock = threading.Lock()
+        self._maps: dict[str, np.ndarray] = {}
+        self._st: dict[str, tuple[int, str, list]] | None = None
+
+    def _map(self, path) -> np.ndarray:
+        key = str(path)
+        with self._lock:
+            m = self._maps.get(key)
+            if m is None:
+                m = self._maps[key] = np.memmap(path, dtype=np.uint8, mode="c")
+            return m
+
+    def _safetensors(self) -> dict:
+        if self._st is None:
+            import json
+            import struct
+
+            st = {}
+            path = self.files.base_path
+            if path.is_file():
+                with open(path, "rb") as f:
+                    n = struct.unpack("<Q", f.read(8))[0]
+                    header = json.loads(f.read(n))
+                for name, info in header.items():
+                    if name != "__metadata__":
+                        st[name] = (8 + n + info["data_offsets"][0], info["dtype"], info["shape"])
+            self._st = st
+        return self._st
+
+    def _tensor(self, path, offset: int, np_dtype, shape, bf16: bool) -> torch.Tensor | None:
+        itemsize = np.dtype(np_dtype).itemsize
+        count = int(np.prod(shape, dtype=np.int64))
+        if offset % itemsize:
+            return None
+        raw = self._map(path)[offset: offset + count * itemsize]
+        t = torch.from_numpy(raw.view(np_dtype).reshape(shape))
+        return t.view(torch.bfloat16) if bf16 else t
+
+    def get(self, param: str) -> torch.Tensor:
+        """The exact base value, torch layout (a strided view where the initializer is transposed)."""
+        files, entry = self.files, self.files.map[param]
+        t = None
+        if param in files.baked_params():
+            info = self._safetensors().get(param)
+            if info is not None and info[1] in _NP_OF:
+                t = self._tensor(files.base_path, info[0], _NP_OF[info[1]], info[2], info[1] == "BF16")
+        elif _in_place_layout(entry):
+            from onnx import TensorProto
+
+            reader = files._reader()
+            proto = reader.proto(entry.initializer)
+            if proto.data_location == TensorProto.EXTERNAL:
+                ext = {e.key: e.value for e in proto.external_data}
+                dtype = reader.dtype(entry.initializer)
+                bf16 = dtype.name == "bfloat16"
+                t = self._tensor(reader.model_path.parent / ext["location"], int(ext.get("offset", 0)),
+                                 np.uint16 if bf16 else dtype, tuple(proto.dims), bf16)
+            else:
+                t = from_numpy(np.array(reader.array(entry.initializer)))
+            if t is not None and entry.raw["transform"] == "transpose":
+                t = t.t()
+        if t is None:
+            return files.base(param)
+        if tuple(t.shape) != entry.param_shape or t.dtype != entry.param_dtype:
+            raise RefitError(f"{files.directory}: base value of {param} has shape {tuple(t.shape)} {t.dtype}, "
+                             f"the weights map says {entry.param_shape} {entry.param_dtype}")
+        return t
+
+
+def base_views(files: ComponentFiles) -> _BaseViews:
+    v = getattr(files, "_base_views", None)
+    if v is None:
+        v = files._base_views = _BaseViews(files)
+    return v
+
+
+class _DeviceBases:
+    """Exact base values kept on one device (read from the files once, then reused by every refit)."""
+
+    def __init__(self, files: ComponentFiles, device: torch.device):
+        self.files, self.device = files, device
+        self._values: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def get(self, param: str) -> torch.Tensor:
+        with self._lock:
+            t = self._values.get(param)
+            if t is None:
+                t = self._values[param] = base_views(self.files).get(param).contiguous().to(self.device)
+            return t
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._values.values())
+
+
+def device_bases(files: ComponentFiles, device) -> _DeviceBases:
+    device = torch.device(device)
+    cache = getattr(files, "_device_bases", None)
+    if cache is None:
+        cache = files._device_bases = {}
+    if device not in cache:
+        cache[device] = _DeviceBases(files, device)
+    return cache[device]
 
 
 def _culprits(cs, owners) -> str:
@@ -157,10 +307,15 @@ def _culprits(cs, owners) -> str:
     return "adapter(s) " + ", ".join(repr(n) for n in dict.fromkeys(owners[i] for i in layers if i in owners))
 
 
-def _to_initializer(entry, v: torch.Tensor) -> np.ndarray:
-    arr = to_numpy(entry.to_onnx(v))
-    if tuple(arr.shape) != entry.shape or arr.dtype.name != entry.raw["dtype"]:
-        raise RefitError(f"{entry.param} -> {entry.initializer}: got {tuple(arr.shape)} {arr.dtype}, the weights "
+def _to_initializer(entry, v: torch.Tensor, as_numpy: bool = True):
+    v = entry.to_onnx(v)
+    return _check_initializer(entry, to_numpy(v) if as_numpy else v)
+
+
+def _check_initializer(entry, arr):
+    dtype = arr.dtype.name if isinstance(arr, np.ndarray) else str(arr.dtype).removeprefix("torch.")
+    if tuple(arr.shape) != entry.shape or dtype != entry.raw["dtype"]:
+        raise RefitError(f"{entry.param} -> {entry.initializer}: got {tuple(arr.shape)} {dtype}, the weights "
                          f"map says {entry.shape} {entry.raw['dtype']}")
     return arr
 

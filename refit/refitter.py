@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 from engines.base import Engine
 from lora_loaders.adapter import LoraAdapter
+from lora_loaders.bind import resolve_fused
 from lora_loaders.families import get_family
 from lora_loaders.reader import file_sha256
 from lora_loaders.state import LoraState
@@ -78,6 +78,10 @@ class Refitter:
         self._state = LoraState()
         self._register_baked()
 
+    def _base_of(self, component: str, param: str):
+        # DoRA over a fused original layer is computed from the exact base weights, as at export
+        return self.files.base(param)
+
     family = property(lambda self: self.files.family)
     component = property(lambda self: self.files.component)
 
@@ -101,6 +105,7 @@ class Refitter:
                 adapter = _Missing(record, searched)
             else:
                 adapter, _ = core.read_adapter(str(found), self.files, name)
+                adapter = resolve_fused(adapter, self._base_of)
             self._state.add(name, adapter)
             self._hashes[name] = digest
         if self.baked_adapters:
@@ -126,6 +131,7 @@ class Refitter:
                 raise ValueError(f"Adapter name {adapter_name!r} already in use")
             adapter, digest = core.read_adapter(source, self.files, adapter_name, **kwargs)
             core.check_adapter(adapter, self.files, adapter_name)
+            adapter = resolve_fused(adapter, self._base_of)
             self._check_refittable(adapter, adapter_name)
             if isinstance(missing, _Missing):
                 expected = missing.record.get("sha256")
@@ -182,14 +188,14 @@ class Refitter:
             self._transition(LoraState())
 
     def get_active_adapters(self) -> list[str]:
-        return list(self._state.active)
+        return self._state.active_in(self.component)
 
     def get_list_adapters(self) -> dict[str, list[str]]:
         return {self.component: list(self._state.adapters)} if self._state.adapters else {}
 
     def get_adapter_weights(self) -> dict[str, float]:
         """{active adapter: its weight on this component} (what `enable_lora` applies while disabled)."""
-        return {n: self._state.module_weight(n, self.component, "") for n in self._state.active}
+        return {n: self._state.module_weight(n, self.component, "") for n in self._state.active_in(self.component)}
 
     @property
     def enabled(self) -> bool:
@@ -219,7 +225,7 @@ class Refitter:
         if not state.enabled:
             return {}, {}
         owners, modules = {}, set()
-        for n in state.active:
+        for n in state.active_in(self.component):
             a = state.adapters[n]
             if isinstance(a, _Missing):
                 raise RefitError(
@@ -236,12 +242,20 @@ class Refitter:
         """Compute, validate and write the weights for a new state; commit the state only on success."""
         t0 = time.perf_counter()
         by_module, owners = self._contributions(new)
-        targets, arrays = core.compute(self.files, by_module, self._dirty, owners, to_onnx=True)
+        device = getattr(self.engine, "torch_weights_device", None)
+        if device is not None:  # torch tensors computed where the engine's weights are (torch / TensorRT engines)
+            onnx_layout = getattr(self.engine, "torch_weights_layout", "torch") == "onnx"
+            targets, arrays = core.compute(self.files, by_module, self._dirty, owners, to_onnx=onnx_layout,
+                                           device=device, as_numpy=False)
+            check, write = self.engine.check_torch_weights, self.engine.set_torch_weights
+        else:
+            targets, arrays = core.compute(self.files, by_module, self._dirty, owners, to_onnx=True)
+            check, write = self.engine.check_weights, lambda a: self.engine.set_weights(a, copy=False)
         t1 = time.perf_counter()
-        self.engine.check_weights(arrays)
+        check(arrays)
         t2 = time.perf_counter()
         try:
-            self.engine.set_weights(arrays, copy=False)
+            write(arrays)
         except Exception as e:
             raise RefitError(f"writing {len(arrays)} weight(s) into the {self.engine.backend} engine failed; "
                              f"its previous weights were kept: {e}") from e

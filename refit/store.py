@@ -56,7 +56,10 @@ class ComponentFiles:
     def index(self) -> TargetIndex:
         """What adapters bind to: the mapped modules with their shapes."""
         if self._index is None:
-            self._index = TargetIndex.from_params(self.component, self.map.param_shapes())
+            # modules a baked LoRA widened (Flux Control): narrower adapters are padded to fit them
+            widened = {m: w["from"] for m, w in (self.component_manifest.get("widened") or {}).items()}
+            self._index = TargetIndex.from_params(self.component, self.map.param_shapes(), widened,
+                                                  inert=self.map.data.get("unused_params", ()))
         return self._index
 
     @property

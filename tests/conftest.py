@@ -27,12 +27,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_models():
     from export.tiny import build_tiny
+    from lora_loaders.families import get_family
 
     cache = {}
 
     def get(family):
         if family not in cache:
-            cache[family] = build_tiny(family)
+            cache[family] = build_tiny(family, list(get_family(family).lora_components))
         return copy.deepcopy(cache[family])
 
     return get

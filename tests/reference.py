@@ -6,9 +6,12 @@ import torch
 
 
 def diffusers_loader(family: str, models: dict):
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+    """An object with diffusers' own LoRA mixin of the family over these components (the reference)."""
+    import diffusers.loaders
 
-    base = {"sd": StableDiffusionLoraLoaderMixin, "sdxl": StableDiffusionXLLoraLoaderMixin}[family]
+    from lora_loaders.families import get_family
+
+    base = getattr(diffusers.loaders, get_family(family).mixin)
     cls = type("RefPipe", (base,), {"hf_device_map": None, "components": property(
         lambda self: {c: getattr(self, c) for c in base._lora_loadable_modules if getattr(self, c) is not None})})
     pipe = cls.__new__(cls)
@@ -32,6 +35,8 @@ def inputs(family: str, models: dict, seed: int = 0) -> dict:
 
 @torch.no_grad()
 def outputs(family: str, models: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    if family not in ("sd", "sdxl"):
+        return graph_outputs(family, models, seed)
     x = inputs(family, models, seed)
     res = {}
     unet = models.get("unet")
@@ -57,3 +62,21 @@ def assert_close(ours: dict, ref: dict, rel: float = 1e-5):
 
 def assert_differs(a: dict, b: dict, key: str):
     assert (a[key] - b[key]).abs().max().item() > 1e-4, f"{key}: the LoRA had no effect"
+
+
+@torch.no_grad()
+def graph_outputs(family: str, models: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """{component[.output]: tensor} of each component's exported graph (the registry's I/O) on seeded inputs."""
+    from export.graph import example_inputs, run_torch
+    from lora_loaders.families import get_family
+
+    spec = get_family(family)
+    res = {}
+    for c, model in models.items():
+        if model is None:
+            continue
+        cspec = spec.component(c)
+        feeds = example_inputs(spec, cspec, model, torch.float32, "check", seed=seed)
+        for o, value in zip(cspec.outputs, run_torch(cspec, model, feeds)):
+            res[c if o is cspec.outputs[0] else f"{c}.{o.name}"] = torch.from_numpy(value)
+    return res

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 from onnx import numpy_helper
 from safetensors.torch import save_file
 
@@ -82,7 +81,8 @@ def differing(a: dict, b: dict, names=None) -> list[str]:
 
 # -- exports shared by the engine / refit test modules (one pytest process) ----------------
 
-COMPONENTS = {"sd": ["unet", "text_encoder"], "sdxl": ["unet", "text_encoder", "text_encoder_2"]}
+COMPONENTS = {"sd": ["unet", "text_encoder"], "sdxl": ["unet", "text_encoder", "text_encoder_2"],
+              "wan": ["transformer"]}
 STATES = {  # name -> adapters baked ((lora, scale), ...)
     "x": (("x", 1.0),),
     "y": (("y", 1.0),),

@@ -196,3 +196,68 @@ def test_bfloat16_weights(tmp_path, mode):
     e.set_weights({"w": w2})
     np.testing.assert_array_equal(e.infer({"x": x})["y"], w2.astype(np.float32))
     assert e.get_weights(["w"])["w"].tobytes() == w2.tobytes()
+
+
+def typed_dir(tmp_path):
+    """A graph like a text encoder + timestep: int64 ids [batch, 4], float32 t [batch] -> y [batch, 4]."""
+    nodes = [helper.make_node("Cast", ["ids"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["t", "axes"], ["t2"]),
+             helper.make_node("Mul", ["f", "t2"], ["y"])]
+    g = helper.make_graph(nodes, "g",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 4]),
+                           helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+                          [numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    d = tmp_path / "typed"
+    d.mkdir()
+    onnx.save(m, str(d / "model.onnx"))
+    return d
+
+
+@pytest.mark.parametrize("mode", ["inputs", "session"])
+def test_infer_checks_dtypes_ranks_and_sizes_first(tmp_path, mode):
+    """A wrong input is named with what it got and what the engine takes (not ONNX Runtime's
+    "Unexpected input data type", which names no input)."""
+    e = engines.load_engine(typed_dir(tmp_path), mode=mode)
+    infos = e.input_infos()
+    assert [(n, i.dtype, i.shape) for n, i in infos.items()] == [("ids", np.dtype(np.int64), ("batch", 4)),
+                                                                 ("t", np.dtype(np.float32), ("batch",))]
+    ids, t = np.arange(8, dtype=np.int64).reshape(2, 4), np.array([1.0, 2.0], np.float32)
+    np.testing.assert_array_equal(e.infer({"ids": ids, "t": t})["y"], ids * t[:, None])
+    cases = [
+        ({"ids": ids, "t": t.astype(np.float16)}, r"input 't': got float16 \[2\], the engine takes float32 \[batch\]"),
+        ({"ids": ids.astype(np.int32), "t": t}, r"input 'ids': got int32 \[2, 4\], the engine takes int64 \[batch, 4\]"),
+        ({"ids": ids[None], "t": t}, r"input 'ids': got int64 \[1, 2, 4\], the engine takes int64 \[batch, 4\]"),
+        ({"ids": ids[:, :3], "t": t}, r"input 'ids': got int64 \[2, 3\], the engine takes int64 \[batch, 4\]"),
+        ({"ids": ids, "t": t[:1]}, r"axis 'batch' is 2 in 'ids' but 1 in 't'"),
+        ({"ids": ids}, r"input 't' is missing \(the engine takes ids int64 \[batch, 4\], t float32 \[batch\]\)"),
+        ({"ids": ids, "t": t, "x": t}, r"unknown input 'x'"),
+    ]
+    for feeds, msg in cases:
+        with pytest.raises(engines.InputError, match=msg) as err:
+            e.infer(feeds)
+        assert isinstance(err.value, EngineError) and isinstance(err.value, ValueError)
+        assert "Unexpected input data type" not in str(err.value)
+
+
+def test_tensorrt_inputs_are_described_from_the_plan_and_the_manifest(tmp_path):
+    """TensorRTEngine's input check (shared with ORT) without a GPU: dtypes and sizes from the plan,
+    the names of its dynamic (-1) dimensions from the export's manifest."""
+    from types import SimpleNamespace
+
+    from engines.base import check_feeds
+    from engines.manifest import Manifest
+    from engines.tensorrt import TensorRTEngine
+
+    comp = tmp_path / "text_encoder"
+    comp.mkdir()
+    Manifest.new(family="sd", components={"text_encoder": {
+        "dir": "text_encoder", "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", 77]}]}}).write(tmp_path)
+    plan = SimpleNamespace(get_tensor_dtype=lambda n: SimpleNamespace(name="INT64"), get_tensor_shape=lambda n: (-1, 77))
+    fake = SimpleNamespace(directory=comp, _inputs=["input_ids"], _engine=plan)
+    infos = TensorRTEngine._describe_inputs(fake)
+    assert [(i.name, i.dtype, i.shape) for i in infos.values()] == [("input_ids", np.dtype(np.int64), ("batch", 77))]
+    with pytest.raises(engines.InputError, match=r"input 'input_ids': got int32 \[1, 77\], the engine takes int64 \[batch, 77\]"):
+        check_feeds(infos, {"input_ids": np.zeros((1, 77), np.int32)})

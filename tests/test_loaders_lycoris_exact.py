@@ -64,14 +64,16 @@ def test_lycoris_kinds_follow_their_formulas(tiny_models, kind, fn):
     sd = _kohya_dora(unet, 1) if kind == "dora" else lycoris({"unet": unet}, kind, seed=1)
     expected = _expected(unet, sd, "lora_unet_", fn)
     assert expected
+    biases = {name: m.bias.detach().clone() for name, m in unet.named_modules()
+              if f"lora_unet_{name.replace('.', '_')}.diff_b" in sd}
+    assert bool(biases) == (kind == "full")
     loader = L.loader_for("sdxl", unet=unet)
     loader.load_lora_weights(dict(sd), adapter_name=kind)
     modules = dict(unet.named_modules())
     for name, w in expected.items():
         torch.testing.assert_close(modules[name].weight.double(), w, rtol=1e-5, atol=1e-6)
-    if kind == "full":  # diff_b
-        biased = [k for k in sd if k.endswith(".diff_b")]
-        assert biased
+    for name, b in biases.items():  # diff_b: b + diff_b
+        torch.testing.assert_close(modules[name].bias.detach(), b + sd[f"lora_unet_{name.replace('.', '_')}.diff_b"])
     before = outputs("sdxl", tiny_models("sdxl"))
     loader.set_adapters([kind], 0.0)  # weight 0 is the base model again
     torch.testing.assert_close(outputs("sdxl", models)["unet"], before["unet"], rtol=0, atol=0)

@@ -1,4 +1,5 @@
-"""End to end: a real tritonserver (PyPI nvidia-pytriton, CPU) serving a tiny SDXL export.
+"""End to end: a real tritonserver (PyPI nvidia-pytriton, CPU) serving a tiny SDXL export
+and, beside it, a tiny Wan transformer (a transformer family: 5-D latents, text axis).
 
 Per-request `loras` from several client threads, every answer equal to the local engine
 refitted to the same adapters; bad requests get errors and the server keeps serving.
@@ -71,10 +72,28 @@ def served(tmp_path_factory):
     ids = inputs_for(te["text_encoder"], seed=5)
     te_refs = {c: e.infer(ids) for c, e in te.items()}
 
+    # a transformer family in the same server: Wan's denoiser, model "wan_transformer"
+    wan_loras = lora_files(root, "wan")
+    wan = exported(root, "wan", "x", components=["transformer"])
+    wan_repo = root / "wan_repo"
+    write_repository(wan, wan_repo, components=["transformer"], prefix="wan_", loras=[wan_loras["y"]],
+                     intra_op_threads=1)
+    shutil.copytree(wan_repo / "wan_transformer", repo / "wan_transformer")
+    eng = engines.load_engine(wan / "transformer")
+    wan_feeds = inputs_for(eng, seed=7)
+    r = refit.Refitter(eng)
+    r.load_lora(str(wan_loras["y"]), adapter_name="y")
+    wan_refs = {}
+    for key in set(SETS.values()):
+        r.set_adapters([n for n, _ in key], [w for _, w in key])
+        wan_refs[key] = eng.infer(wan_feeds)["out_sample"]
+    eng.close()
+
     server = TritonServer(repo, start_timeout=300)
     server.start()
     try:
-        yield dict(server=server, feeds=feeds, refs=refs, ids=ids, te_refs=te_refs)
+        yield dict(server=server, feeds=feeds, refs=refs, ids=ids, te_refs=te_refs, wan_feeds=wan_feeds,
+                   wan_refs=wan_refs)
     finally:
         proc = server.proc
         server.stop()
@@ -92,10 +111,10 @@ def _unet_inputs(feeds, mod):
     return ins
 
 
-def _infer(client, feeds, loras, mod=grpcclient):
+def _infer(client, feeds, loras, mod=grpcclient, model="unet"):
     params = {} if loras is None else {"loras": loras}
     kw = {"client_timeout": 120} if mod is grpcclient else {"timeout": 120}
-    res = client.infer("unet", _unet_inputs(feeds, mod), parameters=params, **kw)
+    res = client.infer(model, _unet_inputs(feeds, mod), parameters=params, **kw)
     applied = res.as_numpy("applied_loras")
     return res.as_numpy("out_sample"), json.loads(applied.reshape(-1)[0])
 
@@ -218,3 +237,18 @@ def test_http_and_text_encoders(served):
                 np.testing.assert_allclose(res.as_numpy(name), arr, rtol=RTOL, atol=ATOL)
     finally:
         h.close()
+
+
+def test_transformer_family_with_per_request_loras(served):
+    client = grpcclient.InferenceServerClient(served["server"].grpc_url)
+    try:
+        assert client.is_model_ready("wan_transformer")
+        for loras in [*SETS, '{"x": 1}', None, "{}"]:
+            out, applied = _infer(client, served["wan_feeds"], loras, model="wan_transformer")
+            key = SETS[loras]
+            assert applied == dict(key)
+            np.testing.assert_allclose(out, served["wan_refs"][key], rtol=RTOL, atol=ATOL, err_msg=f"loras={loras}")
+        with pytest.raises(InferenceServerException, match="adapter"):
+            _infer(client, served["wan_feeds"], '{"nope": 1}', model="wan_transformer")
+    finally:
+        client.close()

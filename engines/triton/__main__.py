@@ -2,6 +2,10 @@
 
     python -m engines.triton write out/sdxl repo [--lora y.safetensors] [--text-encoders python] ...
     python -m engines.triton serve repo            # 127.0.0.1, free ports (or --http-port/--grpc-port)
+
+Exit codes: 0 done, 2 bad usage or input (no such export or repository, missing or changed
+adapter file, name clash), 1 a failure while working (no tritonserver, server died). `write`
+changes nothing unless it succeeds; Ctrl-C or SIGTERM stop `serve` and its server.
 """
 
 from __future__ import annotations
@@ -10,64 +14,105 @@ import argparse
 import sys
 import time
 
+from ..cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, sigterm_exits
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engines.triton", description=__doc__,
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engines.triton", description=__doc__.split("\n\n")[0],
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("write", help="write a Triton model repository from an export directory")
-    w.add_argument("export_dir")
-    w.add_argument("repo_dir")
+    w.add_argument("export_dir", metavar="EXPORT", help="export directory (manifest.json + components)")
+    w.add_argument("repo_dir", metavar="REPO", help="model repository to write (models of the same name are replaced)")
     w.add_argument("--lora-dir", default=None, help="server-side adapter directory (default: inside the repo)")
-    w.add_argument("--lora", action="append", default=[], help="adapter file to ship (repeatable)")
+    w.add_argument("--lora", action="append", default=[], metavar="PATH", help="adapter file to ship (repeatable)")
     w.add_argument("--no-baked", action="store_true", help="do not copy the baked adapters into the adapter dir")
     w.add_argument("--text-encoders", default="auto", choices=["auto", "onnxruntime", "tensorrt", "python"])
     w.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     w.add_argument("--engine", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
     w.add_argument("--max-batch-size", type=int, default=8)
     w.add_argument("--instances", type=int, default=1)
-    w.add_argument("--components", default=None)
-    w.add_argument("--prefix", default="")
+    w.add_argument("--components", default=None, help="comma-separated subset of the export's components")
+    w.add_argument("--prefix", default="", help="prefix of the model names")
     w.add_argument("--preload", default="baked", choices=["baked", "all", "none"])
     s = sub.add_parser("serve", help="run the nvidia-pytriton tritonserver on a repository (loopback)")
-    s.add_argument("repo_dir")
+    s.add_argument("repo_dir", metavar="REPO")
     s.add_argument("--model", action="append", default=None, help="model to load (default: all)")
     s.add_argument("--http-port", type=int, default=None)
     s.add_argument("--grpc-port", type=int, default=None)
     s.add_argument("--timeout", type=float, default=600, help="start timeout, seconds")
-    args = p.parse_args(argv)
+    return p
 
-    if args.cmd == "write":
-        from .repository import write_repository
 
+def _error(msg) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def _write(args) -> int:
+    from ..manifest import ManifestError
+    from .repository import write_repository
+
+    try:
         written = write_repository(
             args.export_dir, args.repo_dir, args.lora_dir, loras=args.lora, copy_baked=not args.no_baked,
             text_encoder_backend=args.text_encoders, device=args.device, engine=args.engine,
             max_batch_size=args.max_batch_size, instance_count=args.instances, components=args.components,
             prefix=args.prefix, preload=args.preload)
-        for name, path in written.items():
-            print(f"{name}: {path}")
-        return 0
+    except (FileNotFoundError, FileExistsError, ValueError, ManifestError) as e:
+        _error(e)
+        return EXIT_USAGE
+    except OSError as e:
+        _error(e)
+        return EXIT_FAILED
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return EXIT_OK
+
+
+def _server_error(e: Exception, log: str = "") -> str:
+    """One line: the error's first line and the server log's last error line (Triton's `E...` lines)."""
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    errors = [line.strip() for line in (log or str(e)).splitlines() if line.startswith("E")]
+    return f"{first.rstrip(':')}: {errors[-1]}" if errors else first
+
+
+def _serve(args) -> int:
+    from pathlib import Path
 
     from .server import TritonServer, TritonServerError, TritonUnavailable
 
-    server = TritonServer(args.repo_dir, models=args.model, start_timeout=args.timeout,
+    repo = Path(args.repo_dir)
+    if not repo.is_dir() or not any(repo.glob("*/config.pbtxt")):
+        _error(f"{repo} is not a model repository (no <model>/config.pbtxt); write one with "
+               "`python -m engines.triton write EXPORT REPO`")
+        return EXIT_USAGE
+    server = TritonServer(repo, models=args.model, start_timeout=args.timeout,
                           http_port=args.http_port, grpc_port=args.grpc_port)
     try:
         server.start()
-    except (TritonServerError, TritonUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"serving {args.repo_dir}: HTTP {server.http_url}  gRPC {server.grpc_url}  (Ctrl-C stops)", flush=True)
-    try:
+        print(f"serving {repo}: HTTP {server.http_url}  gRPC {server.grpc_url}  (Ctrl-C stops)", flush=True)
         while server.is_alive():
             time.sleep(1)
-        print(f"tritonserver exited:\n{server.log_tail()}", file=sys.stderr)
-        return 1
+        _error(_server_error(TritonServerError("tritonserver exited"), server.log_tail()))
+        return EXIT_FAILED
+    except (TritonServerError, TritonUnavailable) as e:
+        _error(_server_error(e))
+        return EXIT_FAILED
     except KeyboardInterrupt:
-        return 0
+        return EXIT_OK
     finally:
         server.stop()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with sigterm_exits():  # unwinds: temporary files removed, server stopped
+            return _write(args) if args.cmd == "write" else _serve(args)
+    except KeyboardInterrupt:  # during write (serve stops on Ctrl-C by design)
+        _error("interrupted; nothing was written")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

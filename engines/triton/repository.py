@@ -26,12 +26,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..manifest import MANIFEST_FILE, Manifest
 from .serving import APPLIED_OUTPUT, LORA_SUFFIX, _NAME
+
+log = logging.getLogger(__name__)
 
 TEXT_ENCODER_BACKENDS = ("auto", "onnxruntime", "tensorrt", "python")
 
@@ -219,22 +224,151 @@ def _adapter_name(name: str | None, path: Path) -> str:
     raise ValueError(f"cannot name adapter {path}: use a file stem of letters, digits and _ . + -")
 
 
-def _ship_adapter(src: Path, lora_dir: Path, name: str, sha256: str | None = None) -> None:
+@dataclass(frozen=True)
+class _Shipment:
+    """One adapter file to copy into an adapter directory, checked before anything is written."""
+
+    src: Path
+    name: str
+    digest: str
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.name}{LORA_SUFFIX}"
+
+
+def _shipment(src: Path, name: str, sha256: str | None = None, what: str = "adapter") -> _Shipment:
     if not src.is_file():
-        raise FileNotFoundError(f"adapter file not found: {src}")
+        raise FileNotFoundError(f"{what} file not found: {src}")
     digest = _sha256(src)
     if sha256 and digest != sha256:
-        raise ValueError(f"adapter {src} changed since the export (sha256 {digest[:12]} != {sha256[:12]})")
-    dst = lora_dir / f"{name}{LORA_SUFFIX}"
-    if dst.exists():
-        if _sha256(dst) == digest:
-            return
-        raise FileExistsError(f"{dst} exists with other contents; rename the adapter or remove that file")
+        raise ValueError(f"{what} {src} changed since the export (sha256 {digest[:12]} != {sha256[:12]})")
+    return _Shipment(src, name, digest)
+
+
+def _plan_adapters(baked, loras, copy_baked: bool, lora_dir: Path | None) -> list[_Shipment]:
+    """Every adapter file to ship, hashed and checked for clashes (in the list, and in an existing
+    `lora_dir`) before the repository is written."""
+    ships = []
+    if copy_baked:
+        for bname, _, a in baked:
+            what = f"adapter {bname!r} baked into the export (pass --no-baked / copy_baked=False to skip it):"
+            ships.append(_shipment(Path(a.get("path", "")), bname, a.get("sha256"), what))
+    for p in loras:
+        p = Path(p)
+        ships.append(_shipment(p, _adapter_name(None, p)))
+    unique: dict[str, _Shipment] = {}
+    for s in ships:
+        other = unique.setdefault(s.file_name, s)
+        if other.digest != s.digest:
+            raise FileExistsError(f"two different adapters would be {s.file_name}: {other.src} and {s.src}; "
+                                  "rename one of them")
+    for s in unique.values():
+        dst = None if lora_dir is None else lora_dir / s.file_name
+        if dst is not None and dst.exists() and (not dst.is_file() or _sha256(dst) != s.digest):
+            raise FileExistsError(f"{dst} exists with other contents; rename the adapter or remove that file")
+    return list(unique.values())
+
+
+def _copy_adapters(ships: list[_Shipment], lora_dir: Path) -> list[Path]:
+    """Copy into lora_dir (each file under a temporary name, then renamed); returns the files added.
+    On failure the files added so far are removed again."""
     lora_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src, dst)
+    added = []
+    try:
+        for s in ships:
+            dst = lora_dir / s.file_name
+            if dst.is_file():  # same contents: _plan_adapters checked
+                continue
+            tmp = lora_dir / f".{s.file_name}.tmp-{os.getpid()}"
+            try:
+                shutil.copy2(s.src, tmp)
+                os.replace(tmp, dst)
+            finally:
+                tmp.unlink(missing_ok=True)
+            added.append(dst)
+    except BaseException:
+        for f in added:
+            f.unlink(missing_ok=True)
+        raise
+    return added
 
 
 # -- the repository -----------------------------------------------------------------------------
+
+
+def _check_options(text_encoder_backend: str, device: str, engine: str, preload: str) -> None:
+    if text_encoder_backend not in TEXT_ENCODER_BACKENDS:
+        raise ValueError(f"text_encoder_backend must be one of {TEXT_ENCODER_BACKENDS}")
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError("device must be auto, cpu or gpu")
+    if engine not in ("auto", "onnxruntime", "tensorrt"):
+        raise ValueError("engine must be auto, onnxruntime or tensorrt")
+    if preload not in ("baked", "all", "none"):
+        raise ValueError("preload must be baked, all or none")
+
+
+def _read_export(export_dir: Path, components) -> tuple[Manifest, dict]:
+    if not export_dir.is_dir():
+        raise FileNotFoundError(f"export directory not found: {export_dir}")
+    if not (export_dir / MANIFEST_FILE).is_file():
+        raise FileNotFoundError(f"{export_dir} is not an export directory (no {MANIFEST_FILE})")
+    manifest = Manifest.read(export_dir / MANIFEST_FILE)
+    comps: dict = dict(manifest.components)
+    if components is not None:
+        components = [c.strip() for c in components.split(",")] if isinstance(components, str) else list(components)
+        missing = [c for c in components if c not in comps]
+        if missing:
+            raise ValueError(f"the export has no component(s) {missing}; it has {list(comps)}")
+        comps = {c: comps[c] for c in components}
+    if not comps:
+        raise ValueError(f"{export_dir}: the manifest lists no components")
+    for component, entry in comps.items():
+        onnx_path = _component_dir(export_dir, component, entry) / ((entry or {}).get("model") or "model.onnx")
+        if not onnx_path.is_file():
+            raise FileNotFoundError(f"no ONNX model for {component} at {onnx_path}")
+    return manifest, comps
+
+
+def _prepare_repo(repo: Path, overwrite: bool) -> Path:
+    """A temporary directory next to `repo` to write into (renamed into place at the end)."""
+    if repo.exists() and not repo.is_dir():
+        raise FileExistsError(f"{repo} exists and is not a directory")
+    if repo.is_dir() and not overwrite and any(repo.iterdir()):
+        raise FileExistsError(f"{repo} is not empty")
+    try:
+        repo.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{repo.name}.tmp-", dir=repo.parent))
+    except OSError as e:
+        raise OSError(f"cannot write the repository {repo}: {e.strerror or e}") from e
+
+
+def _commit(tmp: Path, repo: Path, names: list[str]) -> None:
+    """Move the model directories written in `tmp` into `repo`, replacing those of the same name.
+
+    A new repository is one rename. Into an existing one (which may hold other models), the
+    old model directories are moved aside first and put back if a move fails."""
+    if not repo.exists():
+        os.replace(tmp, repo)
+        return
+    aside = tmp / ".replaced"
+    aside.mkdir()
+    moved, placed = [], []
+    try:
+        for name in names:
+            if (repo / name).exists():
+                os.replace(repo / name, aside / name)
+                moved.append(name)
+        for name in names:
+            os.replace(tmp / name, repo / name)
+            placed.append(name)
+    except BaseException:
+        for name in placed:
+            os.replace(repo / name, tmp / name)
+        for name in moved:
+            os.replace(aside / name, repo / name)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_repository(
@@ -274,112 +408,122 @@ def write_repository(
     python_path: directories the Python models add to sys.path (the project, if the
       server's Python environment does not have it installed).
     link: hard-link engine files instead of copying when possible.
+    overwrite: replace the models of these names in an existing repository (other models
+      there are kept); False: refuse a non-empty repo_dir.
     log_batches: the denoiser logs, per execute, its requests, adapter groups and refits.
+
+    Everything is checked (export, adapter files and their hashes, name clashes) and the
+    models are written to a temporary directory next to repo_dir, which is renamed into place
+    at the end: on any error (FileNotFoundError, ValueError, FileExistsError, ManifestError)
+    or interrupt, neither repo_dir nor lora_dir is changed.
     """
+    _check_options(text_encoder_backend, device, engine, preload)
     export_dir = Path(export_dir).resolve()
-    repo = Path(repo_dir)
-    if text_encoder_backend not in TEXT_ENCODER_BACKENDS:
-        raise ValueError(f"text_encoder_backend must be one of {TEXT_ENCODER_BACKENDS}")
-    if device not in ("auto", "cpu", "gpu"):
-        raise ValueError("device must be auto, cpu or gpu")
-    if engine not in ("auto", "onnxruntime", "tensorrt"):
-        raise ValueError("engine must be auto, onnxruntime or tensorrt")
-    if preload not in ("baked", "all", "none"):
-        raise ValueError("preload must be baked, all or none")
-    mpath = export_dir / MANIFEST_FILE
-    if not mpath.is_file():
-        raise FileNotFoundError(f"{export_dir} is not an export directory (no {MANIFEST_FILE})")
-    manifest = Manifest.read(mpath)
-    family = manifest.family
-    comps: dict = dict(manifest.components)
-    if components is not None:
-        components = [c.strip() for c in components.split(",")] if isinstance(components, str) else list(components)
-        missing = [c for c in components if c not in comps]
-        if missing:
-            raise ValueError(f"the export has no component(s) {missing}; it has {list(comps)}")
-        comps = {c: comps[c] for c in components}
-    if not comps:
-        raise ValueError(f"{export_dir}: the manifest lists no components")
+    repo = Path(repo_dir).absolute()
+    manifest, comps = _read_export(export_dir, components)
     has_plan = any((_component_dir(export_dir, c, e) / "model.plan").is_file() for c, e in comps.items())
     gpu = device == "gpu" or (device == "auto" and has_plan)
-    kind = "KIND_GPU" if gpu else "KIND_CPU"
     baked = [(_adapter_name(a.get("name"), Path(a.get("path", ""))), float(a.get("scale", 1.0)), a)
              for a in manifest.get("adapters") or []]
-    repo.mkdir(parents=True, exist_ok=True)
-    if not overwrite and any(repo.iterdir()):
-        raise FileExistsError(f"{repo} is not empty")
+    external = Path(lora_dir).resolve() if lora_dir is not None else None
+    denoisers = [c for c in comps if _role(manifest, c) != "text_encoder"]
+    if loras and not denoisers:
+        raise ValueError(f"adapters to ship were given, but none of {list(comps)} is a denoiser to serve them")
+    ships = _plan_adapters(baked, loras, copy_baked, external) if denoisers else []
     if python_path is not None:
         python_path = os.pathsep.join(str(Path(p).resolve()) for p in (
             [python_path] if isinstance(python_path, (str, os.PathLike)) else python_path))
+    opts = dict(family=manifest.family or "", kind="KIND_GPU" if gpu else "KIND_CPU", max_batch_size=max_batch_size,
+                instance_count=instance_count, queue_delay_us=queue_delay_us, python_path=python_path,
+                intra_op_threads=intra_op_threads, link=link, text_encoder_backend=text_encoder_backend,
+                engine=engine, preload=preload, batch_requests=batch_requests, log_batches=log_batches)
 
-    written = {}
-    for component, entry in comps.items():
-        src = _component_dir(export_dir, component, entry)
-        onnx_path = src / ((entry or {}).get("model") or "model.onnx")
-        if not onnx_path.is_file():
-            raise FileNotFoundError(f"no ONNX model for {component} at {onnx_path}")
-        inputs, outputs = _graph_io(onnx_path)
-        name = f"{prefix}{component}"
-        mdir = repo / name
-        if mdir.exists():
-            shutil.rmtree(mdir)
-        vdir = mdir / "1"
-        vdir.mkdir(parents=True)
-        common = dict(inputs=inputs, outputs=outputs, max_batch_size=max_batch_size, kind=kind,
-                      count=instance_count, queue_delay_us=queue_delay_us)
-        params = {"family": family or "", "component": component}
-        if python_path:
-            params["python_path"] = python_path
-        if intra_op_threads:
-            params["intra_op_threads"] = str(int(intra_op_threads))
-        if _role(manifest, component) == "text_encoder":
-            backend = text_encoder_backend
-            if backend == "auto":
-                backend = "tensorrt" if (src / "model.plan").is_file() else "onnxruntime"
-            if backend == "onnxruntime":
-                for f in src.iterdir():  # model.onnx and its external data, side by side
-                    if f.is_file() and (f.name == onnx_path.name or f.name.startswith(onnx_path.name + ".")
-                                        or f.suffix == ".data"):
-                        _place(f, vdir / ("model.onnx" if f == onnx_path else f.name), link)
-                text = make_config(name, platform="onnxruntime_onnx", **common)
-            elif backend == "tensorrt":
-                plan = src / "model.plan"
-                if not plan.is_file():
-                    raise FileNotFoundError(f"{component}: no model.plan in the export (export with --tensorrt)")
-                _place(plan, vdir / "model.plan", link)
-                text = make_config(name, platform="tensorrt_plan", **{**common, "kind": "KIND_GPU"})
+    tmp = _prepare_repo(repo, overwrite)
+    added: list[Path] = []
+    try:
+        names = []
+        for component, entry in comps.items():
+            name = f"{prefix}{component}"
+            src = _component_dir(export_dir, component, entry)
+            onnx_path = src / ((entry or {}).get("model") or "model.onnx")
+            mdir = tmp / name
+            if _role(manifest, component) == "text_encoder":
+                text = _write_encoder(mdir, name, component, src, onnx_path, export_dir / MANIFEST_FILE, opts)
             else:
-                _copy_dir(src, vdir / component, link)
-                _place(mpath, vdir / MANIFEST_FILE, False)
-                (vdir / "model.py").write_text(MODEL_PY.format(what=f"text encoder {component}", cls="EncoderModel"))
-                params["engine"] = engine
-                text = make_config(name, backend="python", parameters=params, **common)
-        else:
-            _copy_dir(src, vdir / component, link)
-            _place(mpath, vdir / MANIFEST_FILE, False)
-            (vdir / "model.py").write_text(MODEL_PY.format(what=f"denoiser {component} with per-request LoRAs",
-                                                           cls="DenoiserModel"))
-            if lora_dir is None:
-                ldir, ldir_param = mdir / "loras", "loras"
-            else:
-                ldir = Path(lora_dir).resolve()
-                ldir_param = str(ldir)
-            ldir.mkdir(parents=True, exist_ok=True)
-            if copy_baked:
-                for bname, _, a in baked:
-                    _ship_adapter(Path(a.get("path", "")), ldir, bname, a.get("sha256"))
-            for p in loras:
-                p = Path(p)
-                _ship_adapter(p, ldir, _adapter_name(None, p))
-            params.update({
-                "lora_dir": ldir_param, "engine": engine, "preload": preload,
-                "baked_loras": json.dumps([[n, s] for n, s, _ in baked]),
-                "batch_requests": "true" if batch_requests else "false",
-            })
-            if log_batches:
-                params["log_batches"] = "true"
-            text = make_config(name, backend="python", parameters=params,
-                               extra_outputs=[(APPLIED_OUTPUT, "TYPE_STRING", [1])], **common)
-        (mdir / "config.pbtxt").write_text(text)
-        written[name] = mdir / "config.pbtxt"
-    return written
+                if external is None:
+                    _copy_adapters(ships, mdir / "loras")
+                text = _write_denoiser(mdir, name, component, src, onnx_path, export_dir / MANIFEST_FILE, opts,
+                                       "loras" if external is None else str(external), baked)
+            (mdir / "config.pbtxt").write_text(text)
+            names.append(name)
+        if external is not None:
+            added = _copy_adapters(ships, external)
+        _commit(tmp, repo, names)
+    except BaseException:
+        for f in added:
+            f.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s (%s) from %s", repo, ", ".join(names), export_dir)
+    return {name: repo / name / "config.pbtxt" for name in names}
+
+
+def _params(opts: dict, component: str) -> dict:
+    params = {"family": opts["family"], "component": component}
+    if opts["python_path"]:
+        params["python_path"] = opts["python_path"]
+    if opts["intra_op_threads"]:
+        params["intra_op_threads"] = str(int(opts["intra_op_threads"]))
+    return params
+
+
+def _common(opts: dict, inputs, outputs) -> dict:
+    return dict(inputs=inputs, outputs=outputs, max_batch_size=opts["max_batch_size"], kind=opts["kind"],
+                count=opts["instance_count"], queue_delay_us=opts["queue_delay_us"])
+
+
+def _write_encoder(mdir: Path, name: str, component: str, src: Path, onnx_path: Path, mpath: Path, opts) -> str:
+    """A text encoder's model version (Triton's onnxruntime / tensorrt_plan backends, or Python); its config text."""
+    vdir, link = mdir / "1", opts["link"]
+    vdir.mkdir(parents=True)
+    common = _common(opts, *_graph_io(onnx_path))
+    backend = opts["text_encoder_backend"]
+    if backend == "auto":
+        backend = "tensorrt" if (src / "model.plan").is_file() else "onnxruntime"
+    if backend == "onnxruntime":
+        for f in src.iterdir():  # model.onnx and its external data, side by side
+            if f.is_file() and (f.name == onnx_path.name or f.name.startswith(onnx_path.name + ".")
+                                or f.suffix == ".data"):
+                _place(f, vdir / ("model.onnx" if f == onnx_path else f.name), link)
+        return make_config(name, platform="onnxruntime_onnx", **common)
+    if backend == "tensorrt":
+        plan = src / "model.plan"
+        if not plan.is_file():
+            raise FileNotFoundError(f"{component}: no model.plan in the export (export with --tensorrt)")
+        _place(plan, vdir / "model.plan", link)
+        return make_config(name, platform="tensorrt_plan", **{**common, "kind": "KIND_GPU"})
+    _copy_dir(src, vdir / component, link)
+    _place(mpath, vdir / MANIFEST_FILE, False)
+    (vdir / "model.py").write_text(MODEL_PY.format(what=f"text encoder {component}", cls="EncoderModel"))
+    params = {**_params(opts, component), "engine": opts["engine"]}
+    return make_config(name, backend="python", parameters=params, **common)
+
+
+def _write_denoiser(mdir: Path, name: str, component: str, src: Path, onnx_path: Path, mpath: Path, opts,
+                    lora_dir_param: str, baked) -> str:
+    """A denoiser's model version: the Python backend over the engine + Refitter; its config text."""
+    vdir = mdir / "1"
+    vdir.mkdir(parents=True)
+    common = _common(opts, *_graph_io(onnx_path))
+    _copy_dir(src, vdir / component, opts["link"])
+    _place(mpath, vdir / MANIFEST_FILE, False)
+    (vdir / "model.py").write_text(MODEL_PY.format(what=f"denoiser {component} with per-request LoRAs",
+                                                   cls="DenoiserModel"))
+    params = {**_params(opts, component),
+              "lora_dir": lora_dir_param, "engine": opts["engine"], "preload": opts["preload"],
+              "baked_loras": json.dumps([[n, s] for n, s, _ in baked]),
+              "batch_requests": "true" if opts["batch_requests"] else "false"}
+    if opts["log_batches"]:
+        params["log_batches"] = "true"
+    return make_config(name, backend="python", parameters=params,
+                       extra_outputs=[(APPLIED_OUTPUT, "TYPE_STRING", [1])], **common)

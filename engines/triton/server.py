@@ -39,6 +39,10 @@ class TritonUnavailable(RuntimeError):
     """The nvidia-pytriton wheel (tritonserver binary + Python backend) is not installed."""
 
 
+# numpy<2 with it: the wheel's Python backend returns empty output tensors under numpy 2
+INSTALL_HINT = "pip install nvidia-pytriton==0.7.0 'numpy<2'"
+
+
 class TritonServerError(RuntimeError):
     """tritonserver did not start, or died."""
 
@@ -50,7 +54,7 @@ def pytriton_server_dir(python: str | os.PathLike | None = None) -> Path:
 
         spec = importlib.util.find_spec("pytriton")
         if spec is None or not spec.submodule_search_locations:
-            raise TritonUnavailable("nvidia-pytriton is not installed (pip install nvidia-pytriton)")
+            raise TritonUnavailable(f"nvidia-pytriton is not installed ({INSTALL_HINT})")
         root = Path(list(spec.submodule_search_locations)[0])
     else:
         out = subprocess.run(
@@ -58,7 +62,7 @@ def pytriton_server_dir(python: str | os.PathLike | None = None) -> Path:
             capture_output=True, text=True, timeout=120,
         )
         if out.returncode != 0:
-            raise TritonUnavailable(f"nvidia-pytriton is not installed in {python}")
+            raise TritonUnavailable(f"nvidia-pytriton is not installed in {python} ({python} -m {INSTALL_HINT})")
         root = Path(out.stdout.strip())
     server = root / "tritonserver"
     if not (server / "bin" / "tritonserver").is_file():

@@ -144,6 +144,19 @@ class LoraDirectory:
 
 # -- the core ----------------------------------------------------------------------------------
 
+
+def request_key(loras_value, baked_key: Key, lora_dir: LoraDirectory) -> Key:
+    """A request's ``loras`` value -> its adapter set (absent: the baked one). Raises LoraRequestError."""
+    key = parse_loras(loras_value)
+    if key is None:
+        return baked_key
+    available = lora_dir.available()
+    for name, _ in key:
+        if name not in available:
+            raise LoraRequestError(f"adapter {name!r} is not in the server's adapter directory")
+    return key
+
+
 class LoraSwitcher:
     """Per-request adapter sets over one engine + Refitter (single-threaded use, locked anyway).
 
@@ -169,15 +182,7 @@ class LoraSwitcher:
 
     # -- requests -------------------------------------------------------------------------
     def request_key(self, loras_value) -> Key:
-        """Validate a request's ``loras`` value: its adapter set. Raises LoraRequestError."""
-        key = parse_loras(loras_value)
-        if key is None:
-            return self.baked_key
-        available = self.lora_dir.available()
-        for name, _ in key:
-            if name not in available:
-                raise LoraRequestError(f"adapter {name!r} is not in the server's adapter directory")
-        return key
+        return request_key(loras_value, self.baked_key, self.lora_dir)
 
     # -- refit -----------------------------------------------------------------------------
     def _sync_current(self):

@@ -8,14 +8,29 @@ name tables, and its markers. Adding a family is adding a module here.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import re
 
-from . import loader_only, sd, sd3, wan
 from .spec import Axis, Cfg, ComponentSpec, FamilySpec, NameTable, Namespace, Rule, Split, TensorSpec
 
-FAMILIES: dict[str, FamilySpec] = {
-    spec.name: spec for module in (sd, sd3, wan, loader_only) for spec in module.FAMILIES
-}
+_NOT_ENTRIES = {"spec", "common", "loader_only"}
+
+
+def _collect() -> dict[str, FamilySpec]:
+    """Every module of this package that defines FAMILIES is an entry (loader-only families last,
+    and only those no module of their own defines yet)."""
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_ENTRIES)
+    out: dict[str, FamilySpec] = {}
+    for name in [*names, "loader_only"]:
+        for spec in importlib.import_module(f"{__name__}.{name}").FAMILIES:
+            if spec.name in out and name != "loader_only":
+                raise RuntimeError(f"family {spec.name!r} is defined twice (again in families/{name}.py)")
+            out.setdefault(spec.name, spec)
+    return out
+
+
+FAMILIES: dict[str, FamilySpec] = _collect()
 
 
 def get_family(name: str) -> FamilySpec:
@@ -30,9 +45,13 @@ def _hits(spec: FamilySpec, target_names) -> int:
 
 
 def guess_family(target_names: list[str]) -> str | None:
-    """The family whose markers match the most of these `component.module` names, if any."""
+    """The family (with all these components) whose markers match the most of these
+    `component.module` names, if any."""
+    components = {n.split(".", 1)[0] for n in target_names}
     best, best_hits = None, 0
     for spec in FAMILIES.values():
+        if not components <= set(spec.components):
+            continue
         hits = _hits(spec, target_names)
         if hits > best_hits:
             best, best_hits = spec.name, hits

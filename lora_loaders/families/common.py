@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from types import ModuleType
+
 import torch
 
 from .spec import Axis, Cfg, ComponentSpec, TensorSpec
@@ -17,7 +20,7 @@ def timesteps(shape, g, ctx) -> torch.Tensor:
 
 def token_ids(shape, g, ctx) -> torch.Tensor:
     """Token ids inside the model's vocabulary, the last one the end-of-text token when it fits."""
-    cfg = ctx.config
+    cfg = _text(ctx.config)
     vocab = int(cfg.vocab_size)
     ids = torch.randint(0, vocab, shape, generator=g)
     eos = getattr(cfg, "eos_token_id", None)
@@ -29,8 +32,36 @@ def token_ids(shape, g, ctx) -> torch.Tensor:
     return ids
 
 
+def prefix_mask(shape, g, ctx) -> torch.Tensor:
+    """A tokenizer's attention mask: each row 1 for its first 1..n tokens (right padding), then 0."""
+    lengths = torch.randint(1, shape[-1] + 1, shape[:-1], generator=g)
+    return (torch.arange(shape[-1]) < lengths[..., None]).long()
+
+
+def sigmas(shape, g, ctx) -> torch.Tensor:
+    """Flow-matching sigmas in [0, 1], for denoisers that take the timestep / 1000."""
+    return torch.rand(shape, generator=g)
+
+
+@contextmanager
+def swapped(owner, name: str, value):
+    """`owner.name = value` for the duration of a graph_forward call (a function set on an object
+    becomes its method): swaps a model's code that torch.export cannot trace for an equivalent."""
+    bound = value if isinstance(owner, ModuleType) else value.__get__(owner)
+    missing = object()
+    old = owner.__dict__.get(name, missing)
+    setattr(owner, name, bound)
+    try:
+        yield
+    finally:
+        if old is missing:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, old)
+
+
 def clip(name: str, class_name: str, outputs: tuple[tuple[str, str], ...], lora: bool = True,
-         tiny: dict | None = None) -> ComponentSpec:
+         tiny: dict | None = None, tokenizer: str | None = None) -> ComponentSpec:
     """A CLIP text encoder: `input_ids` [batch, 77] -> `outputs` ((name, source), ...)."""
     dims = {"last_hidden_state": ("batch", CLIP_SEQ, Cfg("hidden_size")),
             "hidden_states": ("batch", CLIP_SEQ, Cfg("hidden_size")),
@@ -43,30 +74,81 @@ def clip(name: str, class_name: str, outputs: tuple[tuple[str, str], ...], lora:
         outputs=tuple(TensorSpec(n, dims[n], source=s) for n, s in outputs),
         call_kwargs={"output_hidden_states": True, "return_dict": True},
         tiny=tiny or CLIP_TINY, config_class="CLIPTextConfig", aliases=("text_model.",),
+        tokenizer=tokenizer or name.replace("text_encoder", "tokenizer"),
         # attention-processor era text-encoder names (`to_q_lora`) -> CLIP's
         renames=((r"\.self_attn\.to_(q|k|v)$", r".self_attn.\1_proj"), (r"\.self_attn\.to_out\.0$", ".self_attn.out_proj")),
     )
 
 
 def hf_encoder(name: str, class_name: str, config_class: str, tiny: dict, seq: str = "text",
-               lora: bool = False) -> ComponentSpec:
-    """A Hugging Face text encoder (T5, UMT5, Gemma, Qwen, ...): `input_ids` [batch, seq] -> last hidden state."""
+               lora: bool = False, tokenizer: str | None = None,
+               output: tuple[str, str] = ("last_hidden_state", "last_hidden_state"),
+               mask: bool = False) -> ComponentSpec:
+    """A Hugging Face text encoder (T5, UMT5, Gemma, Qwen, ...): `input_ids` [batch, seq] -> last hidden state,
+    or the hidden state a pipeline takes (`output=("hidden_states", "hidden_states.-3")`).
+    `mask`: the graph also takes the tokenizer's `attention_mask`, for pipelines that pass it."""
+    hidden = output[1].startswith("hidden_states")
+    masks = (TensorSpec("attention_mask", ("batch", seq), dtype="int64", sample=prefix_mask,
+                        doc="the tokenizer's attention mask"),) if mask else ()
     return ComponentSpec(
         name=name, library="transformers", class_name=class_name, role="text_encoder", lora=lora,
         inputs=(TensorSpec("input_ids", ("batch", seq), dtype="int64", sample=token_ids,
-                           doc="token ids from the family's tokenizer"),),
-        outputs=(TensorSpec("last_hidden_state", ("batch", seq, Cfg(fn=_hidden)), source="last_hidden_state"),),
-        call_kwargs={"return_dict": True}, tiny=tiny, config_class=config_class,
+                           doc="token ids from the family's tokenizer"), *masks),
+        outputs=(TensorSpec(output[0], ("batch", seq, Cfg(fn=_hidden)), source=output[1]),),
+        call_kwargs={"return_dict": True, **({"output_hidden_states": True} if hidden else {})}, tiny=tiny,
+        config_class=config_class,
+        tokenizer=tokenizer or name.replace("text_encoder", "tokenizer"),
     )
 
 
+def vae(latent: tuple, image: tuple, tiny: dict, class_name: str = "AutoencoderKL") -> tuple[ComponentSpec, ...]:
+    """The VAE's two halves as components of their own (both from the `vae` folder): `vae_decoder`
+    (latents -> pixels in [-1, 1], exported by default) and `vae_encoder` (pixels -> the latent
+    distribution's mean and log-variance, for image-to-image; exported on request).
+
+    latent / image: dims of the latents (as the denoiser takes them) and of the pixels."""
+    return (
+        ComponentSpec(
+            name="vae_decoder", library="diffusers", class_name=class_name, role="vae", lora=False, subfolder="vae",
+            method="decode", call_kwargs={"return_dict": False}, tiny=tiny,
+            inputs=(TensorSpec("latent_sample", latent, arg="z", doc="latents, already divided by the scaling factor"),),
+            outputs=(TensorSpec("sample", image, source="0", doc="pixels in [-1, 1]"),),
+        ),
+        ComponentSpec(
+            name="vae_encoder", library="diffusers", class_name=class_name, role="vae", lora=False, subfolder="vae",
+            method="encode", call_kwargs={"return_dict": False}, tiny=tiny, export=False,
+            inputs=(TensorSpec("sample", image, arg="x", doc="pixels in [-1, 1]"),),
+            outputs=(TensorSpec("latent_parameters", (image[0], Cfg(fn=lambda c: 2 * c.latent_channels), *latent[2:]),
+                                source="0.parameters", doc="mean and log-variance of the latent distribution"),),
+        ),
+    )
+
+
+IMAGE_AXES = {  # pixels, for the VAE (multiples of every VAE's downsampling factor)
+    "image_height": Axis(256, 1024, 1536, example=32, check=48),
+    "image_width": Axis(256, 1024, 1536, example=32, check=64),
+}
+VAE_TINY = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
+                norm_num_groups=8, layers_per_block=1, sample_size=32)
+
+
 def _hidden(config) -> int:
+    config = _text(config)
     return int(getattr(config, "d_model", None) or config.hidden_size)
+
+
+def _text(config):
+    """The language model's config (a vision-language model's `text_config`)."""
+    return getattr(config, "text_config", None) or config
 
 
 CLIP_TINY = dict(
     vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
     max_position_embeddings=77, projection_dim=32, hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1,
 )
+GEMMA2_TINY = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, max_position_embeddings=512, bos_token_id=2, eos_token_id=1,
+                   pad_token_id=0)
 T5_TINY = dict(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)

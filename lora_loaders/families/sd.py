@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from .common import BATCH, clip, timesteps
+from .common import BATCH, IMAGE_AXES, VAE_TINY, clip, timesteps, vae
 from .spec import Axis, Cfg, ComponentSpec, FamilySpec, NameTable, Namespace, TensorSpec
 
 # ---- SGM (original Stable Diffusion) UNet names, as kohya flattens them -> diffusers names ----
@@ -138,7 +138,12 @@ def _unet(xl: bool, tiny: dict) -> ComponentSpec:
     )
 
 
+_VAE = vae(("batch", Cfg("latent_channels"), "height", "width"),
+           ("batch", Cfg("out_channels"), "image_height", "image_width"), VAE_TINY)
+_EULER = ("EulerDiscreteScheduler", dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                         beta_schedule="scaled_linear", steps_offset=1))
 _AXES = {
+    **IMAGE_AXES,
     "batch": BATCH,
     # latent pixels / 8; the export traces and validates small sizes (multiples of 8 fit every UNet)
     "height": Axis(32, 64, 128, example=16, check=16),
@@ -157,8 +162,9 @@ SD = FamilySpec(
             cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16)),
         "text_encoder": clip("text_encoder", "CLIPTextModel",
                              (("last_hidden_state", "last_hidden_state"), ("pooler_output", "pooler_output"))),
+        **{c.name: c for c in _VAE},
     },
-    axes=_AXES, namespaces=_KOHYA,
+    axes=_AXES, namespaces=_KOHYA, scheduler=_EULER,
     markers=(r"^unet\.down_blocks\.0\.attentions", r"^unet\.down_blocks\.3\."),
 )
 
@@ -171,12 +177,16 @@ SDXL = FamilySpec(
             transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), cross_attention_dim=64,
             norm_num_groups=16, use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)),
-        # SDXL conditions on the penultimate layer of both encoders
+        # SDXL conditions on the penultimate layer of both encoders (the last layer too, for
+        # what a pipeline reads as the model's first output)
         "text_encoder": clip("text_encoder", "CLIPTextModel",
-                             (("hidden_states", "hidden_states.-2"), ("pooler_output", "pooler_output"))),
+                             (("hidden_states", "hidden_states.-2"), ("pooler_output", "pooler_output"),
+                              ("last_hidden_state", "last_hidden_state"))),
         "text_encoder_2": clip("text_encoder_2", "CLIPTextModelWithProjection",
                                (("text_embeds", "text_embeds"), ("hidden_states", "hidden_states.-2"))),
+        **{c.name: c for c in _VAE},
     },
+    scheduler=_EULER,
     axes={**_AXES, "height": Axis(32, 128, 192, example=16, check=16),
           "width": Axis(32, 128, 192, example=16, check=24)},
     namespaces=(*_KOHYA, Namespace("lora_te2_", "text_encoder_2", flat=True, format="kohya")),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from .common import BATCH, T5_TINY, clip, hf_encoder, timesteps
+from .common import BATCH, IMAGE_AXES, T5_TINY, VAE_TINY, clip, hf_encoder, timesteps, vae
 from .spec import Axis, Cfg, ComponentSpec, FamilySpec, NameTable, Namespace, Rule, Split, TensorSpec
 
 _B = r"joint_blocks\.(\d+)"
@@ -88,8 +88,13 @@ SD3 = FamilySpec(
         "text_encoder_2": clip("text_encoder_2", "CLIPTextModelWithProjection", _CLIP_OUT),
         # diffusers' SD3 mixin does not load T5 LoRAs; sd-scripts writes them (`lora_te3_`), so we do.
         "text_encoder_3": hf_encoder("text_encoder_3", "T5EncoderModel", "T5Config", T5_TINY, lora=True),
+        **{c.name: c for c in vae(("batch", Cfg("latent_channels"), "height", "width"),
+                                  ("batch", Cfg("out_channels"), "image_height", "image_width"),
+                                  {**VAE_TINY, "shift_factor": 0.0609, "scaling_factor": 1.5305})},
     },
+    scheduler=("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=3.0)),
     axes={
+        **IMAGE_AXES,
         "batch": BATCH,
         "height": Axis(32, 128, 192, example=16, check=24),  # latents (pixels / 8), multiples of the patch size 2
         "width": Axis(32, 128, 192, example=16, check=20),
@@ -105,8 +110,9 @@ SD3 = FamilySpec(
         Namespace("diffusion_model.", "transformer", table=ORIGINAL, format="original"),
         Namespace("transformer.", "transformer", table=ORIGINAL),
     ),
-    markers=(r"^transformer\.transformer_blocks\.\d+\.attn\.add_q_proj", r"context_embedder",
-             r"^transformer\.pos_embed", r"norm1_context"),
+    markers=(r"^transformer\.transformer_blocks\.\d+\.attn\.(add_[qkv]_proj|to_add_out)", r"context_embedder",
+             r"^transformer\.pos_embed", r"norm1_context", r"^transformer\.transformer_blocks\.\d+\.ff_context",
+             r"^text_encoder_3\."),
 )
 
 FAMILIES = (SD3,)

@@ -94,15 +94,29 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...] = ()
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)  # static forward kwargs
     prepare: Callable | None = None  # (model, kwargs) -> kwargs: non-tensor forward args from shapes
+    method: str = "forward"  # the model method the graph is (the VAE's "decode" / "encode")
+    # (model, kwargs) -> result: a traceable stand-in for a forward whose control flow depends on
+    # tensor values (Lumina2 packs captions by their lengths in Python loops); same outputs.
+    graph_forward: Callable | None = None
+    subfolder: str | None = None  # the diffusers folder it loads from (default: its name; both VAE halves: "vae")
+    tokenizer: str | None = None  # a text encoder's tokenizer: the pipeline attribute ("tokenizer_2")
     tiny: Mapping[str, Any] | None = None  # config of the built-in tiny model
     config_class: str | None = None  # transformers config class for `tiny`
     aliases: tuple[str, ...] = ()  # module-path prefixes a file may have or lack (CLIP's "text_model.")
     renames: tuple[tuple[str, str], ...] = ()  # (regex, replacement) always applied to this component's names
     block_weights: Callable | None = None  # (scales, module names) -> {module prefix: weight}
+    # Linear modules a LoRA may widen (more input columns, zero-padded, as diffusers does for Flux
+    # Control's x_embedder), each with the config field that follows its input width.
+    widen: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def is_text_encoder(self) -> bool:
         return self.role == "text_encoder"
+
+    @property
+    def folder(self) -> str:
+        """The `save_pretrained` subfolder and pipeline attribute this component belongs to."""
+        return self.subfolder or self.name
 
     def inputs_for(self, config) -> tuple[TensorSpec, ...]:
         """The graph inputs of a model with this config."""
@@ -156,8 +170,7 @@ class NameTable:
             if out is not None:
                 return out
         for rule, dotted, flattened in self._compiled:  # noqa: B007
-            # Flat namespaces also see dotted names (`lora_unet_blocks.0.self_attn.q`, as some trainers write).
-            m = dotted.fullmatch(name) or (flattened.fullmatch(name) if flat else None)
+            m = (flattened if flat else dotted).fullmatch(name)
             if m is None:
                 continue
             if isinstance(rule.target, Split):
@@ -196,6 +209,7 @@ class FamilySpec:
     unfuse_default: tuple[str, ...] | None = None
     markers: tuple[str, ...] = ()  # regexes over "component.module" names typical of this family
     pipeline: str | None = None  # the diffusers pipeline class
+    scheduler: tuple[str, Mapping[str, Any]] | None = None  # its scheduler class and config for the tiny model
     # Family-specific `load_lora_weights(...=True)` flags that send a file's layers to another
     # component: Wan 2.2's {"load_into_transformer_2": {"transformer": "transformer_2"}}.
     load_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
@@ -232,6 +246,13 @@ class FamilySpec:
         given = {n.prefix for n in spaces}
         spaces += [Namespace(f"{c}.", c) for c in self.lora_components if f"{c}." not in given]
         return sorted(spaces, key=lambda n: len(n.prefix), reverse=True)
+
+    def remap_into(self, component: str) -> dict[str, str]:
+        """The component remap that loads a file into `component` (Wan 2.2's transformer_2), or {}."""
+        for mapping in self.load_options.values():
+            if component in mapping.values():
+                return {src: dst for src, dst in mapping.items() if dst == component}
+        return {}
 
     def unprefixed(self) -> Namespace:
         """Keys without a prefix belong to the denoiser, spelled as its `<denoiser>.` keys may be."""

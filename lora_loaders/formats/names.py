@@ -18,6 +18,8 @@ _VOCAB = {
     "time_text_embed", "norm1_context", "condition_embedder", "time_embedder", "time_proj", "image_embedder",
     "patch_embedding", "add_k_proj", "add_v_proj", "SelfAttention", "DenseReluDense", "wi_0", "wi_1",
     "EncDecAttention", "scale_shift_table", "embed_tokens", "layer_norm", "final_layer_norm",
+    "linear_in", "linear_out", "to_qkv_mlp_proj", "time_guidance_embed", "double_stream_modulation_img",
+    "double_stream_modulation_txt", "single_stream_modulation",
 }
 _MAX_WORDS = max(len(v.split("_")) for v in _VOCAB)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapter import LoraLayer
+from ..errors import ParseError
 
 # (suffix regex, role). Tried in order; the first match wins. A role names a LoraLayer
 # tensor ("down", "up", "w1a", ...) or one of: alpha, bias, magnitude, dora_scale,
@@ -41,10 +42,6 @@ _SUFFIXES: list[tuple[re.Pattern, str]] = [(re.compile(p + "$"), r) for p, r in 
 # Attention-processor era diffusers names: `attn1.processor.to_q_lora.down.weight`.
 _PROCESSOR = re.compile(r"(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _PROCESSOR_NAMES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
-
-
-class ParseError(ValueError):
-    """A LoRA file whose keys or tensors do not form LoRA layers."""
 
 
 @dataclass

@@ -1,0 +1,380 @@
+"""`load_pipeline`: the family's diffusers pipeline, its models replaced by the exported engines.
+
+    pipe = engines.load_pipeline("out/sdxl")                  # ONNX Runtime, TensorRT or torch engines
+    pipe.load_lora_weights("y.safetensors", adapter_name="y")  # refits the engines it targets
+    pipe.set_adapters(["y"], [0.8])
+    image = pipe("a red cube", num_inference_steps=30, generator=torch.Generator().manual_seed(0)).images[0]
+
+The pipeline is diffusers' own (its scheduler, tokenizers, guidance logic, image
+processing); each model it calls is an `EngineModel`: a module without parameters that
+maps the call's arguments onto the exported graph's inputs (the registry's TensorSpec
+`arg`s), runs the engine, and returns what the model would (`[0]`, `.sample`,
+`.hidden_states[-2]`, a latent distribution). The LoRA methods refit the engines through
+one `refit.Refitter` per LoRA-capable component, with diffusers' semantics.
+
+This module sits on top, beside the Triton deployment: it uses `refit`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lora_loaders.adapter import adapter_name_list
+from lora_loaders.families import ComponentSpec, FamilySpec, get_family
+
+from . import load_engine
+from .manifest import Manifest
+from .weights_map import from_numpy, np_dtype
+
+log = logging.getLogger(__name__)
+
+# Arguments a pipeline passes that the exported graphs do not take; ignored when unset.
+_PASSTHROUGH = {"return_dict", "output_hidden_states", "attention_mask", "generator", "cross_attention_kwargs",
+                "joint_attention_kwargs", "attention_kwargs", "timestep_cond", "output_attentions"}
+
+
+class PipelineError(RuntimeError):
+    """An export that cannot back a pipeline (files missing), or a call the engines cannot serve."""
+
+
+class EngineModel(torch.nn.Module):
+    """Stands in for one model of a pipeline (both VAE halves: one `vae`) over exported engines."""
+
+    def __init__(self, parts: dict[str, tuple[ComponentSpec, object, dict]], config, dtype: torch.dtype):
+        super().__init__()
+        self._parts = parts  # method -> (component spec, engine, manifest entry)
+        self.config = config
+        self._dtype = dtype
+        first = next(iter(parts.values()))[0]
+        import importlib
+
+        self._cls = getattr(importlib.import_module(first.library), first.class_name)
+
+    dtype = property(lambda self: self._dtype)
+    device = property(lambda self: torch.device("cpu"))  # engines take and give host arrays
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):
+                raise
+        # Structure a pipeline reads (`unet.add_embedding.linear_1.in_features`): the model's own,
+        # built from its config on the meta device (no memory).
+        meta = self.__dict__.get("_meta")
+        if meta is None:
+            with torch.device("meta"):
+                meta = self._cls.from_config(self.config) if hasattr(self._cls, "from_config") else self._cls(self.config)
+            self.__dict__["_meta"] = meta
+        return getattr(meta, name)
+
+    def forward(self, *args, **kwargs):
+        return self._run("forward", args, kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self._run("decode", args, kwargs)
+
+    def encode(self, *args, **kwargs):
+        return self._run("encode", args, kwargs)
+
+    def _run(self, method: str, args, kwargs):
+        if method not in self._parts:
+            raise PipelineError(f"this export has no engine for {self._cls.__name__}.{method} (export the "
+                                f"{'vae_encoder' if method == 'encode' else method} component)")
+        spec, engine, entry = self._parts[method]
+        sig = inspect.signature(getattr(self._cls, method))
+        bound = dict(sig.bind(None, *args, **kwargs).arguments)
+        bound.pop(next(iter(bound)))  # self
+        for name, p in sig.parameters.items():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                bound.update(bound.pop(name, {}))
+        feeds = _feeds(spec, entry, bound)
+        out = engine.infer(feeds)
+        values = {o.name: from_numpy(out[o.name]) for o in spec.outputs}
+        return _result(spec, method, values, bound)
+
+
+def _feeds(spec: ComponentSpec, entry: dict, args: dict) -> dict[str, np.ndarray]:
+    used = set()
+    raw = {}
+    for t in spec.inputs:
+        if t.name not in {i["name"] for i in entry["inputs"]}:
+            continue  # not in this config's graph (TensorSpec.when)
+        path = (t.arg or t.name).split(".")
+        used.add(path[0])
+        value = args.get(path[0])
+        for part in path[1:]:
+            value = None if value is None else value.get(part)
+        if value is None:
+            raise PipelineError(f"{spec.name}: the pipeline did not pass {t.arg or t.name!r}, a graph input")
+        raw[t.name] = value
+    extra = [k for k, v in args.items() if k not in used and k not in _PASSTHROUGH and v is not None
+             and not (isinstance(v, bool))]
+    extra += [f"{k}.{s}" for k in used if isinstance(args.get(k), Mapping)
+              for s, v in args[k].items() if v is not None and f"{k}.{s}" not in {t.arg for t in spec.inputs}]
+    if extra:
+        raise PipelineError(f"{spec.name}: the exported graph has no input for {sorted(extra)}")
+    batch = next((v.shape[0] for t, v in zip(spec.inputs, raw.values()) if torch.is_tensor(v) and v.dim()
+                  and t.dims and t.dims[0] == "batch"), None)
+    feeds = {}
+    dtypes = {i["name"]: i["dtype"] for i in entry["inputs"]}
+    for name, value in raw.items():
+        v = torch.as_tensor(value).detach().cpu()
+        rank = len(next(i["shape"] for i in entry["inputs"] if i["name"] == name))
+        if v.dim() < rank and v.numel() == 1 and batch is not None:  # a scalar timestep: one per sample
+            v = v.reshape(1).expand(batch)
+        feeds[name] = np.ascontiguousarray(v.to(_torch_dtype(dtypes[name])).numpy()
+                                           if dtypes[name] != "bfloat16" else _bf16(v))
+    return feeds
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _bf16(v: torch.Tensor) -> np.ndarray:
+    return v.to(torch.bfloat16).view(torch.int16).numpy().view(np_dtype("bfloat16"))
+
+
+def _result(spec: ComponentSpec, method: str, values: dict, args: dict):
+    return_dict = args.get("return_dict", True)
+    first = values[spec.outputs[0].name]
+    if method == "decode":
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        return DecoderOutput(sample=first) if return_dict else (first,)
+    if method == "encode":
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+        dist = DiagonalGaussianDistribution(first)
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+    if spec.role != "text_encoder":
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=first) if return_dict else (first,)
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from transformers.models.clip.modeling_clip import CLIPTextModelOutput
+
+    fields = {}
+    for o in spec.outputs:
+        if o.source.startswith("hidden_states."):
+            index = int(o.source.split(".")[1])  # only that layer is exported: put it where the index finds it
+            fields["hidden_states"] = (values[o.name], *[None] * (-index - 1)) if index < 0 else \
+                (*[None] * index, values[o.name])
+        else:
+            fields[o.source] = values[o.name]
+    cls = CLIPTextModelOutput if "text_embeds" in fields else BaseModelOutputWithPooling
+    out = cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
+    return out if return_dict or return_dict is None else out.to_tuple()
+
+
+# -- LoRA switching over the engines ---------------------------------------------------------------
+
+
+class PipelineLoras:
+    """diffusers' pipeline LoRA API over one Refitter per LoRA-capable exported component."""
+
+    def __init__(self, refitters: dict):
+        self.refitters = refitters  # component -> Refitter
+
+    def _snapshot(self):
+        return {c: (r.get_active_adapters(), r.get_adapter_weights(), r.enabled) for c, r in self.refitters.items()}
+
+    def _restore(self, snap, drop: str | None = None):
+        for c, (active, weights, enabled) in snap.items():
+            r = self.refitters[c]
+            try:
+                if drop and drop in r.get_list_adapters().get(c, []):
+                    r.delete_adapters(drop)
+                r.set_adapters(active, [weights[n] for n in active])
+                (r.enable_lora if enabled else r.disable_lora)()
+            except Exception:  # noqa: BLE001 - best effort; the first error is what the caller sees
+                log.exception("%s: could not restore the adapters after a failed change", c)
+
+    def load_lora_weights(self, source, adapter_name: str | None = None, **kwargs):
+        from lora_loaders.reader import parse_file
+
+        if adapter_name is None:
+            adapter_name = f"default_{len(self.get_list_adapters_flat())}"
+        if adapter_name in self.get_list_adapters_flat():
+            raise ValueError(f"Adapter name {adapter_name!r} already in use")
+        parse_file(source, **{k: v for k, v in kwargs.items() if k in ("weight_name", "allow_pickle")})
+        snap, done = self._snapshot(), []
+        try:
+            for c, r in self.refitters.items():
+                try:
+                    r.load_lora(source, adapter_name=adapter_name, **kwargs)
+                    done.append(c)
+                except Exception as e:  # noqa: BLE001
+                    if "has no layers for component" not in str(e):
+                        raise
+            if not done:
+                raise ValueError(f"adapter {adapter_name!r} has no layers for the exported LoRA components "
+                                 f"{list(self.refitters)}")
+        except BaseException:
+            self._restore({c: snap[c] for c in done}, drop=adapter_name)
+            raise
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        out = {}
+        for c, r in self.refitters.items():
+            out.update(r.get_list_adapters())
+        return out
+
+    def get_list_adapters_flat(self) -> list[str]:
+        return list(dict.fromkeys(n for names in self.get_list_adapters().values() for n in names))
+
+    def get_active_adapters(self) -> list[str]:
+        return list(dict.fromkeys(n for r in self.refitters.values() for n in r.get_active_adapters()))
+
+    def set_adapters(self, adapter_names, adapter_weights=None):
+        names = adapter_name_list(adapter_names, self.get_list_adapters_flat())
+        weights = copy.deepcopy(adapter_weights)
+        weights = weights if isinstance(weights, list) else [weights] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"Length of adapter names {len(names)} is not equal to the length of the weights "
+                             f"{len(weights)}")
+        def change(c, r):
+            have = r.get_list_adapters().get(c, [])
+            pairs = [(n, w.get(c) if isinstance(w, Mapping) else w) for n, w in zip(names, weights) if n in have]
+            r.set_adapters([n for n, _ in pairs], [w for _, w in pairs])  # none of them here: this one's base
+
+        self._each(change)
+
+    def _each(self, change):
+        snap = self._snapshot()
+        try:
+            for c, r in self.refitters.items():
+                change(c, r)
+        except BaseException:
+            self._restore(snap)
+            raise
+
+    def disable_lora(self):
+        self._each(lambda c, r: r.disable_lora())
+
+    def enable_lora(self):
+        self._each(lambda c, r: r.enable_lora())
+
+    def delete_adapters(self, adapter_names):
+        names = adapter_name_list(adapter_names, self.get_list_adapters_flat())
+        self._each(lambda c, r: [r.delete_adapters(n) for n in names if n in r.get_list_adapters().get(c, [])])
+
+    def unload_lora_weights(self):
+        self._each(lambda c, r: r.unload_lora_weights())
+
+    def fuse_lora(self, *args, **kwargs):
+        """Engines always hold the effective weights: nothing to merge."""
+
+    def unfuse_lora(self, *args, **kwargs):
+        """Engines always hold the effective weights: nothing to unmerge (`set_adapters([])` gives base)."""
+
+
+_LORA_METHODS = ("load_lora_weights", "set_adapters", "disable_lora", "enable_lora", "delete_adapters",
+                 "unload_lora_weights", "get_active_adapters", "get_list_adapters", "fuse_lora", "unfuse_lora")
+
+
+def _engine_pipeline_class(cls):
+    """The diffusers pipeline class with its LoRA methods refitting the engines."""
+    def method(name):
+        def call(self, *args, **kwargs):
+            return getattr(self._engine_loras, name)(*args, **kwargs)
+        call.__name__ = name
+        call.__doc__ = getattr(PipelineLoras, name).__doc__
+        return call
+
+    return type(f"Engine{cls.__name__}", (cls,), {n: method(n) for n in _LORA_METHODS})
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def load_pipeline(out_dir, backend: str | None = None, lora_dir=None, **engine_opts):
+    """The family's diffusers pipeline over the engines of an export directory.
+
+    backend: as `engines.load_engine` ("onnxruntime", "tensorrt", "torch"; None: what is
+    there). lora_dir: where else to find the files of the adapters the export baked (a
+    Triton adapter directory). Raises PipelineError when the export lacks what the pipeline
+    needs.
+    """
+    import diffusers
+
+    import refit
+
+    out_dir = Path(out_dir)
+    manifest = Manifest.read(out_dir)
+    spec: FamilySpec = get_family(manifest.family)
+    info = manifest.get("pipeline") or {}
+    if not spec.pipeline or not info:
+        raise PipelineError(f"{out_dir}: the export records no pipeline files; export from a diffusers directory, "
+                            "a hub id or --model tiny")
+    if info.get("missing"):
+        raise PipelineError(f"{out_dir}: the export lacks the pipeline's {info['missing']}")
+    index = _model_index(out_dir)
+    cls = _engine_pipeline_class(getattr(diffusers, spec.pipeline))
+    params = inspect.signature(cls.__init__).parameters
+    kwargs, refitters = {}, {}
+    groups: dict[str, dict] = {}
+    for comp, entry in manifest.components.items():
+        cspec = spec.component(comp)
+        engine = load_engine(out_dir / entry.get("dir", comp), backend=backend, **engine_opts)
+        groups.setdefault(cspec.folder, {})[cspec.method] = (cspec, engine, entry)
+        if cspec.lora:
+            refitters[comp] = refit.Refitter(engine, lora_dir=lora_dir)
+    for folder, parts in groups.items():
+        cspec, _, entry = next(iter(parts.values()))
+        config = _config(cspec, out_dir / entry.get("dir", cspec.name))
+        kwargs[folder] = EngineModel(parts, config, _torch_dtype(entry["dtype"]))
+    for name in params:
+        if name in kwargs or name == "self" or name not in index:
+            continue
+        library, class_name = index[name]
+        if library is None or name in groups:
+            continue
+        import importlib
+
+        kwargs[name] = getattr(importlib.import_module(library), class_name).from_pretrained(out_dir / name)
+    for name, p in params.items():
+        if name not in kwargs and name != "self" and p.default is inspect.Parameter.empty \
+                and p.kind is not inspect.Parameter.VAR_KEYWORD:
+            kwargs[name] = None  # optional models the export does not serve (safety checker, image encoder)
+    if "requires_safety_checker" in params:
+        kwargs["requires_safety_checker"] = False
+    missing = [n for n in params if n not in kwargs and n not in ("self", "kwargs")]
+    pipe = cls(**{k: v for k, v in kwargs.items() if k in params})
+    pipe._engine_loras = PipelineLoras(refitters)
+    if missing:
+        log.debug("pipeline arguments left to their defaults: %s", missing)
+    return pipe
+
+
+def _model_index(out_dir: Path) -> dict:
+    import json
+
+    path = out_dir / "model_index.json"
+    if not path.is_file():
+        raise PipelineError(f"{out_dir}: no model_index.json")
+    return {k: v for k, v in json.loads(path.read_text()).items() if isinstance(v, list) and len(v) == 2}
+
+
+def _config(cspec: ComponentSpec, comp_dir: Path):
+    """The component's config, as its model would have it (`model.config`)."""
+    import importlib
+
+    cls = getattr(importlib.import_module(cspec.library), cspec.class_name)
+    if cspec.library == "transformers":
+        return cls.config_class.from_pretrained(comp_dir)
+    from diffusers.configuration_utils import FrozenDict
+
+    config = dict(cls.load_config(comp_dir))
+    if "force_upcast" in config:
+        config["force_upcast"] = False  # the VAE engine runs at its exported precision: nothing to upcast
+    return FrozenDict(config)

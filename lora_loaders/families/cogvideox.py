@@ -1,0 +1,98 @@
+"""CogVideoX 1.0 / 1.5 (`cogvideox`): an expert-adaLN video DiT (`transformer`) and T5.
+
+Layouts: diffusers/PEFT under `transformer.` (diffusers' CogVideoX mixin reads no other).
+
+The 3D rotary embedding (5B and 1.5 models) is the pipeline's `_prepare_rotary_positional_
+embeddings`, computed inside the graph from the latents' shape, so frames, height and width
+stay dynamic: 1.0 resizes the latent grid into the config's base grid and centres it (the
+crop arithmetic done in tensors, not Python numbers the exporter would bake in), 1.5 slices
+positions from 0. CogVideoX-2B's sinusoidal positions (no rotary embedding) are only
+recomputed by diffusers at sizes other than the config's, so its graph is fixed-size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import BATCH, T5_TINY, hf_encoder, timesteps
+from .spec import Axis, Cfg, ComponentSpec, FamilySpec, TensorSpec
+
+
+def _grid(n: int, start=None, stop=None) -> torch.Tensor:
+    """`torch.arange(n)`, or `torch.linspace(start, stop * (n - 1) / n, n)` for tensor bounds."""
+    i = torch.arange(n, dtype=torch.float32)
+    if start is None:
+        return i
+    nf = torch.scalar_tensor(n, dtype=torch.float32)
+    return start + i * (stop * (nf - 1) / nf - start) / torch.clamp(nf - 1, min=1)
+
+
+def _rope(model, kwargs):
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    cfg = model.config
+    if not cfg.use_rotary_positional_embeddings:
+        return kwargs
+    _, frames, _, height, width = kwargs["hidden_states"].shape
+    p, pt = cfg.patch_size, cfg.patch_size_t
+    gh, gw = height // p, width // p
+    base_h, base_w = cfg.sample_height // p, cfg.sample_width // p
+    if pt is None:  # get_resize_crop_region_for_grid((gh, gw), base_w, base_h), then linspace grids
+        h, w = (torch.scalar_tensor(n, dtype=torch.float32) for n in (gh, gw))
+        tall = h / w > base_h / base_w
+        rh = torch.where(tall, torch.tensor(float(base_h)), torch.round(base_w / w * h))
+        rw = torch.where(tall, torch.round(base_h / h * w), torch.tensor(float(base_w)))
+        top, left = torch.round((base_h - rh) / 2), torch.round((base_w - rw) / 2)
+        grids = _grid(frames), _grid(gh, top, top + rh), _grid(gw, left, left + rw)
+    else:
+        grids = _grid((frames + pt - 1) // pt), _grid(gh), _grid(gw)
+    d = cfg.attention_head_dim
+    cos, sin = zip(*(get_1d_rotary_pos_embed(n, g, theta=10000, use_real=True)
+                     for n, g in zip((d // 4, d // 8 * 3, d // 8 * 3), grids)))
+    kwargs["image_rotary_emb"] = (_combine(*cos), _combine(*sin))
+    return kwargs
+
+
+def _combine(t, h, w):  # [T, dt], [H, dh], [W, dw] -> [T * H * W, dt + dh + dw]
+    nt, nh, nw = t.shape[0], h.shape[0], w.shape[0]
+    return torch.cat([t[:, None, None].expand(-1, nh, nw, -1), h[None, :, None].expand(nt, -1, nw, -1),
+                      w[None, None].expand(nt, nh, -1, -1)], -1).flatten(0, 2)
+
+
+TRANSFORMER = ComponentSpec(
+    name="transformer", library="diffusers", class_name="CogVideoXTransformer3DModel", role="denoiser",
+    inputs=(
+        TensorSpec("hidden_states", ("batch", "frames", Cfg("in_channels"), "height", "width"),
+                   doc="noisy latents, frames before channels (I2V: image latents concatenated on channels)"),
+        TensorSpec("encoder_hidden_states", ("batch", "text", Cfg("text_embed_dim")), doc="T5 hidden states"),
+        TensorSpec("timestep", ("batch",), dtype="float32", sample=timesteps, doc="DDIM / DPM timestep"),
+        TensorSpec("ofs", (1,), dtype="float32", sample=lambda shape, g, ctx: torch.full(shape, 2.0),
+                   when=lambda c: c.ofs_embed_dim is not None, doc="CogVideoX 1.5 I2V's offset (2.0 in the pipeline)"),
+    ),
+    outputs=(TensorSpec("out_sample", ("batch", "frames", Cfg("out_channels"), "height", "width"), source="0",
+                        doc="predicted noise / v"),),
+    call_kwargs={"return_dict": False},
+    prepare=_rope,
+    tiny=dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
+              text_embed_dim=32, num_layers=1, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
+              max_text_seq_length=16, use_rotary_positional_embeddings=True),
+)
+
+COGVIDEOX = FamilySpec(
+    name="cogvideox", mixin="CogVideoXLoraLoaderMixin", pipeline="CogVideoXPipeline",
+    components={
+        "transformer": TRANSFORMER,
+        "text_encoder": hf_encoder("text_encoder", "T5EncoderModel", "T5Config", T5_TINY),
+    },
+    axes={
+        "batch": BATCH,
+        "frames": Axis(1, 13, 22, example=4, check=2),  # latent frames: 1 + (49 video frames - 1) / 4; 1.5: 22
+        "height": Axis(16, 60, 96, example=8, check=12),  # latents (pixels / 8), multiples of the patch size 2
+        "width": Axis(16, 90, 170, example=8, check=10),
+        "text": Axis(1, 226, 226, example=8, check=12),  # T5 tokens
+    },
+    # Flux's markers also match these block names: the same pattern, so CogVideoX files are not taken for Flux's.
+    markers=(r"^transformer\.transformer_blocks\.\d+\.(ff\.net|norm1\.linear)", r"^transformer\.patch_embed\.text_proj"),
+)
+
+FAMILIES = (COGVIDEOX,)

@@ -1,0 +1,80 @@
+"""Kandinsky 5 (`kandinsky`): a text-encoder + visual-decoder video DiT (`transformer`), Qwen2.5-VL's
+text path (`text_encoder`: its last hidden state) and CLIP-L (`text_encoder_2`: pooled).
+
+Layouts: diffusers/PEFT under `transformer.` (diffusers' Kandinsky mixin reads no other).
+
+The graph takes latents as the pipeline holds them, channels last ([batch, frames, height,
+width, channels], with the visual condition and its mask concatenated for `visual_cond`
+models). The RoPE positions and the resolution-dependent RoPE scale are the pipeline's
+(`visual_rope_pos`, `text_rope_pos`, `_get_scale_factor`), derived from the shapes inside the
+graph (at the VAE's 8x spatial compression). Sparse (nabla) attention is not exported.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import BATCH, CLIP_TINY, clip, hf_encoder, timesteps
+from .spec import Axis, Cfg, ComponentSpec, FamilySpec, TensorSpec
+
+
+def _rope(model, kwargs):
+    _, frames, height, width, _ = kwargs["hidden_states"].shape
+    _, ph, pw = model.config.patch_size
+    kwargs["visual_rope_pos"] = [torch.arange(frames), torch.arange(height // ph), torch.arange(width // pw)]
+    kwargs["text_rope_pos"] = torch.arange(kwargs["encoder_hidden_states"].shape[1])
+    pixels = [torch.scalar_tensor(n * 8, dtype=torch.float32) for n in (height, width)]
+    sd = (480 <= pixels[0]) & (pixels[0] <= 854) & (480 <= pixels[1]) & (pixels[1] <= 854)
+    spatial = torch.where(sd, torch.tensor(2.0), torch.tensor(3.16))  # (1, 2, 2) within 480p, else (1, 3.16, 3.16)
+    kwargs["scale_factor"] = (1.0, spatial, spatial)
+    return kwargs
+
+
+TRANSFORMER = ComponentSpec(
+    name="transformer", library="diffusers", class_name="Kandinsky5Transformer3DModel", role="denoiser",
+    inputs=(
+        TensorSpec("hidden_states", ("batch", "frames", "height", "width",
+                                     Cfg(fn=lambda c: 2 * c.in_visual_dim + 1 if c.visual_cond else c.in_visual_dim)),
+                   doc="noisy latents, channels last (visual_cond models: + condition latents + condition mask)"),
+        TensorSpec("encoder_hidden_states", ("batch", "text", Cfg("in_text_dim")),
+                   doc="Qwen2.5-VL last hidden states (prompt template cropped)"),
+        TensorSpec("timestep", ("batch",), dtype="float32", sample=timesteps, doc="flow-matching timestep x 1000"),
+        TensorSpec("pooled_projections", ("batch", Cfg("in_text_dim2")), doc="CLIP pooler output"),
+    ),
+    outputs=(TensorSpec("out_sample", ("batch", "frames", "height", "width", Cfg("out_visual_dim")), source="sample",
+                        doc="predicted velocity, channels last"),),
+    call_kwargs={"return_dict": True},  # return_dict=False returns the bare tensor, not a tuple
+    prepare=_rope,
+    tiny=dict(in_visual_dim=4, in_text_dim=32, in_text_dim2=32, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
+              model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=1, axes_dims=(4, 6, 6), visual_cond=True),
+)
+
+QWEN25_VL_TINY = dict(
+    text_config=dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=2,
+                     rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+    vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32, patch_size=2,
+                       spatial_merge_size=1, temporal_patch_size=1, fullatt_block_indexes=[0], window_size=4),
+    bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+
+KANDINSKY = FamilySpec(
+    name="kandinsky", mixin="KandinskyLoraLoaderMixin", pipeline="Kandinsky5T2VPipeline",
+    components={
+        "transformer": TRANSFORMER,
+        "text_encoder": hf_encoder("text_encoder", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig",
+                                   QWEN25_VL_TINY, output=("hidden_states", "hidden_states.-1")),
+        "text_encoder_2": clip("text_encoder_2", "CLIPTextModel", (("pooler_output", "pooler_output"),), lora=False,
+                               tiny=CLIP_TINY),
+    },
+    axes={
+        "batch": BATCH,
+        "frames": Axis(1, 31, 61, example=3, check=2),  # latent frames: 1 + (121 video frames - 1) / 4; 10 s: 61
+        "height": Axis(16, 64, 128, example=8, check=12),  # latents (pixels / 8), multiples of the patch size 2
+        "width": Axis(16, 96, 128, example=8, check=10),
+        "text": Axis(1, 256, 256, example=8, check=12),  # Qwen tokens after the prompt template
+    },
+    markers=(r"^transformer\.(visual|text)_transformer_blocks\.",),
+)
+
+FAMILIES = (KANDINSKY,)

@@ -1,0 +1,119 @@
+"""Mochi 1 (`mochi`): an asymmetric dual-stream video DiT (`transformer`) and T5.
+
+Layouts: diffusers/PEFT under `transformer.` (diffusers' Mochi mixin reads no other).
+
+diffusers' Mochi attention drops the padded prompt tokens per sample (a Python loop over
+the batch with `nonzero`), which no graph can trace with a dynamic batch. The graph runs the
+same attention with the padded keys masked instead, and zero outputs at padded text
+positions, as diffusers pads them. That equals diffusers' for right-padded prompt masks
+(what T5's tokenizer makes), and is checked against it in tests/test_family_mochi.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .common import BATCH, T5_TINY, hf_encoder, prefix_mask, timesteps
+from .spec import Axis, Cfg, ComponentSpec, FamilySpec, TensorSpec
+
+
+class MaskedMochiAttnProcessor:
+    """diffusers' MochiAttnProcessor2_0 with the prompt padding masked instead of dropped."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None):
+        def heads(x, proj, norm=None):  # [batch, tokens, heads, head dim]
+            x = proj(x).unflatten(2, (attn.heads, -1))
+            return x if norm is None else norm(x)
+
+        q, k = heads(hidden_states, attn.to_q, attn.norm_q), heads(hidden_states, attn.to_k, attn.norm_k)
+        if image_rotary_emb is not None:
+            q, k = _rotate(q, *image_rotary_emb), _rotate(k, *image_rotary_emb)
+        text = encoder_hidden_states
+        q, k, v = (torch.cat(pair, 1).transpose(1, 2) for pair in (
+            (q, heads(text, attn.add_q_proj, attn.norm_added_q)), (k, heads(text, attn.add_k_proj, attn.norm_added_k)),
+            (heads(hidden_states, attn.to_v), heads(text, attn.add_v_proj))))
+        n = hidden_states.shape[1]
+        keep = F.pad(attention_mask.bool(), (n, 0), value=True)  # [batch, video + text tokens]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        out = (out * keep[:, None, :, None].to(out.dtype)).transpose(1, 2).flatten(2, 3)
+        video, text = attn.to_out[1](attn.to_out[0](out[:, :n])), out[:, n:]
+        return video, (attn.to_add_out(text) if getattr(attn, "to_add_out", None) is not None else text)
+
+
+def _rotate(x, cos, sin):  # Mochi's rotary embedding on [batch, tokens, heads, head dim]
+    even, odd = x[..., 0::2].float(), x[..., 1::2].float()
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], -1).flatten(-2).to(x.dtype)
+
+
+class TensorRope(torch.nn.Module):
+    """diffusers' MochiRoPE with the grid computed in tensors (its Python float arithmetic on
+    the sizes would be baked into the graph at the export's sizes): same centres, same einsum."""
+
+    def __init__(self, target_area: float):
+        super().__init__()
+        self.target_area = target_area
+
+    def forward(self, pos_frequencies, num_frames, height, width, device=None, dtype=None):
+        hf, wf = (torch.scalar_tensor(n, dtype=torch.float32) for n in (height, width))
+        scale = torch.sqrt(self.target_area / (hf * wf))
+        t = torch.arange(num_frames, dtype=torch.float32)
+        h = (torch.arange(height, dtype=torch.float32) + 0.5 - hf / 2) * scale
+        w = (torch.arange(width, dtype=torch.float32) + 0.5 - wf / 2) * scale
+        pos = torch.stack(torch.meshgrid(t, h, w, indexing="ij"), -1).view(-1, 3)
+        freqs = torch.einsum("nd,dhf->nhf", pos, pos_frequencies.float())
+        return freqs.cos(), freqs.sin()
+
+
+def _forward(model, kwargs):
+    attns = [m for m in model.modules() if type(m).__name__ == "MochiAttention"]
+    saved, rope = [a.processor for a in attns], model.rope
+    for a in attns:
+        a.processor = MaskedMochiAttnProcessor()
+    model.rope = TensorRope(rope.target_area)
+    try:
+        return model(**kwargs)
+    finally:
+        model.rope = rope
+        for a, p in zip(attns, saved):
+            a.processor = p
+
+
+TRANSFORMER = ComponentSpec(
+    name="transformer", library="diffusers", class_name="MochiTransformer3DModel", role="denoiser",
+    inputs=(
+        TensorSpec("hidden_states", ("batch", Cfg("in_channels"), "frames", "height", "width"), doc="noisy latents"),
+        TensorSpec("encoder_hidden_states", ("batch", "text", Cfg("text_embed_dim")), doc="T5 hidden states"),
+        TensorSpec("timestep", ("batch",), dtype="float32", sample=timesteps, doc="flow-matching timestep x 1000"),
+        TensorSpec("encoder_attention_mask", ("batch", "text"), dtype="int64", sample=prefix_mask,
+                   doc="the T5 tokens' attention mask (right padding)"),
+    ),
+    outputs=(TensorSpec("out_sample", ("batch", Cfg(fn=lambda c: c.out_channels or c.in_channels), "frames", "height",
+                                       "width"), source="0", doc="predicted velocity"),),
+    call_kwargs={"return_dict": False},
+    graph_forward=_forward,
+    tiny=dict(patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2, pooled_projection_dim=16,
+              in_channels=4, text_embed_dim=32, time_embed_dim=16, max_sequence_length=16),
+)
+
+MOCHI = FamilySpec(
+    name="mochi", mixin="Mochi1LoraLoaderMixin", pipeline="MochiPipeline",
+    components={
+        "transformer": TRANSFORMER,
+        "text_encoder": hf_encoder("text_encoder", "T5EncoderModel", "T5Config", T5_TINY),
+    },
+    axes={
+        "batch": BATCH,
+        "frames": Axis(1, 28, 31, example=3, check=2),  # latent frames: 1 + (163 video frames - 1) / 6
+        "height": Axis(16, 60, 60, example=8, check=12),  # latents (pixels / 8), multiples of the patch size 2
+        "width": Axis(16, 106, 106, example=8, check=10),
+        "text": Axis(1, 256, 256, example=8, check=12),  # T5 tokens
+    },
+    # Flux's and SD3's markers also match these block names: the same patterns, so Mochi files are not
+    # taken for theirs; then what only Mochi has.
+    markers=(r"^transformer\.transformer_blocks\.\d+\.(ff(_context)?\.net|norm1(_context)?\.linear)",
+             r"^transformer\.transformer_blocks\.\d+\.attn1\.(add_[qkv]_proj|to_add_out)",
+             r"^transformer\.time_embed\.(pooler|caption_proj)"),
+)
+
+FAMILIES = (MOCHI,)

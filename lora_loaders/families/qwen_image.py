@@ -1,0 +1,114 @@
+"""Qwen-Image (`qwen-image`): an MMDiT over packed 2x2 latent patches (`transformer`; the
+Qwen-Image and Qwen-Image-Edit configs) and Qwen2.5-VL's language model as text encoder.
+
+Layouts (diffusers module names throughout): diffusers/PEFT under `transformer.`, `diffusion_model.`
+(ComfyUI, ai-toolkit) or no prefix (PEFT's `.default.` adapter names included), each in
+`lora_A/B` or `lora_down/up` with an optional `alpha` (applied: scale alpha / rank, in every
+spelling); musubi-tuner's kohya names (`lora_unet_transformer_blocks_0_attn_to_q`); LyCORIS
+(`lycoris_`). The graph takes and returns latents [batch, channels, height, width]: it packs
+them as the pipeline does and gives the rotary embedding the patch grid from their shape. It is
+the text-to-image graph: Qwen-Image-Edit's condition-image tokens are not among its inputs.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .common import BATCH, hf_encoder, prefix_mask, sigmas, swapped
+from .spec import Axis, Cfg, ComponentSpec, FamilySpec, Namespace, TensorSpec
+
+
+def _rope(self, video_fhw, device=None, max_txt_seq_len=None):
+    """QwenEmbedRope for one image, tables built from real angles: diffusers' own casts the text
+    length to int (fixing it at export) and slices complex tables (which ONNX export cannot)."""
+    frame, height, width = video_fhw[0][0]
+
+    def angles(pos, dim):
+        return torch.outer(pos.float(), 1.0 / torch.pow(self.theta, torch.arange(0, dim, 2).float().div(dim)))
+
+    def centred(n):  # scale_rope: positions -n/2 .. n/2 - 1
+        return torch.cat([torch.arange(-(n - n // 2), 0), torch.arange(n // 2)]) if self.scale_rope else torch.arange(n)
+
+    f, h, w = (angles(p, d) for p, d in zip((torch.arange(frame), centred(height), centred(width)), self.axes_dim))
+    grid = (frame, height, width, -1)
+    img = torch.cat([f[:, None, None].expand(grid), h[None, :, None].expand(grid), w[None, None].expand(grid)], -1)
+    start = torch.sym_max(height // 2, width // 2) if self.scale_rope else torch.sym_max(height, width)
+    txt = torch.cat([angles(torch.arange(max_txt_seq_len) + start, d) for d in self.axes_dim], -1)
+    img = img.reshape(frame * height * width, -1)
+    return torch.polar(torch.ones_like(img), img), torch.polar(torch.ones_like(txt), txt)
+
+
+def _text_len(encoder_hidden_states, mask=None):
+    """compute_text_seq_len_from_mask without its per-sample lengths (unused by the forward, and
+    `torch.as_tensor(length)` there fixes the text length at export)."""
+    return encoder_hidden_states.shape[1], None, None if mask is None else mask.bool()
+
+
+def _forward(model, kwargs):
+    """The pipeline's `_pack_latents`, the transformer, then `_unpack_latents`."""
+    x = kwargs.pop("hidden_states")
+    b, c, h, w = x.shape
+    p = model.config.patch_size
+    tokens = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+    with swapped(model.pos_embed, "forward", _rope), \
+            swapped(sys.modules[type(model).__module__], "compute_text_seq_len_from_mask", _text_len):
+        out = model(hidden_states=tokens, img_shapes=[[(1, h // p, w // p)]], **kwargs)[0]
+    out = out.reshape(b, h // p, w // p, -1, p, p).permute(0, 3, 1, 4, 2, 5)
+    return (out.reshape(b, -1, h, w),)
+
+
+TRANSFORMER = ComponentSpec(
+    name="transformer", library="diffusers", class_name="QwenImageTransformer2DModel", role="denoiser",
+    inputs=(
+        TensorSpec("hidden_states", ("batch", Cfg(fn=lambda c: c.in_channels // c.patch_size ** 2), "height", "width"),
+                   doc="noisy latents (unpacked)"),
+        TensorSpec("encoder_hidden_states", ("batch", "text", Cfg("joint_attention_dim")),
+                   doc="Qwen2.5-VL last hidden states, the prompt template's prefix dropped"),
+        TensorSpec("encoder_hidden_states_mask", ("batch", "text"), dtype="int64", sample=prefix_mask,
+                   doc="the prompt tokens' attention mask"),
+        TensorSpec("timestep", ("batch",), dtype="float32", sample=sigmas, doc="the pipeline's timestep / 1000"),
+    ),
+    outputs=(TensorSpec("out_sample", ("batch", Cfg("out_channels"), "height", "width"), source="0",
+                        doc="predicted velocity (unpacked)"),),
+    call_kwargs={"return_dict": False},
+    graph_forward=_forward,
+    tiny=dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+              joint_attention_dim=32, axes_dims_rope=(2, 2, 4)),
+)
+EDIT_TINY = {"zero_cond_t": True}  # Qwen-Image-Edit-2511's transformer (earlier Edit configs equal Qwen-Image's)
+
+QWEN_VL_TINY = dict(
+    vocab_size=1000, text_config=dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+    vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32, patch_size=2,
+                       spatial_merge_size=1, temporal_patch_size=1, fullatt_block_indexes=[0], window_size=4),
+)
+
+QWEN_IMAGE = FamilySpec(
+    name="qwen-image", mixin="QwenImageLoraLoaderMixin", pipeline="QwenImagePipeline",
+    components={
+        "transformer": TRANSFORMER,
+        # the pipeline reads the language model's last hidden states; the vision tower stays unused
+        "text_encoder": hf_encoder("text_encoder", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig",
+                                   QWEN_VL_TINY, output=("last_hidden_state", "hidden_states.-1")),
+    },
+    axes={
+        "batch": BATCH,
+        "height": Axis(32, 128, 256, example=8, check=12),  # latents (pixels / 8), multiples of the patch size 2
+        "width": Axis(32, 128, 256, example=12, check=6),
+        "text": Axis(1, 256, 1058, example=6, check=9),  # prompt tokens (the template adds 34 to the encoder's)
+    },
+    namespaces=(
+        Namespace("diffusion_model.", "transformer", format="original"),
+        Namespace("lora_unet_", "transformer", flat=True, format="kohya"),
+        Namespace("lycoris_", "transformer", flat=True, format="lycoris"),
+    ),
+    # every module a Qwen-Image LoRA may name (its attention names are Flux's and SD3's too)
+    markers=(r"^transformer\.transformer_blocks\.\d+\.(attn|img_mlp|txt_mlp|img_mod|txt_mod)\.",
+             r"^transformer\.(img_in|txt_in|proj_out|norm_out|time_text_embed)\b", r"\.(img|txt)_(mlp|mod)\."),
+)
+
+FAMILIES = (QWEN_IMAGE,)

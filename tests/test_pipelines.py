@@ -1,0 +1,135 @@
+"""Prompt to picture: `engines.load_pipeline` (diffusers' pipeline over the exported engines)
+against diffusers' own pipeline over the same tiny models with the same LoRA fused (same
+seed, scheduler and steps), after loading, after a refit to another LoRA and back to base;
+and `python -m engines.generate`."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import engines
+import export
+import lora_loaders as L
+from export.tiny import build_tiny
+from lora_files import peft_lora
+
+ROOT = Path(__file__).resolve().parents[1]
+CALL = dict(num_inference_steps=2, guidance_scale=4.0, height=32, width=32, output_type="np")
+ATTN = re.compile(r"(to_q|to_v|to_out\.0|add_k_proj|q_proj|k_proj|fc2)$")
+
+
+def reference_pipeline(family: str, out: Path, loras=()):
+    """diffusers' pipeline over fresh tiny models (the export's tokenizer and scheduler files),
+    with the LoRAs loaded and fused by diffusers + PEFT."""
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    spec = L.get_family(family)
+    models = build_tiny(family)
+    parts = {("vae" if spec.component(c).folder == "vae" else c): m for c, m in models.items()}
+    cls = getattr(diffusers, spec.pipeline)
+    params = inspect.signature(cls.__init__).parameters
+    for name in params:
+        if name.startswith("tokenizer"):
+            parts[name] = CLIPTokenizer.from_pretrained(out / name)
+    parts["scheduler"] = getattr(diffusers, spec.scheduler[0]).from_pretrained(out / "scheduler")
+    for name, p in params.items():
+        if name not in parts and name != "self" and p.default is inspect.Parameter.empty:
+            parts[name] = None
+    if "requires_safety_checker" in params:
+        parts["requires_safety_checker"] = False
+    pipe = cls(**{k: v for k, v in parts.items() if k in params})
+    for i, (path, scale) in enumerate(loras):
+        pipe.load_lora_weights(str(path), adapter_name=f"r{i}")
+    if loras:
+        pipe.set_adapters([f"r{i}" for i in range(len(loras))], [s for _, s in loras])
+        pipe.fuse_lora()
+    return pipe
+
+
+def image(pipe, seed=0, prompt="a red cube"):
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **CALL).images[0]
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl", "sd3"])
+def exported(request, tmp_path_factory):
+    family = request.param
+    spec = L.get_family(family)
+    root = tmp_path_factory.mktemp(f"pipe_{family}")
+    models = {c: m for c, m in build_tiny(family).items() if spec.component(c).lora and c in spec.exported}
+    files = {}
+    for name, seed in (("x", 1), ("y", 2)):
+        files[name] = root / f"{name}.safetensors"
+        save_file(peft_lora(models, pattern=ATTN, seed=seed), str(files[name]))
+    out = root / "out"
+    export.export_pipeline(family, "tiny", [(str(files["x"]), 1.0)], out, progress=False)
+    return family, out, files
+
+
+def test_engine_pipeline_equals_diffusers_through_refits(exported):
+    family, out, files = exported
+    pipe = engines.load_pipeline(out)
+    assert type(pipe).__name__ == f"Engine{L.get_family(family).pipeline}"
+    assert pipe.get_active_adapters() == ["x"]  # what the export baked
+    got = image(pipe)
+    assert got.shape == (32, 32, 3)
+    np.testing.assert_allclose(got, image(reference_pipeline(family, out, [(files["x"], 1.0)])), atol=1e-3, rtol=0)
+    pipe.load_lora_weights(str(files["y"]), adapter_name="y")  # y becomes the only active adapter
+    pipe.set_adapters(["y"], [0.8])
+    assert pipe.get_active_adapters() == ["y"]
+    np.testing.assert_allclose(image(pipe, 1), image(reference_pipeline(family, out, [(files["y"], 0.8)]), 1),
+                               atol=1e-3, rtol=0)
+    pipe.disable_lora()
+    base = image(pipe, 2)
+    np.testing.assert_allclose(base, image(reference_pipeline(family, out), 2), atol=1e-3, rtol=0)
+    pipe.enable_lora()
+    pipe.set_adapters([])
+    np.testing.assert_allclose(image(pipe, 2), base, atol=0, rtol=0)
+
+
+def test_pipeline_lora_errors_leave_the_engines_alone(exported):
+    family, out, files = exported
+    pipe = engines.load_pipeline(out)
+    before = image(pipe, 3)
+    with pytest.raises(ValueError, match="not in the list of present adapters"):
+        pipe.set_adapters(["nope"])
+    with pytest.raises(FileNotFoundError):
+        pipe.load_lora_weights(str(out / "missing.safetensors"), adapter_name="m")
+    np.testing.assert_array_equal(image(pipe, 3), before)
+    assert pipe.get_active_adapters() == ["x"]
+
+
+def _generate(*args):
+    return subprocess.run([sys.executable, "-m", "engines.generate", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+
+
+def test_generate_cli_writes_the_image_and_refuses_bad_arguments(exported, tmp_path):
+    family, out, files = exported
+    if family != "sd":
+        pytest.skip("one family is enough for the command line")
+    from PIL import Image
+
+    png = tmp_path / "cube.png"
+    r = _generate(out, "--prompt", "a red cube", "--lora", f"{files['y']}:0.8", "--steps", 2, "--seed", 3,
+                  "--height", 32, "--width", 48, "--out", png)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(png).size == (48, 32)
+    assert "it/s" in r.stderr or "s/it" in r.stderr  # the progress bar over the steps
+    for bad, says in [(("--height", 33), "multiple"), (("--steps", 0), "steps"),
+                      (("--lora", tmp_path / "no.safetensors"), "not found"), (("--prompt", " "), "empty")]:
+        args = ["--prompt", "a red cube", "--steps", 2, "--out", tmp_path / "bad.png", *bad]
+        r = _generate(out, *args)
+        assert r.returncode == 2 and says in r.stderr, (bad, r.stderr[-500:])
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "bad.png").exists()

@@ -1,0 +1,145 @@
+"""The Triton text-to-image model: prompt in, picture out, LoRAs per request.
+
+The server-independent core first (grouping, batching, errors), then a real tritonserver
+(PyPI nvidia-pytriton, CPU, loopback): 100 requests from 4 threads with interleaved `loras`,
+each image equal to the local engine pipeline's for the same inputs; bad requests (unknown
+adapter, steps out of range, empty prompt) get their own errors and later requests succeed.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from safetensors.torch import save_file
+
+import engines
+import export
+from engines.triton.serving import LoraRequestError
+from engines.triton.text_to_image import TextToImageSwitcher, to_uint8, write_text_to_image_model
+from export.tiny import build_tiny
+from lora_files import peft_lora
+
+SETS = {"{}": (), '{"x": 1}': (("x", 1.0),), '{"y": 0.5}': (("y", 0.5),),
+        '{"x": 1, "y": 0.5}': (("x", 1.0), ("y", 0.5)), None: (("x", 1.0),)}
+STEPS, SIZE = 2, 32
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i")
+    models = {c: m for c, m in build_tiny("sd", ["unet", "text_encoder"]).items()}
+    files = {}
+    for name, seed in (("x", 1), ("y", 2)):
+        files[name] = root / f"{name}.safetensors"
+        save_file(peft_lora(models, seed=seed), str(files[name]))
+    out = root / "out"
+    export.export_pipeline("sd", "tiny", [(str(files["x"]), 1.0)], out, progress=False)
+    lora_dir = root / "loras"
+    lora_dir.mkdir()
+    for n, p in files.items():
+        (lora_dir / f"{n}.safetensors").write_bytes(p.read_bytes())
+    # references: one local engine pipeline, refitted per adapter set
+    pipe = engines.load_pipeline(out)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(files["y"]), adapter_name="y")
+    refs = {}
+    import torch
+
+    for key in set(SETS.values()):
+        pipe.set_adapters([n for n, _ in key], [w for _, w in key])
+        for seed in (0, 1, 2):
+            img = pipe("a red cube", num_inference_steps=STEPS, height=SIZE, width=SIZE, output_type="np",
+                       generator=torch.Generator().manual_seed(seed)).images[0]
+            refs[(key, seed)] = to_uint8(img)
+    return dict(root=root, out=out, files=files, lora_dir=lora_dir, refs=refs)
+
+
+def _values(seed, prompt="a red cube", **kw):
+    v = {"prompt": np.array([prompt.encode()], dtype=object), "seed": np.array([seed]), "steps": np.array([STEPS]),
+         "height": np.array([SIZE]), "width": np.array([SIZE])}
+    v.update({k: np.array([x]) for k, x in kw.items()})
+    return v
+
+
+def _close(a, b):  # a batch of prompts may differ from a lone one in the last bit of a float
+    return a.shape == b.shape and int(np.abs(a.astype(int) - b.astype(int)).max()) <= 1
+
+
+def test_switcher_groups_batches_and_keeps_errors_apart(setup):
+    pipe = engines.load_pipeline(setup["out"], lora_dir=setup["lora_dir"])
+    pipe.set_progress_bar_config(disable=True)
+    sw = TextToImageSwitcher(pipe, setup["lora_dir"], {"max_steps": 4})
+    assert sw.current == (("x", 1.0),)  # the export's baked x, no refit
+    items = [(_values(i % 3), list(SETS)[i % len(SETS)]) for i in range(10)]
+    items += [(_values(0, prompt="  "), None), (_values(0, steps=9), None), (_values(0), '{"nope": 1}'),
+              (_values(0, height=33), "{}")]
+    res = sw.run(items)
+    for (values, loras), r in zip(items[:10], res[:10]):
+        img, key = r
+        assert key == SETS[loras] and _close(img, setup["refs"][(key, int(values["seed"][0]))])
+    assert [type(r) for r in res[10:]] == [LoraRequestError] * 4
+    assert [w in str(r) for w, r in zip(("empty", "steps", "nope", "height"), res[10:])] == [True] * 4
+    assert sw.refits <= len(SETS)  # one refit per adapter set that differed
+
+
+def test_real_tritonserver_serves_pictures_with_per_request_loras(setup):
+    from engines.triton.server import TritonServer, pytriton_available
+
+    ok, why = pytriton_available()
+    if not ok:
+        pytest.skip(f"no tritonserver to run: {why}")
+    grpc = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    repo = setup["root"] / "repo"
+    write_text_to_image_model(setup["out"], repo / "pipeline", loras=[setup["files"]["y"]], limits={"max_steps": 4})
+    server = TritonServer(repo, start_timeout=300)
+    server.start()
+
+    def infer(client, values, loras):
+        ins = []
+        for name, arr in values.items():
+            arr = arr.reshape(1, 1)
+            dtype = {"prompt": "BYTES", "seed": "INT64"}.get(name, "INT32")
+            t = grpc.InferInput(name, list(arr.shape), dtype)
+            t.set_data_from_numpy(arr.astype(object if dtype == "BYTES" else {"INT64": np.int64}.get(dtype, np.int32)))
+            ins.append(t)
+        params = {} if loras is None else {"loras": loras}
+        return client.infer("pipeline", ins, parameters=params, client_timeout=300).as_numpy("image")[0]
+
+    try:
+        results, errors = [], []
+
+        def worker(t):
+            client = grpc.InferenceServerClient(server.grpc_url)
+            try:
+                for i in range(25):
+                    loras, seed = list(SETS)[(i + t) % len(SETS)], (i * 7 + t) % 3
+                    try:
+                        results.append((loras, seed, infer(client, _values(seed), loras)))
+                    except Exception as e:  # noqa: BLE001 - reported below
+                        errors.append(repr(e))
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=900)
+        assert not errors, errors[:3]
+        assert len(results) == 100 and {r[0] for r in results} == set(SETS)
+        for loras, seed, img in results:
+            assert img.shape == (SIZE, SIZE, 3) and img.dtype == np.uint8
+            assert _close(img, setup["refs"][(SETS[loras], seed)]), (loras, seed)
+        client = grpc.InferenceServerClient(server.grpc_url)
+        for values, loras, says in [(_values(0), '{"nope": 1}', "nope"), (_values(0, steps=5), None, "steps"),
+                                    (_values(0, prompt=""), None, "empty")]:
+            with pytest.raises(InferenceServerException, match=says):
+                infer(client, values, loras)
+            assert _close(infer(client, _values(1), '{"y": 0.5}'), setup["refs"][((("y", 0.5),), 1)])
+        client.close()
+    finally:
+        server.stop()

@@ -1,0 +1,232 @@
+"""The effective-weight kernels: C and torch give the same bits, and every consumer the same values.
+
+The fused C kernels (lora_loaders/_kernels.c) replace several torch passes per row block; they
+must agree with the torch reference bit for bit on every dtype, layout and value class (zeros of
+both signs, subnormals, values that overflow the dtype, infinities), and the block workers must not
+change a bit either.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from lora_loaders import kernels
+from lora_loaders.adapter import LoraLayer
+from lora_loaders.store import ParamStore
+from lora_loaders.weights import effective_weight, map_blocks
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def _torch_backend():
+    kernels.set_backend("torch")
+
+
+def _restore_default():
+    kernels._LIB_TRIED = False
+    kernels._LIB = None
+
+
+def _values(shape, dtype, seed):
+    """Weights with every value class: normal, zeros (+/-), subnormals, near overflow, infinities."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.02
+    flat = w.view(-1)
+    n = flat.numel()
+    info = torch.finfo(dtype)
+    special = torch.tensor([0.0, -0.0, info.tiny / 4, -info.tiny / 4, info.max * 0.999, -info.max * 0.999,
+                            float("inf"), -float("inf"), 1.0, -1.0, info.tiny, 3e-8])
+    idx = torch.randperm(n, generator=g)[: min(n, 4 * special.numel())]
+    flat[idx] = special.repeat(4)[: idx.numel()]
+    return w.to(dtype)
+
+
+def _delta(shape, seed, scale=1e-3):
+    g = torch.Generator().manual_seed(seed + 100)
+    d = torch.randn(shape, generator=g) * scale
+    special = torch.tensor([0.0, -0.0, 1e30, -1e30, 1e-40, 5e-3, -5e-3])  # huge: overflow to inf
+    n = min(d.numel(), special.numel())
+    d.view(-1)[:n] = special[:n]
+    return d
+
+
+def _same(a, b) -> bool:
+    return torch.equal(kernels._bits(a.contiguous()), kernels._bits(b.contiguous()))
+
+
+def _run_both(fn):
+    """fn() under the C kernels and under torch; both results."""
+    try:
+        kernels.set_backend("c")
+    except RuntimeError as e:
+        pytest.skip(f"C kernels unavailable here: {e}")
+    try:
+        c = fn()
+        _torch_backend()
+        t = fn()
+    finally:
+        _restore_default()
+    return c, t
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(37, 53), (16, 64), (5, 1), (1, 17)])
+def test_apply_is_torch_bit_for_bit(dtype, shape):
+    base = _values(shape, dtype, 1)
+    d = _delta(shape, 1)
+
+    def run():
+        out = torch.empty_like(base)
+        bad = kernels.apply(base, d, out)
+        return out, bad
+
+    (oc, bc), (ot, bt) = _run_both(run)
+    assert _same(oc, ot)
+    assert bc == bt == (not bool(torch.isfinite(ot).all()))
+    if base.numel() > 40:
+        assert bc  # the specials (infinities, overflow) make non-finite outputs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["row_to_col", "col_to_col", "row_in_place"])
+def test_apply_in_initializer_layouts(dtype, layout):
+    """A transposed initializer is written in its own layout: same bits as the torch-layout result."""
+    rows, cols = 45, 70
+    base = _values((rows, cols), dtype, 2)
+    d = _delta((rows, cols), 2, 1e-2)
+    d.view(-1)[:4] = 0.0  # finite outputs only here
+    base = torch.where(base.float().isfinite(), base, torch.zeros((), dtype=dtype))
+    expected = (base.float() + d).to(dtype)
+
+    def run():
+        if layout == "row_to_col":
+            src = base.clone()
+            out = torch.empty(cols, rows, dtype=dtype)  # the initializer (in, out)
+            bad = kernels.apply(src, d, out.t())
+            return out.t().contiguous(), bad
+        if layout == "col_to_col":
+            src = base.t().contiguous()  # the base initializer (in, out)
+            out = torch.empty(cols, rows, dtype=dtype)
+            bad = kernels.apply(src.t(), d, out.t())
+            return out.t().contiguous(), bad
+        w = base.clone()
+        bad = kernels.apply(w, d, w)
+        return w, bad
+
+    (oc, bc), (ot, bt) = _run_both(run)
+    assert _same(oc, ot) and _same(oc, expected)
+    assert bc == bt == (not bool(torch.isfinite(expected).all()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_checked_write_and_remove_are_torch_bit_for_bit(dtype):
+    shape = (33, 48)
+    base = _values(shape, dtype, 3)
+    d = _delta(shape, 3, 5e-3)
+
+    def run():
+        w = base.clone()
+        idx, vals = kernels.apply_checked(w, d, offset=1000, index_dtype=torch.int32)
+        back = torch.empty_like(w)
+        kernels.remove(w, d, back)
+        return w, idx, vals, back
+
+    (wc, ic, vc, bc), (wt, it, vt, bt) = _run_both(run)
+    assert _same(wc, wt) and torch.equal(ic, it) and _same(vc, vt) and _same(bc, bt)
+    assert ic.dtype == torch.int32 and ic.numel() > 0
+    # The record is exactly what an exact restore needs: remove + corrections == base.
+    restored = bc.clone()
+    restored.view(-1)[(ic - 1000).long()] = vc
+    assert _same(restored, base)
+    # and only where the plain inverse fails
+    assert not bool((kernels._bits(bc).view(-1)[(ic - 1000).long()] == kernels._bits(base).view(-1)[(ic - 1000).long()]).any())
+
+
+def _lora(out_f, in_f, rank, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return LoraLayer("lora", {"down": (torch.randn(rank, in_f, generator=g) * 0.05).to(dtype),
+                              "up": (torch.randn(out_f, rank, generator=g) * 0.05).to(dtype)}, alpha=rank / 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_effective_weight_same_bits_on_both_paths_and_thread_counts(dtype):
+    """Several blocks (a weight larger than one block), two adapters: C == torch, 1 == 2 threads."""
+    rows, cols = 1100, 1000  # > BLOCK_ELEMENTS: three row blocks
+    g = torch.Generator().manual_seed(5)
+    base = (torch.randn(rows, cols, generator=g) * 0.02).to(dtype)
+    cs = [(_lora(rows, cols, 8, 1), 1.0), (_lora(rows, cols, 4, 2, torch.bfloat16), 0.7)]
+    c, t = _run_both(lambda: effective_weight(base, cs))
+    assert _same(c, t)
+    ref = (base.double() + sum(w * layer.scale * (layer.tensors["up"].double() @ layer.tensors["down"].double())
+                               for layer, w in cs)).to(dtype)
+    torch.testing.assert_close(c.float(), ref.float(), rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = effective_weight(base, cs)
+    finally:
+        torch.set_num_threads(threads)
+    assert _same(one, c)
+
+
+def test_param_store_exact_restore_on_both_paths():
+    lin = torch.nn.Linear(600, 1000, bias=False).to(torch.float16)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+    base = lin.weight.detach().clone()
+    a, b = _lora(1000, 600, 8, 3), _lora(1000, 600, 16, 4)
+
+    def run():
+        with torch.no_grad():
+            lin.weight.copy_(base)
+        store = ParamStore(lin)
+        store.write("weight", [(a, 1.0)])
+        after_a = lin.weight.detach().clone()
+        store.write("weight", [(b, 0.5), (a, 0.25)])  # swap: exact restore in place, then the new value
+        after_ab = lin.weight.detach().clone()
+        assert store.residual_bytes() > 0
+        assert _same(store.base("weight"), base)
+        store.write("weight", [])
+        return after_a, after_ab, lin.weight.detach().clone()
+
+    (ca, cab, cbase), (ta, tab, tbase) = _run_both(run)
+    assert _same(ca, ta) and _same(cab, tab)
+    assert _same(cbase, base) and _same(tbase, base)
+    assert _same(ca, effective_weight(base, [(a, 1.0)]))  # the mixins' write == the export's function
+    assert _same(cab, effective_weight(base, [(b, 0.5), (a, 0.25)]))
+
+
+def test_map_blocks_keeps_order_and_runs_with_one_torch_thread():
+    seen = []
+
+    def fn(i):
+        seen.append(torch.get_num_threads())
+        return i * i
+
+    assert map_blocks(fn, [(i,) for i in range(23)]) == [i * i for i in range(23)]
+    assert set(seen) == {1}
+    # torch's default for threads started later is untouched by the workers' setting
+    box = []
+    t = threading.Thread(target=lambda: box.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert box == [torch.get_num_threads()]
+
+
+def test_kernel_build_falls_back_to_torch_without_a_compiler(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("LORA_ENGINES_CACHE", str(tmp_path / "cache"))
+    try:
+        kernels._LIB_TRIED = False
+        assert kernels.library() is None and kernels.backend() == "torch"
+        base = _values((9, 20), torch.float16, 7)
+        out = effective_weight(base, [(_lora(9, 20, 2, 1), 1.0)])
+        assert out.dtype == torch.float16
+    finally:
+        _restore_default()
+    assert any("could not build" in r.getMessage() for r in caplog.records)
+
