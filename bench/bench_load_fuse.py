@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -90,7 +91,7 @@ def run_side(side: str, smoke: bool, lora: Path, dtype) -> dict:
     _reset_peak()
     rss0, _ = _rss()
     extra = {}
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     if side == "ours":
         import lora_loaders
         from lora_loaders import kernels
@@ -98,7 +99,7 @@ def run_side(side: str, smoke: bool, lora: Path, dtype) -> dict:
         loader = lora_loaders.loader_for("sdxl", unet=unet)
         loader.load_lora_weights(str(lora), adapter_name="x")
         loader.fuse_lora(components=["unet"])
-        seconds = time.perf_counter() - t
+        seconds, cpu_s = time.perf_counter() - t, time.process_time() - c
         extra = {"kernels": kernels.backend(), "residual_bytes": loader._stores["unet"].residual_bytes()}
         t = time.perf_counter()
         loader.unfuse_lora(components=["unet"])
@@ -111,9 +112,10 @@ def run_side(side: str, smoke: bool, lora: Path, dtype) -> dict:
         pipe = diffusers_loader("sdxl", {"unet": unet})
         pipe.load_lora_weights(str(lora), adapter_name="x")
         pipe.fuse_lora(components=["unet"])
-        seconds = time.perf_counter() - t
+        seconds, cpu_s = time.perf_counter() - t, time.process_time() - c
     _, peak = _rss()
-    return {"side": side, "seconds": seconds, "model_bytes": model_bytes, "rss_before": rss0, "peak": peak, **extra}
+    return {"side": side, "seconds": seconds, "cpu_s": cpu_s, "model_bytes": model_bytes, "rss_before": rss0,
+            "peak": peak, "load_avg": os.getloadavg()[0], **extra}
 
 
 def main(argv=None):
@@ -121,6 +123,7 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny model, for CI")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--repeat", type=int, default=1, help="interleaved runs of floor, ours and diffusers")
+    p.add_argument("--in-process", action="store_true", help="every side in this process (for the smoke)")
     p.add_argument("--side", choices=["floor", "ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--lora", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -137,12 +140,16 @@ def main(argv=None):
         for i in range(args.repeat):
             results = {}
             for side in ("floor", "ours", "diffusers"):
+                if args.in_process:  # the smoke: no interpreter start-ups (memory figures then less clean)
+                    results[side] = run_side(side, args.smoke, lora, dtype)
+                    continue
                 cmd = [sys.executable, __file__, "--side", side, "--lora", str(lora), "--rank", str(args.rank)]
                 out = subprocess.run(cmd + (["--smoke"] if args.smoke else []), check=True, capture_output=True,
                                      text=True)
                 results[side] = json.loads(out.stdout.strip().splitlines()[-1])
             runs.append(results)
             _report(results, n, args, dtype, i)
+            sys.stdout.flush()
     results = runs[-1]
     if args.repeat > 1:
         import statistics
@@ -150,7 +157,9 @@ def main(argv=None):
         med = statistics.median
         print(f"median of {args.repeat} runs: ours {med(r['ours']['seconds'] / r['floor']['floor_s'] for r in runs):.2f}x "
               f"the floor, diffusers {med(r['diffusers']['seconds'] / r['floor']['floor_s'] for r in runs):.2f}x, "
-              f"speed-up {med(r['diffusers']['seconds'] / r['ours']['seconds'] for r in runs):.2f}x")
+              f"speed-up {med(r['diffusers']['seconds'] / r['ours']['seconds'] for r in runs):.2f}x; in CPU time: "
+              f"ours {med(r['ours']['cpu_s'] / r['floor']['floor_cpu_s'] for r in runs):.2f}x, diffusers "
+              f"{med(r['diffusers']['cpu_s'] / r['floor']['floor_cpu_s'] for r in runs):.2f}x")
     results["runs"] = runs
     return results
 
@@ -163,11 +172,13 @@ def _report(results, n, args, dtype, i):
           f"{ours['model_bytes'] / gb:.2f} GiB of weights)")
     print(f"  floor      {fl['floor_s']:8.2f} s   = float32 rank-{args.rank} products {fl['gemm_s']:.2f} s "
           f"({fl['gflop']:.0f} GFLOP, {fl['gflop'] / fl['gemm_s']:.0f} GFLOP/s) + copy of the targeted weights "
-          f"{fl['copy_s']:.2f} s ({fl['bytes'] / fl['copy_s'] / 1e9:.0f} GB/s)")
+          f"{fl['copy_s']:.2f} s ({fl['bytes'] / fl['copy_s'] / 1e9:.0f} GB/s); CPU time {fl['floor_cpu_s']:.2f} s")
     for r in (ours, ref):
         over = (r["peak"] - r["rss_before"]) / r["model_bytes"]
-        print(f"  {r['side']:10s} {r['seconds']:8.2f} s = {r['seconds'] / fl['floor_s']:5.2f}x the floor   "
-              f"peak RSS {r['peak'] / gb:6.2f} GiB (+{100 * over:5.1f}% of the model over the RSS before loading)")
+        print(f"  {r['side']:10s} {r['seconds']:8.2f} s = {r['seconds'] / fl['floor_s']:5.2f}x the floor "
+              f"(CPU time {r['cpu_s']:.2f} s = {r['cpu_s'] / fl['floor_cpu_s']:.2f}x the floor's)   "
+              f"peak RSS {r['peak'] / gb:6.2f} GiB (+{100 * over:5.1f}% of the model over the RSS before loading; "
+              f"limit +10%: {'ok' if over <= 0.10 else 'OVER'})   load average {r['load_avg']:.1f}")
     if "residual_bytes" in ours:
         print(f"  ours: kernels {ours['kernels']}, exact-restore residual {ours['residual_bytes'] / 2**20:.0f} MiB "
               f"({100 * ours['residual_bytes'] / ours['model_bytes']:.1f}% of the model), "

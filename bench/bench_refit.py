@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -121,6 +122,22 @@ def timed_infer(run, feeds, runs: int) -> tuple[float, dict]:
     return statistics.median(times), out
 
 
+def _vm(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> int:
+    """Reset the kernel's high-water mark to the current RSS (Linux); returns that RSS (0 elsewhere)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _vm("VmRSS")
+    except OSError:
+        return 0
+
+
 def _rss_peak_gb() -> float:
     import resource
 
@@ -135,6 +152,7 @@ def phase_export(args, work: Path, rank: int) -> dict:
     res["build_s"] = time.perf_counter() - t0
     res["lora_modules"] = write_lora(unet, work / "a.safetensors", rank, 1)
     write_lora(unet, work / "b.safetensors", rank, 2)
+    res["model_bytes"] = sum(p.numel() * p.element_size() for p in unet.parameters())
     res["reexport_s"] = export_with(unet, work / "a.safetensors", work / "unet_a")
     res["export_peak_rss_gb"] = _rss_peak_gb()
     return res
@@ -166,15 +184,20 @@ def phase_mode(args, work: Path, rank: int, mode: str) -> dict:
     r.load_lora(str(work / "b.safetensors"), adapter_name="b")  # first load: parse the file + swap A -> B
     res[f"{mode}_load_lora_s"] = time.perf_counter() - t0
     r.load_lora(str(work / "a.safetensors"), adapter_name="a")  # B -> A
-    swaps = []
+    swaps, cpus = [], []
+    rss0 = _reset_peak()
     for _ in range(args.swaps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r.set_adapters(["b"])  # A -> B, adapters parsed: the swap itself
         swaps.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
         res[f"{mode}_swap_breakdown"] = dict(r.last_refit)
         r.set_adapters(["a"])
+    res[f"{mode}_swap_extra_rss_gb"] = (_vm("VmHWM") - rss0) / 1e9 if rss0 else None  # what the swaps added
     res[f"{mode}_swap_s"] = min(swaps)
     res[f"{mode}_swaps_s"] = swaps
+    res[f"{mode}_swap_cpu_s"] = min(cpus)
+    res[f"{mode}_load_avg"] = os.getloadavg()[0]
     if mode == "inputs":  # the floor, in the same process: rank-r products + one copy of the targeted weights
         from safetensors.torch import load_file
 
@@ -214,6 +237,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--swaps", type=int, default=3, help="timed A -> B swaps per weight mode (the best is reported)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every phase in this process (faster start; peak RSS per phase is then cumulative)")
     ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # internal: one phase per process
     args = ap.parse_args(argv)
     rank = args.rank or (4 if args.smoke else 32)
@@ -232,10 +257,14 @@ def main(argv=None) -> dict:
                  "rank": rank, "threads": torch.get_num_threads()}
     try:
         for phase in PHASES:
+            if args.in_process:  # the smoke: no interpreter start-up per phase (seconds each); RSS not separated
+                res.update(run_phase(argparse.Namespace(**{**vars(args), "phase": phase}), work, rank))
+                print(f"[{phase}] done (in process)", file=sys.stderr)
+                continue
             cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--workdir", str(work),
                    "--runs", str(args.runs), "--rank", str(rank), "--swaps", str(args.swaps)] \
                 + (["--smoke"] if args.smoke else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 raise RuntimeError(f"bench phase {phase} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
             res.update(json.loads((work / f"{phase}.json").read_text()))
@@ -247,10 +276,12 @@ def main(argv=None) -> dict:
     redo = res["reexport_s"] + res["new_session_s"]
     res["reexport_plus_session_s"] = redo
     res["floor_s"] = res.get("floor_floor_s")
+    res["floor_cpu_s"] = res.get("floor_floor_cpu_s")
     for mode in ("inputs", "session"):
         res[f"speedup_{mode}_vs_reexport"] = redo / res[f"{mode}_swap_s"]
         if res["floor_s"]:
             res[f"{mode}_swap_x_floor"] = res[f"{mode}_swap_s"] / res["floor_s"]
+            res[f"{mode}_swap_cpu_x_floor"] = res[f"{mode}_swap_cpu_s"] / res["floor_cpu_s"]
         res[f"infer_ratio_{mode}_vs_baked"] = res[f"infer_{mode}_s"] / res["infer_baked_s"]
     _print(res)
     if args.json:
@@ -265,13 +296,23 @@ def _print(res):
         print(f"floor                            {res['floor_s']:8.3f} s   (float32 rank-{res['rank']} products "
               f"{res['floor_gemm_s']:.3f} s, {res['floor_gflop']:.1f} GFLOP + copy of the targeted weights "
               f"{res['floor_copy_s']:.3f} s, {res['floor_bytes'] / 1e9:.2f} GB moved)")
+        print(f"floor in CPU time                {res['floor_cpu_s']:8.3f} s")
     x = (lambda s: f" = {s / res['floor_s']:.2f}x the floor") if res.get("floor_s") else (lambda s: "")
     print(f"re-export (fuse + export)        {res['reexport_s']:8.2f} s{x(res['reexport_s'])}")
     print(f"new ORT session                  {res['new_session_s']:8.2f} s")
+    print(f"re-export + new session          {res['reexport_plus_session_s']:8.2f} s{x(res['reexport_plus_session_s'])}"
+          "   (the alternative to a refit swap)")
     for mode in ("inputs", "session"):
+        cpu = (f"; CPU time {res[f'{mode}_swap_cpu_s']:.3f} s = {res[f'{mode}_swap_cpu_x_floor']:.2f}x the floor's"
+               if res.get("floor_cpu_s") else "")
+        extra = res.get(f"{mode}_swap_extra_rss_gb")
+        mem = (f"; RSS added by the swaps {extra:.2f} GB = {100 * extra * 1e9 / res['model_bytes']:.1f}% of the "
+               f"model ({res['model_bytes'] / 1e9:.2f} GB)" if extra is not None else "")
         print(f"swap A->B, mode={mode:8s}        {res[f'{mode}_swap_s']:8.3f} s{x(res[f'{mode}_swap_s'])}   "
               f"({res[f'speedup_{mode}_vs_reexport']:.0f}x faster than re-export + session; "
-              f"first load incl. parse {res[f'{mode}_load_lora_s']:.2f} s)")
+              f"first load incl. parse {res[f'{mode}_load_lora_s']:.2f} s{cpu}{mem}; "
+              f"load average {res.get(f'{mode}_load_avg', 0):.1f}); all swaps: "
+              + ", ".join(f"{t:.3f}" for t in res[f"{mode}_swaps_s"]))
     print(f"inference baked                  {res['infer_baked_s']:8.3f} s")
     for mode in ("inputs", "session"):
         print(f"inference mode={mode:8s}         {res[f'infer_{mode}_s']:8.3f} s   "

@@ -7,7 +7,10 @@ For a set of targeted weights and the rank-r factors of a LoRA over them, the fl
 - one copy of the targeted weights into a preallocated buffer (one read and one write of them:
   the least any update of those weights moves).
 
-Each part is the best of `repeats` runs (the machine is shared: the minimum is the least disturbed).
+Each part is the best of `repeats` runs (the machine is shared: the minimum is the least disturbed),
+in wall-clock seconds and, beside them, in CPU seconds of this process (every thread): on a shared
+machine other processes stretch the wall clock far more than the CPU time a piece of work needs, so
+the CPU-time ratio is the steadier one (both are printed).
 """
 
 from __future__ import annotations
@@ -17,49 +20,52 @@ import time
 import torch
 
 
-def gemm_seconds(factors, repeats: int = 3, device=None) -> float:
-    """Best time of the float32 products of [(up, down)] into preallocated outputs."""
+def gemm_seconds(factors, repeats: int = 3, device=None, cpu: bool = False):
+    """Best time of the float32 products of [(up, down)] into preallocated outputs
+    (with cpu=True: (best wall seconds, best CPU seconds))."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     pairs = [(u.to(device).float(), d.to(device).float()) for u, d in factors]
     big = max(u.shape[0] * d.shape[1] for u, d in pairs)
     out = torch.empty(big, device=device)
-    best = float("inf")
+    best = best_cpu = float("inf")
     for _ in range(repeats):
         _sync(device)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for u, d in pairs:
             torch.mm(u, d, out=out[: u.shape[0] * d.shape[1]].view(u.shape[0], d.shape[1]))
         _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
+        best, best_cpu = min(best, time.perf_counter() - t), min(best_cpu, time.process_time() - c)
+    return (best, best_cpu) if cpu else best
 
 
-def copy_seconds(weights, repeats: int = 3) -> float:
-    """Best time of copying every weight into a preallocated buffer (one read + one write)."""
+def copy_seconds(weights, repeats: int = 3, cpu: bool = False):
+    """Best time of copying every weight into a preallocated buffer (one read + one write)
+    (with cpu=True: (best wall seconds, best CPU seconds))."""
     weights = list(weights)
     by_dtype = {}
     for w in weights:
         by_dtype[(w.dtype, w.device)] = max(by_dtype.get((w.dtype, w.device), 0), w.numel())
     bufs = {k: torch.empty(n, dtype=k[0], device=k[1]) for k, n in by_dtype.items()}
-    best = float("inf")
+    best = best_cpu = float("inf")
     for _ in range(repeats):
         for dev in {w.device for w in weights}:
             _sync(dev)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for w in weights:
             bufs[(w.dtype, w.device)][: w.numel()].view(w.shape).copy_(w)
         for dev in {w.device for w in weights}:
             _sync(dev)
-        best = min(best, time.perf_counter() - t)
-    return best
+        best, best_cpu = min(best, time.perf_counter() - t), min(best_cpu, time.process_time() - c)
+    return (best, best_cpu) if cpu else best
 
 
 def floor(weights, factors, repeats: int = 3) -> dict:
-    """{"gemm_s", "copy_s", "floor_s", "bytes"} for these weights and [(up, down)] factors."""
+    """{"gemm_s", "copy_s", "floor_s", "floor_cpu_s", "bytes", "gflop"} for these weights and
+    [(up, down)] factors (floor_cpu_s: the same in CPU seconds)."""
     weights = list(weights)
-    g = gemm_seconds(factors, repeats, weights[0].device if weights else None)
-    c = copy_seconds(weights, repeats)
-    return {"gemm_s": g, "copy_s": c, "floor_s": g + c,
+    g, gc = gemm_seconds(factors, repeats, weights[0].device if weights else None, cpu=True)
+    c, cc = copy_seconds(weights, repeats, cpu=True)
+    return {"gemm_s": g, "copy_s": c, "floor_s": g + c, "gemm_cpu_s": gc, "copy_cpu_s": cc, "floor_cpu_s": gc + cc,
             "bytes": sum(2 * w.numel() * w.element_size() for w in weights),
             "gflop": sum(2 * u.shape[0] * u.shape[1] * d.shape[1] for u, d in factors) / 1e9}
 

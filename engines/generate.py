@@ -89,7 +89,7 @@ def generate(args) -> Path:
         pipe.set_adapters(names, [s for _, s in loras])
     kw = {k: v for k, v in (("height", args.height), ("width", args.width), ("guidance_scale", args.guidance),
                             ("negative_prompt", args.negative_prompt)) if v is not None}
-    result = pipe(args.prompt, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed), **kw)
+    result = pipe(prompt=args.prompt, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed), **kw)
     image = result.images[0] if hasattr(result, "images") else result.frames[0][0]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
@@ -101,6 +101,9 @@ def generate(args) -> Path:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from . import noise
+
+    noise.install()
     from .manifest import ManifestError
     from .pipeline import PipelineError
 

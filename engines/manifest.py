@@ -24,11 +24,13 @@ Version 1 files (no axes) are read as well.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from lora_loaders.io import atomic_path
+
 MANIFEST_FILE = "manifest.json"
+PIPELINE_STATE_FILE = "pipeline_state.safetensors"  # a component's tensors outside its graph that a pipeline reads
 FORMAT = "lora-engines.export"
 VERSION = 2
 _READABLE = (1, 2)
@@ -141,11 +143,8 @@ class Manifest(Mapping):
     def write(self, directory) -> Path:
         """Write `directory/manifest.json` (to a temporary name, then renamed)."""
         p = Path(directory) / MANIFEST_FILE
-        tmp = p.with_name(f".{MANIFEST_FILE}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(self._data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, p)
+        with atomic_path(p) as tmp:
+            tmp.write_text(json.dumps(self._data, indent=2) + "\n")
         self.path = p
         return p
 

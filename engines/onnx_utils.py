@@ -168,3 +168,120 @@ def onnx_elem_type(model: onnx.ModelProto, names) -> dict[str, int]:
     wanted = set(names)
     return {t.name: t.data_type for t in model.graph.initializer if t.name in wanted}
 
+
+
+# -- bfloat16 graphs as float32 copies (ONNX Runtime's CPU provider has no bfloat16 MatMul etc.) ------
+
+_BF16, _F32 = TensorProto.BFLOAT16, TensorProto.FLOAT
+_DTYPE_ATTRS = {"Cast": "to", "EyeLike": "dtype", "RandomNormal": "dtype", "RandomUniform": "dtype",
+                "RandomNormalLike": "dtype", "RandomUniformLike": "dtype", "Bernoulli": "dtype"}
+
+
+def _subgraphs(nodes):
+    for node in nodes:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield a.g
+                yield from _subgraphs(a.g.node)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield g
+                    yield from _subgraphs(g.node)
+
+
+def _all_nodes(model: onnx.ModelProto):
+    for g in [model.graph, *_subgraphs(model.graph.node)]:
+        yield from g.node
+    for f in model.functions:
+        yield from f.node
+        for g in _subgraphs(f.node):
+            yield from g.node
+
+
+def computes_in_bf16(model: onnx.ModelProto) -> bool:
+    """True when the graph computes in bfloat16: a graph input or output is bfloat16, or a node casts to it.
+
+    (A float32 graph that only stores some weights in bfloat16 and casts them up runs as it is.)
+    """
+    g = model.graph
+    if any(v.type.tensor_type.elem_type == _BF16 for v in [*g.input, *g.output]):
+        return True
+    return any(n.op_type in _DTYPE_ATTRS and any(a.name == _DTYPE_ATTRS[n.op_type] and a.i == _BF16
+                                                 for a in n.attribute) for n in _all_nodes(model))
+
+
+def _retype(tp: onnx.TypeProto) -> None:
+    kind = tp.WhichOneof("value")
+    if kind in ("tensor_type", "sparse_tensor_type"):
+        t = getattr(tp, kind)
+        if t.elem_type == _BF16:
+            t.elem_type = _F32
+    elif kind == "sequence_type":
+        _retype(tp.sequence_type.elem_type)
+    elif kind == "optional_type":
+        _retype(tp.optional_type.elem_type)
+    elif kind == "map_type":
+        _retype(tp.map_type.value_type)
+
+
+def _tensor_to_fp32(t: TensorProto, base_dir: Path | None) -> None:
+    """A bfloat16 tensor's values, in place, as float32 (exact: bfloat16 is float32's upper half)."""
+    if t.data_location == TensorProto.EXTERNAL:
+        if base_dir is None:
+            raise ValueError(f"bfloat16 tensor {t.name!r} has external data and no base directory was given")
+        bits = read_external(t, base_dir).view(np.uint16)
+    else:
+        bits = numpy_helper.to_array(t).view(np.uint16)
+    values = (bits.reshape(-1).astype("<u4") << 16).view("<f4")
+    for f in ("raw_data", "int32_data", "float_data"):
+        t.ClearField(f)
+    del t.external_data[:]
+    t.data_location = TensorProto.DEFAULT
+    t.data_type = _F32
+    t.raw_data = values.tobytes()
+
+
+def bf16_to_fp32(model: onnx.ModelProto, base_dir: Path | None = None, supplied=()) -> None:
+    """Turn a bfloat16 graph, in place, into its float32 copy, for ONNX Runtime's CPU provider (which
+    has no bfloat16 MatMul and other kernels): every bfloat16 graph input/output, value info,
+    initializer and tensor attribute becomes float32 (values cast exactly), and Casts (and ops
+    with a dtype attribute) to bfloat16 produce float32 instead; in subgraphs and functions too.
+
+    base_dir: where external data lives (initializers still stored outside the proto are read and
+    converted). supplied: initializers whose values the caller supplies itself (graph inputs,
+    `SessionOptions.add_external_initializers`): only retyped, their data is never read.
+    Used by engines.OrtEngine and export validation.
+    """
+    supplied = set(supplied)
+    graphs = [model.graph, *_subgraphs(model.graph.node)]
+    for f in model.functions:
+        graphs.extend(_subgraphs(f.node))
+        for v in getattr(f, "value_info", ()):
+            _retype(v.type)
+    for g in graphs:
+        for v in [*g.input, *g.output, *g.value_info]:
+            _retype(v.type)
+        for t in g.initializer:
+            if t.data_type == _BF16:
+                if t.name in supplied:
+                    t.data_type = _F32
+                else:
+                    _tensor_to_fp32(t, base_dir)
+        for s in g.sparse_initializer:
+            if s.values.data_type == _BF16:
+                _tensor_to_fp32(s.values, base_dir)
+    for node in _all_nodes(model):
+        dtype_attr = _DTYPE_ATTRS.get(node.op_type)
+        for a in node.attribute:
+            if a.name == dtype_attr and a.type == onnx.AttributeProto.INT and a.i == _BF16:
+                a.i = _F32
+            elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type == _BF16:
+                _tensor_to_fp32(a.t, base_dir)
+            elif a.type == onnx.AttributeProto.SPARSE_TENSOR and a.sparse_tensor.values.data_type == _BF16:
+                _tensor_to_fp32(a.sparse_tensor.values, base_dir)
+            elif a.type == onnx.AttributeProto.TENSORS:
+                for t in a.tensors:
+                    if t.data_type == _BF16:
+                        _tensor_to_fp32(t, base_dir)
+            elif a.type == onnx.AttributeProto.TYPE_PROTO:
+                _retype(a.tp)

@@ -24,11 +24,19 @@ The refittable weights are the initializers named in the engine directory's
 `weights_map.json` (all LoRA-targetable Linear/Conv weights and biases; `weights="all"`),
 only the Linear ones (`weights="linear"`: Conv weights stay constants that ONNX Runtime
 can re-layout, and a LoRA touching a Conv is refused with a clear error), or a list.
+
+bfloat16 exports on the CPU provider (which has no bfloat16 MatMul and other kernels): the session
+runs an exact float32 copy of the graph (`onnx_utils.bf16_to_fp32`, as export validation does),
+and the engine still looks like the export: bfloat16 inputs are cast to float32 before the session,
+float32 outputs rounded back to bfloat16 (round-to-nearest-even, as torch's `.to(torch.bfloat16)`),
+and the refittable weights are set and read as bfloat16 (held and bound as float32; both casts
+exact, so a refit stays bit-identical to a fresh export). GPU providers run the graph as it is.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import tempfile
 import threading
 import time
@@ -43,6 +51,8 @@ from onnx.external_data_helper import load_external_data_for_tensor
 from . import onnx_utils as ou
 from .base import Engine, EngineError, InputInfo, WeightError, WeightInfo
 from .weights_map import load_weights_map
+
+log = logging.getLogger(__name__)
 
 MODES = ("inputs", "session")
 DEFAULT_MODE = "inputs"
@@ -97,6 +107,17 @@ def _storage(arr: np.ndarray) -> np.ndarray:
     return arr.view(np.uint16) if arr.dtype.name == "bfloat16" else arr
 
 
+def _cpu_only(providers) -> bool:
+    return all((p[0] if isinstance(p, (tuple, list)) else p) == "CPUExecutionProvider" for p in providers)
+
+
+def _bf16(arr: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16, rounding to nearest even (as torch's .to(torch.bfloat16))."""
+    import ml_dtypes
+
+    return arr.astype(ml_dtypes.bfloat16)
+
+
 class OrtEngine(Engine):
     """An ONNX model in ONNX Runtime whose mapped weights can be rewritten (see module doc)."""
 
@@ -129,6 +150,10 @@ class OrtEngine(Engine):
 
         t0 = time.perf_counter()
         model = onnx.load(str(self.model_path), load_external_data=False)
+        # bfloat16 graph on the CPU provider: run its exact float32 copy (see module doc).
+        self.fp32_copy = ou.computes_in_bf16(model) and _cpu_only(self.providers)
+        bf16_io = {v.name for v in [*model.graph.input, *model.graph.output]
+                   if v.type.tensor_type.elem_type == TensorProto.BFLOAT16} if self.fp32_copy else set()
         if weights is None or isinstance(weights, str):
             wmap = load_weights_map(self.directory) if Path(path).is_dir() or self.model_path.name == ou.MODEL_FILE \
                 else None
@@ -153,12 +178,20 @@ class OrtEngine(Engine):
             self._arrays = {t.name: ou.initializer_view(t, self.directory)
                             for t in model.graph.initializer if t.name in wanted}
         self._infos = {n: WeightInfo(n, tuple(a.shape), a.dtype) for n, a in self._arrays.items()}
+        if self.fp32_copy:  # held (and bound) as the float32 the session runs; bfloat16 to callers
+            self._arrays = {n: a.astype(np.float32) if a.dtype.name == "bfloat16" else a
+                            for n, a in self._arrays.items()}
+            elem_types = {n: TensorProto.FLOAT if t == TensorProto.BFLOAT16 else t for n, t in elem_types.items()}
         # Remaining external initializers are loaded into the proto (small: norms, embeddings).
         for t in model.graph.initializer:
             if t.data_location == TensorProto.EXTERNAL and t.name not in self._infos:
                 load_external_data_for_tensor(t, str(self.directory))
                 t.data_location = TensorProto.DEFAULT
                 del t.external_data[:]
+        if self.fp32_copy:
+            ou.bf16_to_fp32(model, base_dir=self.directory, supplied=names)
+            log.info("%s: bfloat16 graph runs as an exact float32 copy on ONNX Runtime's CPU provider (it has no "
+                     "bfloat16 kernels); inputs, outputs and weights stay bfloat16", self.model_path)
         if mode == "inputs":
             ou.add_inputs(model, self._arrays, elem_types)
         else:
@@ -186,9 +219,12 @@ class OrtEngine(Engine):
         self.timings["session_s"] = time.perf_counter() - t0
         weight_set = set(self._infos)
         self._inputs = [i.name for i in self._session.get_inputs() if i.name not in weight_set]
-        self._input_infos = {i.name: InputInfo(i.name, numpy_dtype(i.type), tuple(i.shape))
+        self._input_infos = {i.name: InputInfo(i.name, numpy_dtype("tensor(bfloat16)" if i.name in bf16_io else i.type),
+                                               tuple(i.shape))
                              for i in self._session.get_inputs() if i.name not in weight_set}
         self._outputs = [o.name for o in self._session.get_outputs()]
+        self._cast_inputs = [n for n in self._inputs if n in bf16_io]  # fp32 copy: bf16 -> fp32 before the session
+        self._round_outputs = {n for n in self._outputs if n in bf16_io}  # and fp32 -> bf16 after it
 
     # -- sessions ------------------------------------------------------------------------
     def _options(self):
@@ -219,10 +255,12 @@ class OrtEngine(Engine):
     # -- inference -----------------------------------------------------------------------
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = self.check_inputs(feeds)
+        for n in self._cast_inputs:
+            feeds[n] = feeds[n].astype(np.float32)
         with self._lock:
             if self.mode == "session":
                 outs = self._session.run(self._outputs, feeds)
-                return dict(zip(self._outputs, outs))
+                return self._results(outs)
             b = self._binding
             for k, v in feeds.items():
                 b.bind_cpu_input(k, v)
@@ -233,6 +271,11 @@ class OrtEngine(Engine):
                 outs = b.copy_outputs_to_cpu()
             finally:
                 b.clear_binding_outputs()
+        return self._results(outs)
+
+    def _results(self, outs) -> dict[str, np.ndarray]:
+        if self._round_outputs:
+            outs = [_bf16(o) if n in self._round_outputs else o for n, o in zip(self._outputs, outs)]
         return dict(zip(self._outputs, outs))
 
     # -- weights -------------------------------------------------------------------------
@@ -241,10 +284,17 @@ class OrtEngine(Engine):
 
     def _read_weights(self, names: list[str]) -> dict[str, np.ndarray]:
         with self._lock:  # host copies are kept current in every mode
+            if self.fp32_copy:  # float32 copies of bfloat16 weights: the bfloat16 bits back (exact)
+                return {n: _bf16(self._arrays[n]) if self._infos[n].dtype.name == "bfloat16" else self._arrays[n].copy()
+                        for n in names}
             return {n: self._arrays[n].copy() for n in names}
 
     def _write_weights(self, weights: dict[str, np.ndarray], copy: bool = True) -> None:
         t0 = time.perf_counter()
+        if self.fp32_copy:  # the session runs float32: exact casts of the bfloat16 weights (new, owned arrays)
+            cast = {n: a.astype(np.float32) for n, a in weights.items() if a.dtype.name == "bfloat16"}
+            if cast:
+                weights, copy = {**weights, **cast}, copy and len(cast) < len(weights)
         with self._lock:
             if self.mode == "session":
                 arrays = dict(self._arrays)

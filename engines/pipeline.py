@@ -25,12 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from lora_loaders.adapter import adapter_name_list
 from lora_loaders.families import ComponentSpec, FamilySpec, get_family
 
 from . import load_engine
-from .manifest import Manifest
+from .manifest import PIPELINE_STATE_FILE, Manifest
 from .weights_map import from_numpy, np_dtype
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,11 @@ class PipelineError(RuntimeError):
 class EngineModel(torch.nn.Module):
     """Stands in for one model of a pipeline (both VAE halves: one `vae`) over exported engines."""
 
-    def __init__(self, parts: dict[str, tuple[ComponentSpec, object, dict]], config, dtype: torch.dtype):
+    def __init__(self, parts: dict[str, tuple[ComponentSpec, object, dict]], config, dtype: torch.dtype,
+                 state: dict | None = None):
         super().__init__()
         self._parts = parts  # method -> (component spec, engine, manifest entry)
+        self._state = state or {}  # tensors outside the graphs that the pipeline reads (ComponentSpec.pipeline_state)
         self.config = config
         self._dtype = dtype
         first = next(iter(parts.values()))[0]
@@ -72,6 +75,9 @@ class EngineModel(torch.nn.Module):
         if meta is None:
             with torch.device("meta"):
                 meta = self._cls.from_config(self.config) if hasattr(self._cls, "from_config") else self._cls(self.config)
+            for path, tensor in self._state.items():
+                owner, _, leaf = path.rpartition(".")
+                setattr(meta.get_submodule(owner), leaf, tensor)
             self.__dict__["_meta"] = meta
         return getattr(meta, name)
 
@@ -98,7 +104,7 @@ class EngineModel(torch.nn.Module):
         feeds = _feeds(spec, entry, bound)
         out = engine.infer(feeds)
         values = {o.name: from_numpy(out[o.name]) for o in spec.outputs}
-        return _result(spec, method, values, bound)
+        return _result(spec, method, values, bound, self.config)
 
 
 def _feeds(spec: ComponentSpec, entry: dict, args: dict) -> dict[str, np.ndarray]:
@@ -130,6 +136,8 @@ def _feeds(spec: ComponentSpec, entry: dict, args: dict) -> dict[str, np.ndarray
         rank = len(next(i["shape"] for i in entry["inputs"] if i["name"] == name))
         if v.dim() < rank and v.numel() == 1 and batch is not None:  # a scalar timestep: one per sample
             v = v.reshape(1).expand(batch)
+        if v.dim() == rank + 1:  # per-sample position ids (FLUX.2): the same for every sample, as the model takes them
+            v = v[0]
         feeds[name] = np.ascontiguousarray(v.to(_torch_dtype(dtypes[name])).numpy()
                                            if dtypes[name] != "bfloat16" else _bf16(v))
     return feeds
@@ -143,7 +151,9 @@ def _bf16(v: torch.Tensor) -> np.ndarray:
     return v.to(torch.bfloat16).view(torch.int16).numpy().view(np_dtype("bfloat16"))
 
 
-def _result(spec: ComponentSpec, method: str, values: dict, args: dict):
+def _result(spec: ComponentSpec, method: str, values: dict, args: dict, config):
+    if spec.pipeline_output is not None:
+        return spec.pipeline_output(values, config)
     return_dict = args.get("return_dict", True)
     first = values[spec.outputs[0].name]
     if method == "decode":
@@ -291,7 +301,12 @@ def _engine_pipeline_class(cls):
         call.__doc__ = getattr(PipelineLoras, name).__doc__
         return call
 
-    return type(f"Engine{cls.__name__}", (cls,), {n: method(n) for n in _LORA_METHODS})
+    def __call__(self, *args, **kwargs):
+        for k, v in (self._engine_spec.pipeline_kwargs(self) if self._engine_spec.pipeline_kwargs else {}).items():
+            kwargs.setdefault(k, v)
+        return cls.__call__(self, *args, **kwargs)
+
+    return type(f"Engine{cls.__name__}", (cls,), {"__call__": __call__, **{n: method(n) for n in _LORA_METHODS}})
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -331,8 +346,9 @@ def load_pipeline(out_dir, backend: str | None = None, lora_dir=None, **engine_o
             refitters[comp] = refit.Refitter(engine, lora_dir=lora_dir)
     for folder, parts in groups.items():
         cspec, _, entry = next(iter(parts.values()))
-        config = _config(cspec, out_dir / entry.get("dir", cspec.name))
-        kwargs[folder] = EngineModel(parts, config, _torch_dtype(entry["dtype"]))
+        comp_dir = out_dir / entry.get("dir", cspec.name)
+        state = load_file(comp_dir / PIPELINE_STATE_FILE) if (comp_dir / PIPELINE_STATE_FILE).is_file() else None
+        kwargs[folder] = EngineModel(parts, _config(cspec, comp_dir), _torch_dtype(entry["dtype"]), state)
     for name in params:
         if name in kwargs or name == "self" or name not in index:
             continue
@@ -351,6 +367,7 @@ def load_pipeline(out_dir, backend: str | None = None, lora_dir=None, **engine_o
     missing = [n for n in params if n not in kwargs and n not in ("self", "kwargs")]
     pipe = cls(**{k: v for k, v in kwargs.items() if k in params})
     pipe._engine_loras = PipelineLoras(refitters)
+    pipe._engine_spec = spec
     if missing:
         log.debug("pipeline arguments left to their defaults: %s", missing)
     return pipe

@@ -11,6 +11,8 @@
   `trt.Weights(dtype, ptr, count)` + `TensorLocation.DEVICE`, then `refit_cuda_engine_async`.
   Weights must have the engine's dtype. If the refit fails, the previous values are set again
   and refitted, so the engine keeps its old weights. No host copy of the weights is kept.
+- Weight-stripped plans (`--strip-plan`, recorded in the manifest): every refittable weight is
+  refitted from the ONNX (`OnnxParserRefitter`) when the engine loads.
 - Inference: torch CUDA tensors bound by address, `execute_async_v3` on a CUDA stream.
 
 Importing this module never needs TensorRT; using it does (pip install lora-engines[tensorrt]).
@@ -107,8 +109,13 @@ def build_plan(onnx_path, plan_path=None, refittable: Iterable[str] | None = Non
     The flags used are in `build_plan.last_info` (and the manifest, via export/tensorrt.py).
     """
     trt = _trt()
-    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, PostprocessConfig, \
-        Profile
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        EngineBytesFromNetwork,
+        NetworkFromOnnxPath,
+        PostprocessConfig,
+        Profile,
+    )
 
     onnx_path = Path(onnx_path)
     plan_path = Path(plan_path) if plan_path else onnx_path.with_name(PLAN_FILE)
@@ -190,9 +197,13 @@ class TensorRTEngine(Engine):
             self._engine = self._runtime.deserialize_cuda_engine(f.read())
         if self._engine is None:
             raise EngineError(f"TensorRT could not load {plan} (built with another TensorRT version or GPU?)")
-        self._context = self._engine.create_execution_context()
         self._refitter = trt.Refitter(self._engine, self._logger)
         self._stream = torch.cuda.Stream(device=self.device)
+        self.plan_info = self._plan_info()
+        self.stripped = "STRIP_PLAN" in self.plan_info.get("flags", [])
+        if self.stripped:
+            self._fill_stripped()
+        self._context = self._engine.create_execution_context()
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         self._inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -214,6 +225,35 @@ class TensorRTEngine(Engine):
 
     def weight_infos(self) -> dict[str, WeightInfo]:
         return self._infos
+
+    def _plan_info(self) -> dict:
+        """What the export recorded about this plan (manifest: TensorRT version, GPU, builder flags)."""
+        from .manifest import Manifest
+
+        manifest = Manifest.find(self.directory)
+        if manifest is None:
+            return {}
+        _, entry = manifest.entry_for(None, self.directory)
+        return dict(entry.get("tensorrt") or {})
+
+    def _fill_stripped(self) -> None:
+        """A weight-stripped plan (`--strip-plan`) ships without its refittable weights: refit all of them
+        from the ONNX it was built from (TensorRT's `OnnxParserRefitter`) before the first use."""
+        trt = _trt()
+        if self.model_path is None:
+            raise EngineError(f"{self.directory}: the plan was built with STRIP_PLAN (no refittable weights in it) "
+                              "and needs the model.onnx it was built from next to it")
+        if not hasattr(trt, "OnnxParserRefitter"):
+            raise EngineError(f"TensorRT {trt.__version__} has no OnnxParserRefitter: cannot fill a weight-stripped plan")
+        parser_refitter = trt.OnnxParserRefitter(self._refitter, self._logger)
+        if not parser_refitter.refit_from_file(str(self.model_path)):
+            raise EngineError(f"TensorRT could not read the weights of the stripped plan from {self.model_path}")
+        missing = list(self._refitter.get_missing_weights())
+        if missing:
+            raise EngineError(f"stripped plan {self.directory}: weights missing after the refit from ONNX: {missing[:5]}")
+        if not self._refitter.refit_cuda_engine_async(self._stream.cuda_stream):
+            raise EngineError(f"refitting the stripped plan {self.directory} from its ONNX failed")
+        self._stream.synchronize()
 
     def _describe_inputs(self) -> dict[str, InputInfo]:
         """The plan's input dtypes and shapes (-1: dynamic), dynamic ones named after the export's axes."""

@@ -15,7 +15,9 @@ Weights: the refittable weights are the weights map's (by initializer name, as f
 engine, with the initializer's shape and dtype), and `set_weights` takes numpy arrays in that
 layout. A Refitter does better: the engine says where its weights live (`torch_weights_device`)
 and takes torch-layout tensors by parameter name (`set_torch_weights`), computed on that device
-from base weights kept there. Both write the parameters IN PLACE (`copy_`): storage, shapes and
+from base weights kept there (on CUDA; on the CPU the base weights are read in place from the
+export's files unless `resident_bases=True`), with the adapters' factors copied there once: no
+host round-trip, no host copy of the weights. Both write the parameters IN PLACE (`copy_`): storage, shapes and
 strides never change, so a `torch.compile`d module is not recompiled, and a CUDA graph keeps
 pointing at the live weights. Atomic: everything is checked before the first write; with
 `rollback=True` (default) the previous values of the weights being written are copied aside
@@ -33,23 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lora_loaders.families.spec import select_output
+
 from .base import Engine, EngineError, InputInfo, WeightError, WeightInfo
 from .manifest import Manifest
 from .weights_map import from_numpy, load_weights_map, np_dtype, to_numpy, torch_dtype
 
 TORCH_DIR = "torch"
 TORCH_META = "torch_model.json"
-
-
-def _select(result, source: str):
-    for part in source.split("."):
-        if part.lstrip("-").isdigit():
-            result = result[int(part)]
-        elif isinstance(result, Mapping):
-            result = result[part]
-        else:
-            result = getattr(result, part)
-    return result
 
 
 def _np_of(dtype_name: str):
@@ -76,8 +69,9 @@ class TorchEngine(Engine):
     backend = "torch"
 
     def __init__(self, path, device="cpu", compile: bool | dict = False, rollback: bool = True, model=None,
-                 family: str | None = None, component: str | None = None):
+                 family: str | None = None, component: str | None = None, resident_bases: bool | None = None):
         path = Path(path)
+        self.torch_weights_resident = resident_bases  # None: base weights kept on the device unless it is the CPU
         self.directory = path if path.is_dir() else path.parent
         self.model_path = None
         self.device = torch.device(device)
@@ -136,7 +130,7 @@ class TorchEngine(Engine):
             kwargs = self.spec.prepare(self.model, kwargs)
         m = self.model
         result = m(**kwargs) if self.spec.method == "forward" else getattr(m, self.spec.method)(**kwargs)
-        return tuple(_select(result, o.source or o.name) for o in self.spec.outputs)
+        return tuple(select_output(result, o.source or o.name) for o in self.spec.outputs)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = self.check_inputs(feeds)

@@ -52,6 +52,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lora_loaders.io import atomic_path
+
 FORMAT = "lora-engines.weights_map"
 VERSION = 1
 WEIGHTS_MAP_FILE = "weights_map.json"
@@ -271,11 +273,8 @@ class WeightsMap:
         p = Path(path)
         if p.is_dir():
             p = p / WEIGHTS_MAP_FILE
-        tmp = p.with_name(f".{p.name}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, p)
+        with atomic_path(p) as tmp:
+            tmp.write_text(json.dumps(self.data, indent=1) + "\n")
         self.path = p
         return p
 

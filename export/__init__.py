@@ -8,13 +8,14 @@ registry (`lora_loaders.families`); see `export.pipeline` (output layout), `expo
 (wrapper, example inputs) and `engines.weights_map` / `engines.manifest` (file formats).
 """
 
-from . import noise
+from engines import noise
+
 from .onnx_export import ExportError, export_component
 from .pipeline import OutputExistsError, export_pipeline, parse_lora_arg
 from .tiny import build_tiny
 from .validate import ExportValidationError
 
-noise.install()  # drops only records that carry no information (see export.noise)
+noise.install()  # drops only records that carry no information (see engines.noise)
 
 __all__ = ["export_pipeline", "export_component", "parse_lora_arg", "build_tiny", "ExportError",
            "ExportValidationError", "OutputExistsError"]

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    # Warnings of every library show (export.noise drops the few that say nothing); -v adds
+    # Warnings of every library show (engines.noise drops the few that say nothing); -v adds
     # this project's own steps and timings, not the libraries' info logs.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.verbose:

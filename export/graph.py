@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lora_loaders.families import Cfg, ComponentSpec, FamilySpec, TensorSpec
+from lora_loaders.families.spec import select_output
 
 ROLES = ("example", "check")  # export trace sizes, validation sizes
 _DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
@@ -73,19 +74,8 @@ class Wrapper(nn.Module):
             result = self._graph_forward(self.model, kwargs)
         else:
             result = self.model(**kwargs) if self._method == "forward" else getattr(self.model, self._method)(**kwargs)
-        outs = tuple(_select(result, s) for s in self._sources)
+        outs = tuple(select_output(result, s) for s in self._sources)
         return outs if len(outs) > 1 else outs[0]
-
-
-def _select(result, source: str):
-    for part in source.split("."):
-        if part.lstrip("-").isdigit():
-            result = result[int(part)]
-        elif isinstance(result, Mapping):
-            result = result[part]
-        else:
-            result = getattr(result, part)
-    return result
 
 
 @dataclass

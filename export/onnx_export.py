@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +276,38 @@ def _optimize(program, protected: set[str]) -> None:
             graph.register_initializer(v)
 
 
+_REGISTRIES: dict = {}
+
+
+@contextmanager
+def _reused_registry():
+    """torch's exporter with its ONNX function registry built once per process and opset.
+
+    `torch.onnx.export` rebuilds the registry from onnxscript's torch_lib on every call (it
+    re-reads the source of ~500 functions: about 2 s, more than tracing a tiny text encoder);
+    the export only reads it, and we pass no `custom_translation_table` (which would add to
+    it). Built after `complex_ops` registered its translations, so they are in it.
+    """
+    try:
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+    except ImportError:  # another torch layout: nothing to reuse
+        yield
+        return
+    build = ONNXRegistry.__dict__["from_torchlib"]
+
+    def cached(cls, *args, **kwargs):
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in _REGISTRIES:
+            _REGISTRIES[key] = build.__func__(cls, *args, **kwargs)
+        return _REGISTRIES[key]
+
+    ONNXRegistry.from_torchlib = classmethod(cached)
+    try:
+        yield
+    finally:
+        ONNXRegistry.from_torchlib = build
+
+
 def export_component(
     module: torch.nn.Module, spec: ComponentSpec, out_dir: str | os.PathLike, family: FamilySpec,
     opset: int | None = None, external_data: bool | None = None, step=lambda done: None,
@@ -296,7 +329,7 @@ def export_component(
     kwargs = {}
     if opset is not None:
         kwargs["opset_version"] = opset
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _reused_registry():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             wrapper, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,

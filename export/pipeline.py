@@ -32,10 +32,11 @@ from pathlib import Path
 
 import torch
 
-from engines.manifest import MANIFEST_FILE, Manifest
+from engines.manifest import MANIFEST_FILE, PIPELINE_STATE_FILE, Manifest
 from engines.weights_map import BASE_WEIGHTS_FILE
-from lora_loaders.families import FamilySpec, get_family
+from lora_loaders.families import ComponentSpec, FamilySpec, get_family
 from lora_loaders.io import parse_lora_arg
+from lora_loaders.serialization import save_state_dict
 
 from .graph import example_inputs, run_torch
 from .models import ModelSource
@@ -360,7 +361,7 @@ def _export_one(source, spec: FamilySpec, component, tdtype, adapters, tmp, opse
         bar.update(1)
 
     module = source.load(component, tdtype)
-    _save_config(module, comp_dir)
+    _save_config(module, comp_dir, cspec)
     step("load")
     widened: dict = {}
     baked = _bake(module, component, spec, adapters, comp_dir, bound, widened) if adapters and cspec.lora else []
@@ -403,12 +404,16 @@ def _export_one(source, spec: FamilySpec, component, tdtype, adapters, tmp, opse
     return entry
 
 
-def _save_config(module, comp_dir: Path) -> None:
-    """The component's config.json next to its engine (what a pipeline over the engine reads)."""
+def _save_config(module, comp_dir: Path, cspec: ComponentSpec) -> None:
+    """The component's config.json next to its engine (what a pipeline over the engine reads),
+    and the tensors outside the graph that the pipeline reads too."""
     if hasattr(module, "save_config"):  # diffusers
         module.save_config(comp_dir)
     elif hasattr(module, "config") and hasattr(module.config, "save_pretrained"):  # transformers
         module.config.save_pretrained(comp_dir)
+    if cspec.pipeline_state:
+        tensors = {**dict(module.named_buffers()), **dict(module.named_parameters())}
+        save_state_dict({n: tensors[n] for n in cspec.pipeline_state}, comp_dir / PIPELINE_STATE_FILE)
 
 
 def _release_memory() -> None:

@@ -19,6 +19,10 @@ from lora_loaders.families import FamilySpec
 log = logging.getLogger(__name__)
 
 MODEL_INDEX = "model_index.json"
+# the messages' text, in order: what a chat template reduces to for a tokenizer without roles
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+                 "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+                 "{% endif %}{% endfor %}")
 
 
 def write_pipeline_files(source, spec: FamilySpec, out: Path, components: list[str]) -> dict | None:
@@ -42,6 +46,9 @@ def write_pipeline_files(source, spec: FamilySpec, out: Path, components: list[s
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*")
                    if p.is_file() and (p.name == MODEL_INDEX or p.parts[len(out.parts)] in ("scheduler", *tokenizers)))
     missing = [n for n in ["scheduler", *tokenizers] if not (out / n).is_dir()]
+    missing += [c for c in spec.exported if not spec.component(c).optional and c not in components]
+    if not any(spec.component(c).role == "vae" for c in components):
+        missing.append("a VAE decoder")
     entry = {"class": spec.pipeline, "files": files}
     if missing:
         entry["missing"] = ", ".join(missing)
@@ -86,5 +93,6 @@ def tiny_tokenizer(path: Path, max_length: int = 77):
     (path / "vocab.json").write_text(json.dumps(vocab))
     (path / "merges.txt").write_text("#version: 0.2\n")
     tok = CLIPTokenizer.from_pretrained(str(path), model_max_length=max_length)
+    tok.chat_template = CHAT_TEMPLATE  # for pipelines that prompt through one (FLUX.2)
     tok.save_pretrained(path)
     return tok

@@ -62,33 +62,23 @@ def float_types(model_path: Path) -> dict:
 
 
 def _bf16_to_fp32_model(model_path: Path, work_dir: Path) -> Path:
-    """A float32 copy of a bfloat16 graph (weights cast exactly), for ONNX Runtime on CPU."""
-    import onnx_ir as ir
+    """A float32 copy of a bfloat16 graph (weights cast exactly), for ONNX Runtime on CPU: the
+    conversion engines.OrtEngine runs bfloat16 exports with on CPU (`engines.onnx_utils.bf16_to_fp32`)."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor
 
-    model = ir.load(model_path)
-    bf, f = ir.DataType.BFLOAT16, ir.DataType.FLOAT
+    from engines.onnx_utils import bf16_to_fp32
 
-    def fix_value(v):
-        if v is not None and v.dtype == bf:
-            v.dtype = f
-
-    for v in [*model.graph.inputs, *model.graph.outputs]:
-        fix_value(v)
-    for name, v in list(model.graph.initializers.items()):
-        if v.dtype == bf:
-            arr = v.const_value.numpy().astype(np.float32)
-            v.const_value = ir.tensor(arr, name=name)
-            v.dtype = f
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type in ("Cast", "CastLike") and node.op_type == "Cast" and node.attributes["to"].as_int() == bf:
-            node.attributes["to"] = ir.AttrInt64("to", f)
-        for key, attr in list(node.attributes.items()):
-            if attr.type == ir.AttributeType.TENSOR and attr.as_tensor().dtype == bf:
-                node.attributes[key] = ir.AttrTensor(key, ir.tensor(attr.as_tensor().numpy().astype(np.float32)))
-        for out in node.outputs:
-            fix_value(out)
+    model = onnx.load(str(model_path), load_external_data=False)  # external data read tensor by tensor
+    bf16_to_fp32(model, base_dir=model_path.parent)
+    for t in model.graph.initializer:  # the float32 ones left: inline (the copy is saved elsewhere)
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            load_external_data_for_tensor(t, str(model_path.parent))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
     out = work_dir / "model.fp32-check.onnx"
-    ir.save(model, out, external_data=out.name + ".data")
+    onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=out.name + ".data",
+              size_threshold=1024)
     return out
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import struct
+import threading
 from pathlib import Path
 
 import torch
@@ -142,3 +144,16 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
     if not math.isfinite(scale):
         raise ValueError(f"LoRA {arg!r}: scale {text!r} is not a finite number")
     return path, scale
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """A temporary name next to `path` to write to: renamed to `path` when the block succeeds,
+    removed when it fails, so a reader never sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

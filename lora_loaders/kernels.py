@@ -13,7 +13,10 @@ round-to-nearest-even cast; only NaN payloads may differ): torch ops, used on ev
 and as the reference, and `_kernels.c`, one pass per block instead of the several casts,
 adds, copies and compares torch needs. The C file is built with the machine's C compiler on
 first use (a second, about) into a per-user cache and used on CPUs with AVX-512; without a
-compiler, or with `LORA_ENGINES_KERNELS=torch`, everything runs the torch path.
+compiler, or with `LORA_ENGINES_KERNELS=torch`, everything runs the torch path. The build is
+atomic (a temporary name, then a rename) under a lock file, so processes that start together
+(pytest-xdist workers) compile once; any failure to build or load it logs why and falls back to
+torch, never an error.
 tests/test_weights_perf.py checks the two paths against each other bit for bit.
 """
 
@@ -24,6 +27,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -93,44 +97,63 @@ def _cpu_key() -> str:
     return flags
 
 
-def _compile(cc: str, out: Path) -> None:
+def _compiler() -> list[str] | None:
+    """The C compiler command ($CC, which may carry words such as `ccache gcc`, else cc / gcc / clang)."""
+    env = os.environ.get("CC", "").strip()
+    if env:
+        return shlex.split(env)
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return [cc] if cc else None
+
+
+def _compile(cc: list[str], out: Path) -> None:
+    """Build the library into `out` atomically: compile to a unique temporary name in the same
+    directory, then rename over `out` (readers see the old file, no file, or the whole new one)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cc, "-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11", "-o", tmp, str(_SRC)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        cmd = [*cc, "-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11", "-o", tmp, str(_SRC)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:
-            raise OSError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-2000:]}")
+            raise OSError(f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)  # mkstemp makes it 0600: a cache shared between users must stay loadable
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _load():
-    mode = os.environ.get("LORA_ENGINES_KERNELS", "auto").lower()
-    if mode in ("0", "torch", "off", "no"):
-        logger.info("effective-weight kernels: torch (LORA_ENGINES_KERNELS=%s)", mode)
-        return None
-    if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform == "win32":
-        return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        logger.info("effective-weight kernels: torch (no C compiler found)")
-        return None
-    key = hashlib.sha256(_SRC.read_bytes() + _cpu_key().encode() + cc.encode()).hexdigest()[:20]
-    path = _cache_dir() / f"kernels-{key}.so"
-    try:
-        if not path.is_file():
-            _compile(cc, path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:
-        logger.warning("effective-weight kernels: torch (could not build %s: %s)", _SRC.name, e)
-        return None
-    if lib.le_isa() != 512:
-        logger.info("effective-weight kernels: torch (this CPU has no AVX-512)")
-        return None
+class _BuildLock:
+    """An advisory lock file beside the library while one process compiles it: concurrent first
+    uses (pytest-xdist workers, several servers) compile once and the others wait, then load it.
+    Best effort: where locking is not possible, each process compiles to its own temporary name and
+    the renames are atomic anyway."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = path, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except (OSError, ImportError) as e:
+            logger.debug("effective-weight kernels: no build lock (%s)", e)
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock
+        return False
+
+
+def _bind(lib) -> None:
     for s in _SUFFIX.values():
         f = getattr(lib, f"le_apply_{s}")
         f.argtypes, f.restype = [_VP, _I64, _VP, _I64, _VP, _I64, _I64, _I64], ctypes.c_int
@@ -141,7 +164,59 @@ def _load():
     for s in ("16", "32"):
         f = getattr(lib, f"le_transpose_{s}")
         f.argtypes, f.restype = [_VP, _I64, _VP, _I64, _I64, _I64], None
-    logger.debug("effective-weight kernels: C (%s)", path)
+
+
+def _open(path: Path):
+    lib = ctypes.CDLL(str(path))
+    lib.le_isa.restype = ctypes.c_int
+    _bind(lib)  # every symbol present (a stale or damaged file fails here, not later)
+    return lib
+
+
+def _build_and_open(cc: list[str]):
+    """Compile (at most once per source, CPU and compiler) and open the library; raises on failure."""
+    key = hashlib.sha256(_SRC.read_bytes() + _cpu_key().encode() + " ".join(cc).encode()).hexdigest()[:20]
+    path = _cache_dir() / f"kernels-{key}.so"
+    if path.is_file():
+        try:
+            return _open(path)
+        except (OSError, AttributeError) as e:  # damaged (e.g. a partial write by an older version): rebuild
+            logger.info("effective-weight kernels: rebuilding %s (%s)", path, e)
+    with _BuildLock(path.with_name(path.name + ".lock")):
+        if path.is_file():  # another process built it while this one waited for the lock
+            try:
+                return _open(path)
+            except (OSError, AttributeError):
+                pass
+        _compile(cc, path)
+        return _open(path)
+
+
+def _load():
+    """The C library, or None with the reason logged. Never raises: any failure means the torch path."""
+    mode = os.environ.get("LORA_ENGINES_KERNELS", "auto").lower()
+    if mode in ("0", "torch", "off", "no"):
+        logger.info("effective-weight kernels: torch (LORA_ENGINES_KERNELS=%s)", mode)
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform == "win32":
+        logger.info("effective-weight kernels: torch (the C kernels need x86-64 with AVX-512; this is %s on %s)",
+                    platform.machine(), sys.platform)
+        return None
+    cc = _compiler()
+    if cc is None:
+        logger.info("effective-weight kernels: torch (no C compiler found: set CC or install cc / gcc / clang)")
+        return None
+    try:
+        lib = _build_and_open(cc)
+        isa = lib.le_isa()
+    except Exception as e:  # noqa: BLE001 - a missing source, an unwritable cache, a broken compiler...
+        logger.warning("effective-weight kernels: torch (could not build or load %s with %s: %s: %s)",
+                       _SRC.name, " ".join(cc), type(e).__name__, e)
+        return None
+    if isa != 512:
+        logger.info("effective-weight kernels: torch (this CPU or compiler has no AVX-512)")
+        return None
+    logger.debug("effective-weight kernels: C (%s)", getattr(lib, "_name", "?"))
     return lib
 
 

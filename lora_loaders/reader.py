@@ -20,9 +20,34 @@ from .io import LoraFileError, load_state_dict, resolve_path
 
 logger = logging.getLogger(__name__)
 
-_PARSED: OrderedDict[str, ParsedLora] = OrderedDict()  # sha256 of the file -> parsed layers
-_LOCK = threading.Lock()
 CACHE_SIZE = 16
+
+
+class LruCache:
+    """A small thread-safe least-recently-used cache (parsed files here, bound adapters in refit)."""
+
+    def __init__(self, size: int = CACHE_SIZE):
+        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        return None
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_PARSED = LruCache()  # sha256 of the file -> parsed layers
 
 
 def file_sha256(path: str | Path) -> str:
@@ -41,10 +66,9 @@ def parse_file(source, weight_name: str | None = None, allow_pickle: bool = Fals
     if not isinstance(source, dict):
         path = resolve_path(source, weight_name, **hub_kwargs)
         digest = file_sha256(path)
-        with _LOCK:
-            if digest in _PARSED:
-                _PARSED.move_to_end(digest)
-                return _PARSED[digest], digest, where
+        cached = _PARSED.get(digest)
+        if cached is not None:
+            return cached, digest, where
         source, weight_name, hub_kwargs = str(path), None, {}
     state_dict, metadata = load_state_dict(source, weight_name, allow_pickle, **hub_kwargs)
     if not state_dict:
@@ -54,16 +78,12 @@ def parse_file(source, weight_name: str | None = None, allow_pickle: bool = Fals
     except ParseError as e:
         raise ParseError(f"{where}: {e}") from e
     if digest is not None:
-        with _LOCK:
-            _PARSED[digest] = parsed
-            while len(_PARSED) > CACHE_SIZE:
-                _PARSED.popitem(last=False)
+        _PARSED.put(digest, parsed)
     return parsed, digest, where
 
 
 def clear_cache() -> None:
-    with _LOCK:
-        _PARSED.clear()
+    _PARSED.clear()
 
 
 def read_lora(

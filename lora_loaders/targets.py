@@ -26,7 +26,13 @@ def contributions_by_module(
 
 
 def param_contributions(module: str, contributions: list[Contribution]) -> dict[str, list[Contribution]]:
-    """{`<module>.weight`: all of them, `<module>.bias`: those with a bias delta (if any)}."""
+    """{`<module>.weight`: all of them, `<module>.bias`: those with a bias delta (if any)}.
+
+    An additive contribution at weight 0 adds nothing and is left out (the base bits exactly, with
+    no product computed: `base + 0 * delta` would also turn -0.0 into +0.0). DoRA and other
+    base-dependent layers stay, since weight 0 still renormalises them.
+    """
+    contributions = [c for c in contributions if c[1] != 0 or not c[0].is_additive]
     weight = [c for c in contributions if not _bias_only(c)]
     out = {f"{module}.weight": weight} if weight else {}
     biased = [c for c in contributions if c[0].bias is not None]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 
 from engines.weights_map import from_numpy, to_numpy, torch_dtype
 from lora_loaders.adapter import LoraAdapter
+from lora_loaders.reader import LruCache
 from lora_loaders.targets import params_of
 from lora_loaders.weights import Contribution, effective_bias, effective_weight, map_items
 
@@ -26,9 +26,7 @@ from .store import ComponentFiles, RefitError
 
 # -- adapters, bound to an engine's weights map and cached -----------------------------------
 
-_CACHE: OrderedDict = OrderedDict()
-_CACHE_LOCK = threading.Lock()
-CACHE_SIZE = 16
+_CACHE = LruCache()  # (file sha256, family, component, the engine's module names and shapes) -> bound adapter
 
 
 def _index_key(files: ComponentFiles) -> str:
@@ -56,10 +54,9 @@ def read_adapter(source, files: ComponentFiles, name: str = "adapter", **kwargs)
             return align(source, spec, files.index), None
         parsed, digest, where = parse_file(source, **kwargs)
         key = (digest, files.family, files.component, _index_key(files))
-        with _CACHE_LOCK:
-            if digest is not None and key in _CACHE:
-                _CACHE.move_to_end(key)
-                return _CACHE[key], digest
+        cached = _CACHE.get(key) if digest is not None else None
+        if cached is not None:
+            return cached, digest
         adapter = bind_parsed(parsed, spec, files.index, where=where, sha256=digest)
         remap = spec.remap_into(files.component)
         if remap and not adapter.for_component(files.component):
@@ -73,18 +70,14 @@ def read_adapter(source, files: ComponentFiles, name: str = "adapter", **kwargs)
             raise RefitError(f"adapter {name!r} has shapes that need a different graph: {e}") from e
         raise RefitError(f"cannot read LoRA {name!r} for {files.family} {files.component}: {e}") from e
     if digest is not None:
-        with _CACHE_LOCK:
-            _CACHE[key] = adapter
-            while len(_CACHE) > CACHE_SIZE:
-                _CACHE.popitem(last=False)
+        _CACHE.put(key, adapter)
     return adapter, digest
 
 
 def clear_cache():
     from lora_loaders.reader import clear_cache as clear_parsed
 
-    with _CACHE_LOCK:
-        _CACHE.clear()
+    _CACHE.clear()
     clear_parsed()
 
 
@@ -107,7 +100,7 @@ def check_adapter(adapter: LoraAdapter, files: ComponentFiles, name: str) -> Non
 
 def compute(files: ComponentFiles, by_module: Mapping[str, list[Contribution]], dirty: Iterable[str],
             owners: Mapping[int, str] | None = None, to_onnx: bool = False, device=None,
-            as_numpy: bool = True) -> tuple[set[str], dict]:
+            as_numpy: bool = True, resident: bool | None = None) -> tuple[set[str], dict]:
     """(new targets, {param: new torch-layout value}) for every param in targets | dirty.
 
     by_module: {module: [(layer, weight)]} of the new state (`contributions_by_module`, or
@@ -120,6 +113,10 @@ def compute(files: ComponentFiles, by_module: Mapping[str, list[Contribution]], 
     device (e.g. "cuda:0"): compute there from base values kept on that device
     (`device_bases`), and return torch tensors on it (as_numpy is then ignored); with the
     default (CPU) and as_numpy=False, torch tensors instead of numpy arrays.
+    resident: keep the base values on `device` (read from the files once, `device_bases`) and
+    compute from them: the default on every device but the CPU, where base values are read in
+    place from memory maps instead. resident=True on the CPU runs the device path there (the
+    same function, the same bits: tests/test_torch_engine.py checks it).
     """
     by_param = params_of(dict(by_module))
     targets = set(by_param)
@@ -130,9 +127,10 @@ def compute(files: ComponentFiles, by_module: Mapping[str, list[Contribution]], 
     params = sorted(targets | set(dirty), key=lambda p: order.get(p, -1))
     dev = torch.device(device) if device is not None else torch.device("cpu")
     on_cpu = dev.type == "cpu"
+    resident = not on_cpu if resident is None else bool(resident)
     numpy_out = as_numpy and on_cpu
-    views = base_views(files) if on_cpu else None
-    bases = device_bases(files, dev) if not on_cpu else None
+    views = base_views(files) if not resident else None
+    bases = device_bases(files, dev) if resident else None
 
     def one(param):
         entry = files.map[param]

@@ -246,7 +246,8 @@ class Refitter:
         if device is not None:  # torch tensors computed where the engine's weights are (torch / TensorRT engines)
             onnx_layout = getattr(self.engine, "torch_weights_layout", "torch") == "onnx"
             targets, arrays = core.compute(self.files, by_module, self._dirty, owners, to_onnx=onnx_layout,
-                                           device=device, as_numpy=False)
+                                           device=device, as_numpy=False,
+                                           resident=getattr(self.engine, "torch_weights_resident", None))
             check, write = self.engine.check_torch_weights, self.engine.set_torch_weights
         else:
             targets, arrays = core.compute(self.files, by_module, self._dirty, owners, to_onnx=True)

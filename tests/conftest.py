@@ -8,7 +8,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 logging.getLogger("diffusers").setLevel(logging.ERROR)
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# pytest-xdist workers share the cores: one worker per core, one torch thread each
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _WORKERS))
 
 
 def pytest_addoption(parser):

@@ -1,5 +1,5 @@
 """Writers of the HiDream, Qwen-Image, Z-Image and aMUSEd LoRA layouts for tiny models, and the
-comparison helpers their tests share.
+comparison helpers their tests share (the models and the unmatched-key check: peft_layouts).
 
 Each writer starts from diffusers/PEFT factors (`transformer.<module>.lora_A/B.weight`) and
 spells them as a trainer does; `folded` gives the factors diffusers + PEFT must load to apply
@@ -9,18 +9,15 @@ own conventions, independently of `lora_loaders.families`.
 
 from __future__ import annotations
 
-import copy
 import re
 
-import pytest
 import torch
-from lora_files import peft_lora
-from reference import assert_close, diffusers_loader, outputs
 from torch import nn
 
 import lora_loaders as L
-from export.tiny import build_tiny
+from lora_files import peft_lora
 from lora_loaders.index import targetable_modules
+from reference import assert_close, diffusers_loader, outputs
 
 
 def linear_pattern(model: nn.Module, exclude: str | None = None) -> re.Pattern:
@@ -76,12 +73,6 @@ def assert_weights(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
         torch.testing.assert_close(modules[name].weight.detach(), w, rtol=1e-5, atol=1e-6)
 
 
-def copies(family: str, overrides=None) -> tuple[dict, dict, dict]:
-    """The family's tiny transformer three times: untouched, for us, for diffusers."""
-    m = build_tiny(family, ["transformer"], overrides=overrides)
-    return m, copy.deepcopy(m), copy.deepcopy(m)
-
-
 def every_linear(models: dict, seed: int, exclude: str | None = None) -> dict:
     t = models["transformer"]
     return peft_lora({"transformer": t}, pattern=linear_pattern(t, exclude), seed=seed)
@@ -94,13 +85,3 @@ def load_both(family: str, ours: dict, ref: dict, file_ours: dict, file_ref: dic
     o = outputs(family, ours)
     assert_close(o, outputs(family, ref))
     return o
-
-
-def raises_on_unknown_module(family: str, models: dict, file: dict, key: str, shape: tuple[int, int]) -> None:
-    """A file with one module the model lacks (`key`: its name as the file spells it) loads nothing."""
-    a, b = ("lora_down", "lora_up") if "lora_down" in next(iter(file)) else ("lora_A", "lora_B")
-    file = {**file, f"{key}.{a}.weight": torch.zeros(4, shape[1]), f"{key}.{b}.weight": torch.zeros(shape[0], 4)}
-    loader = L.loader_for(family, **models)
-    with pytest.raises(L.LoraKeyError, match=re.escape(key)):
-        loader.load_lora_weights(file, adapter_name="bad")
-    assert loader.get_list_adapters() == {}

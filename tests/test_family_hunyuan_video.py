@@ -14,23 +14,22 @@ on the same factors in PEFT names, or the weight computed directly:
 """
 
 import copy
+from functools import partial
 
 import pytest
 import torch
 
 import lora_loaders as L
-from export.tiny import build_tiny
 from family_files import fused_kohya
 from lora_files import peft_lora
+from peft_layouts import models, raises_on_unknown_module
 from reference import assert_close, assert_differs, diffusers_loader, outputs
 from video_layouts import hunyuan_original, linears, respell
 
 FAMILY = "hunyuan-video"
 
 
-def _models():
-    m = build_tiny(FAMILY, ["transformer"])
-    return m, copy.deepcopy(m), copy.deepcopy(m)
+_models = partial(models, FAMILY)
 
 
 def _original(model, prefix="diffusion_model.", seed=0, keep=lambda k: True, kohya=False):
@@ -122,9 +121,4 @@ def test_original_reads_the_same_without_the_model():
 def test_unmatched_key_raises_naming_it():
     _, ours, _ = _models()
     file, _ = _original(ours["transformer"], seed=8)
-    file["diffusion_model.double_blocks.0.img_attn_qkvv.lora_A.weight"] = torch.zeros(4, 16)
-    file["diffusion_model.double_blocks.0.img_attn_qkvv.lora_B.weight"] = torch.zeros(48, 4)
-    loader = L.loader_for(FAMILY, **ours)
-    with pytest.raises(L.LoraKeyError, match=r"img_attn_qkvv"):
-        loader.load_lora_weights(file, adapter_name="bad")
-    assert loader.get_list_adapters() == {}
+    raises_on_unknown_module(FAMILY, ours, file, "diffusion_model.double_blocks.0.img_attn_qkvv", (48, 16))

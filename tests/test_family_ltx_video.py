@@ -9,23 +9,22 @@ in diffusers names, and the direct formula (W + diff) for norm deltas.
 """
 
 import copy
+from functools import partial
 
-import pytest
 import torch
 
 import lora_loaders as L
 from export.tiny import build_tiny
 from family_files import fused_kohya
 from lora_files import peft_lora
+from peft_layouts import models, raises_on_unknown_module
 from reference import assert_close, assert_differs, diffusers_loader, outputs
 from video_layouts import linears, ltx_original, respell
 
 FAMILY = "ltx-video"
 
 
-def _models():
-    m = build_tiny(FAMILY, ["transformer"])
-    return m, copy.deepcopy(m), copy.deepcopy(m)
+_models = partial(models, FAMILY)
 
 
 def _both(ours, ref, file, ref_file):
@@ -93,9 +92,6 @@ def test_graph_packs_latents_like_the_pipeline():
 
 def test_unmatched_key_raises_naming_it():
     _, ours, _ = _models()
-    file = {"diffusion_model.transformer_blocks.0.attn1.to_qq.lora_A.weight": torch.zeros(4, 16),
-            "diffusion_model.transformer_blocks.0.attn1.to_qq.lora_B.weight": torch.zeros(16, 4)}
-    loader = L.loader_for(FAMILY, **ours)
-    with pytest.raises(L.LoraKeyError, match=r"to_qq"):
-        loader.load_lora_weights(file, adapter_name="bad")
-    assert loader.get_list_adapters() == {}
+    file = {k.replace("transformer.", "diffusion_model.", 1): v
+            for k, v in peft_lora(ours, pattern=linears(ours["transformer"]), seed=5).items()}
+    raises_on_unknown_module(FAMILY, ours, file, "diffusion_model.transformer_blocks.0.attn1.to_qq", (16, 16))

@@ -15,18 +15,18 @@ rows at the model's own q / k / v sizes. sd-scripts' Gemma LoRAs (`lora_te_`), w
 does not load, are compared with W + up @ down * alpha / rank.
 """
 
-import copy
 import re
+from functools import partial
 
 import pytest
 import torch
-from family_files import fused_kohya
-from peft_layouts import check_peft, check_unprefixed
-from reference import assert_close, assert_differs, diffusers_loader, outputs
 
 import lora_loaders as L
 from export.graph import example_inputs, run_torch
 from export.tiny import build_tiny
+from family_files import fused_kohya
+from peft_layouts import check_peft, check_unprefixed, models, raises_on_unknown_module
+from reference import assert_close, assert_differs, diffusers_loader, outputs
 
 FAMILY = "lumina2"
 
@@ -48,9 +48,7 @@ def original(name: str):
     return (_TOP[name], None, False) if name in _TOP else None
 
 
-def _models(components=("transformer",)):
-    m = build_tiny(FAMILY, list(components))
-    return m, copy.deepcopy(m), copy.deepcopy(m)
+_models = partial(models, FAMILY)
 
 
 def _files(model, seed: int, alpha=2.0) -> tuple[dict, dict]:
@@ -116,9 +114,7 @@ def test_original_layouts_match_diffusers_on_the_same_factors():
 
 
 def test_diffusers_converter_at_lumina_image_2_sizes_and_its_limits():
-    from diffusers.loaders.lora_conversion_utils import (
-        _convert_non_diffusers_lumina2_lora_to_diffusers as convert,
-    )
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lumina2_lora_to_diffusers as convert
 
     g = torch.Generator().manual_seed(3)
     dims = {"attention.qkv": (2304, 3840), "attention.out": (2304, 2304), "feed_forward.w1": (2304, 6144),
@@ -182,7 +178,4 @@ def test_sd_scripts_gemma_lora_follows_the_lora_formula():
 def test_unmatched_key_raises_naming_it():
     _, ours, _ = _models()
     file = _files(ours["transformer"], seed=5)[0]["diffusion_model. A/B"]
-    file["diffusion_model.layers.0.attention.qkvv.lora_A.weight"] = torch.zeros(4, 32)
-    file["diffusion_model.layers.0.attention.qkvv.lora_B.weight"] = torch.zeros(64, 4)
-    with pytest.raises(L.LoraKeyError, match=r"attention\.qkvv"):
-        L.loader_for(FAMILY, **ours).load_lora_weights(file, adapter_name="bad")
+    raises_on_unknown_module(FAMILY, ours, file, "diffusion_model.layers.0.attention.qkvv", (64, 32))

@@ -17,12 +17,11 @@ import torch
 
 import lora_loaders as L
 from export.graph import run_torch
-from export.tiny import build_tiny
-from image_layouts import (assert_weights, copies, every_linear, folded, linear_pattern, load_both, lokr_expected,
-                           raises_on_unknown_module, relayout)
+from image_layouts import assert_weights, every_linear, folded, linear_pattern, load_both, lokr_expected, relayout
 from lora_files import lycoris
 from lora_loaders.families.qwen_image import EDIT_TINY
-from reference import assert_differs, diffusers_loader, outputs
+from peft_layouts import models, raises_on_unknown_module
+from reference import assert_close, assert_differs, diffusers_loader, outputs
 
 FAMILY = "qwen-image"
 _peft = every_linear
@@ -30,7 +29,7 @@ _both = partial(load_both, FAMILY)
 
 
 def _models(edit=False):
-    return copies(FAMILY, {"transformer": EDIT_TINY} if edit else None)
+    return models(FAMILY, overrides={"transformer": EDIT_TINY} if edit else None)
 
 
 def test_peft_matches_diffusers():
@@ -44,14 +43,17 @@ def test_peft_matches_diffusers():
     ("lora_unet_", "down", True, ""),  # musubi-tuner
 ])
 def test_layouts_diffusers_reads_with_alpha_applied(prefix, spell, flat, adapter):
+    """Alpha 2 at rank 4 halves every delta. diffusers' output on the file (lora_A/B + alpha included)
+    equals diffusers + PEFT on the same factors with alpha / rank folded into lora_B: it applies the
+    alpha; ours equals both (a dropped alpha would double every delta and fail both comparisons)."""
     m, ours, ref = _models()
-    file = relayout(_peft(ours, seed=2), prefix, spell, alpha=2.0, flat=flat, adapter=adapter)
-    o = _both(ours, ref, file, file)
+    sd = _peft(ours, seed=2)
+    o = _both(ours, ref, relayout(sd, prefix, spell, alpha=2.0, flat=flat, adapter=adapter), folded(sd, 2.0))
+    _, _, theirs = _models()
+    diffusers_loader(FAMILY, theirs).load_lora_weights(relayout(sd, prefix, spell, alpha=2.0, flat=flat, adapter=adapter),
+                                                       adapter_name="x")
+    assert_close(outputs(FAMILY, theirs), o)
     assert_differs(o, outputs(FAMILY, m), "transformer")
-    _, _, unscaled = _models()  # alpha 2 at rank 4 halves every delta: diffusers applies it
-    diffusers_loader(FAMILY, unscaled).load_lora_weights(relayout(_peft(unscaled, seed=2), prefix, spell, flat=flat,
-                                                                  adapter=adapter), adapter_name="x")
-    assert_differs(o, outputs(FAMILY, unscaled), "transformer")
 
 
 @pytest.mark.parametrize("spell", ["A", "down"])
@@ -75,7 +77,7 @@ def test_lycoris_lokr_follows_its_formula():
     t = ours["transformer"]
     sd = lycoris({"transformer": t}, "lokr", pattern=linear_pattern(t), seed=5, prefixes={"transformer": "lycoris_"})
     want = lokr_expected(t, sd, lambda n: "lycoris_" + n.replace(".", "_"))
-    assert len(want) > 30
+    assert len(want) > 15
     L.loader_for(FAMILY, transformer=t).load_lora_weights(sd, adapter_name="k")
     assert_weights(t, want)
 
@@ -86,9 +88,12 @@ def test_unmatched_key_raises_naming_it():
     raises_on_unknown_module(FAMILY, ours, file, "lora_unet_transformer_blocks_0_attn_to_qq", (16, 16))
 
 
-def test_graph_is_the_transformer_on_packed_latents():
-    """The graph's packing and rotary tables (real angles, any text length) give diffusers' forward bit for bit."""
-    t = build_tiny(FAMILY, ["transformer"])["transformer"]
+@pytest.mark.parametrize("edit", [False, True])
+def test_graph_is_the_transformer_on_packed_latents(edit):
+    """The graph's packing and rotary tables (real angles, any text length) give diffusers' forward bit for bit;
+    Edit-2511 (`zero_cond_t`): diffusers' forward with it, the graph without (no condition tokens), to 1e-6."""
+    t = _models(edit)[0]["transformer"]
+    assert t.zero_cond_t == edit
     spec = L.get_family(FAMILY).component("transformer")
     g = torch.Generator().manual_seed(7)
     b, h, w, n = 2, 6, 10, 9
@@ -102,4 +107,25 @@ def test_graph_is_the_transformer_on_packed_latents():
         out = t(hidden_states=packed, encoder_hidden_states=text, encoder_hidden_states_mask=mask, timestep=step,
                 img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
     want = out.reshape(b, h // 2, w // 2, 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, 4, h, w)
-    assert torch.equal(torch.from_numpy(got), want)
+    if edit:  # diffusers' doubled modulation batch rounds differently
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(torch.from_numpy(got), want)
+    assert t.zero_cond_t == edit  # restored
+
+
+def test_edit_config_exports_with_dynamic_sizes(tmp_path):
+    """Qwen-Image-Edit-2511's transformer: ONNX Runtime equals PyTorch at sizes other than the traced ones."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from export.graph import example_inputs
+    from export.onnx_export import export_component
+
+    spec = L.get_family(FAMILY)
+    cspec, t = spec.component("transformer"), _models(edit=True)[0]["transformer"]
+    export_component(t, cspec, tmp_path, spec)
+    feeds = example_inputs(spec, cspec, t, torch.float32, "check", seed=1)
+    got = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+    want = run_torch(cspec, t, feeds)[0]
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

@@ -8,12 +8,12 @@ keys prefixed.
 
 import numpy as np
 import torch
-from peft_layouts import check_peft, check_unmatched, check_unprefixed
 
 import lora_loaders as L
 from export.graph import example_inputs, run_torch
 from export.onnx_export import export_component
 from export.tiny import build_tiny
+from peft_layouts import check_peft, check_unmatched, check_unprefixed
 
 FAMILY = "sana"
 

@@ -7,7 +7,7 @@ folded into lora_up).
 Our name table is Wan's (`lora_loaders.families.wan.ORIGINAL`).
 """
 
-import copy
+from functools import partial
 
 import pytest
 import torch
@@ -16,15 +16,14 @@ import lora_loaders as L
 from export.tiny import build_tiny
 from family_files import wan_original
 from lora_files import peft_lora
+from peft_layouts import models, raises_on_unknown_module
 from reference import assert_close, assert_differs, diffusers_loader, outputs
 from video_layouts import linears
 
 FAMILY = "skyreels-v2"
 
 
-def _models():
-    m = build_tiny(FAMILY, ["transformer"])
-    return m, copy.deepcopy(m), copy.deepcopy(m)
+_models = partial(models, FAMILY)
 
 
 def original_file(model, prefix="diffusion_model.", seed=0, spell="down", flat=False, rank=4, alpha=2.0):
@@ -106,9 +105,4 @@ def test_fps_projection_of_sample_info_models():
 def test_unmatched_key_raises_naming_it():
     _, ours, _ = _models()
     file = original_file(ours["transformer"], seed=5)
-    file["diffusion_model.blocks.0.self_attn.qq.lora_down.weight"] = torch.zeros(4, 16)
-    file["diffusion_model.blocks.0.self_attn.qq.lora_up.weight"] = torch.zeros(16, 4)
-    loader = L.loader_for(FAMILY, **ours)
-    with pytest.raises(L.LoraKeyError, match=r"self_attn\.qq"):
-        loader.load_lora_weights(file, adapter_name="bad")
-    assert loader.get_list_adapters() == {}
+    raises_on_unknown_module(FAMILY, ours, file, "diffusion_model.blocks.0.self_attn.qq", (16, 16))

@@ -21,12 +21,13 @@ import lora_loaders as L
 from export.graph import run_torch
 from export.tiny import build_tiny
 from family_files import fused_kohya
-from image_layouts import copies, every_linear, folded, linear_pattern, load_both, raises_on_unknown_module, relayout
+from image_layouts import every_linear, folded, linear_pattern, load_both, relayout
 from lora_files import lycoris
+from peft_layouts import models, raises_on_unknown_module
 from reference import assert_differs, diffusers_loader, outputs
 
 FAMILY = "z-image"
-_models = partial(copies, FAMILY)
+_models = partial(models, FAMILY)
 _peft = every_linear
 _both = partial(load_both, FAMILY)
 

@@ -5,7 +5,6 @@ and `python -m engines.generate`."""
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import subprocess
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import save_file
 
 import engines
@@ -22,46 +20,13 @@ import export
 import lora_loaders as L
 from export.tiny import build_tiny
 from lora_files import peft_lora
+from pipeline_reference import image, reference_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-CALL = dict(num_inference_steps=2, guidance_scale=4.0, height=32, width=32, output_type="np")
 ATTN = re.compile(r"(to_q|to_v|to_out\.0|add_k_proj|q_proj|k_proj|fc2)$")
 
 
-def reference_pipeline(family: str, out: Path, loras=()):
-    """diffusers' pipeline over fresh tiny models (the export's tokenizer and scheduler files),
-    with the LoRAs loaded and fused by diffusers + PEFT."""
-    import diffusers
-    from transformers import CLIPTokenizer
-
-    spec = L.get_family(family)
-    models = build_tiny(family)
-    parts = {("vae" if spec.component(c).folder == "vae" else c): m for c, m in models.items()}
-    cls = getattr(diffusers, spec.pipeline)
-    params = inspect.signature(cls.__init__).parameters
-    for name in params:
-        if name.startswith("tokenizer"):
-            parts[name] = CLIPTokenizer.from_pretrained(out / name)
-    parts["scheduler"] = getattr(diffusers, spec.scheduler[0]).from_pretrained(out / "scheduler")
-    for name, p in params.items():
-        if name not in parts and name != "self" and p.default is inspect.Parameter.empty:
-            parts[name] = None
-    if "requires_safety_checker" in params:
-        parts["requires_safety_checker"] = False
-    pipe = cls(**{k: v for k, v in parts.items() if k in params})
-    for i, (path, scale) in enumerate(loras):
-        pipe.load_lora_weights(str(path), adapter_name=f"r{i}")
-    if loras:
-        pipe.set_adapters([f"r{i}" for i in range(len(loras))], [s for _, s in loras])
-        pipe.fuse_lora()
-    return pipe
-
-
-def image(pipe, seed=0, prompt="a red cube"):
-    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **CALL).images[0]
-
-
-@pytest.fixture(scope="module", params=["sd", "sdxl", "sd3"])
+@pytest.fixture(scope="module", params=["sd", "sdxl", "sd3", "flux"])
 def exported(request, tmp_path_factory):
     family = request.param
     spec = L.get_family(family)

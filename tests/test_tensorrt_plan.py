@@ -35,7 +35,7 @@ class FakeTensorRT(types.ModuleType):
         self.float16, self.float32, self.bfloat16 = "HALF", "FLOAT", "BF16"
         self.calls: list = []
 
-    def Weights(self, dtype, ptr, count):  # noqa: N802 - the tensorrt name
+    def Weights(self, dtype, ptr, count):
         self.calls.append(("Weights", dtype, count))
         return ("weights", dtype, ptr, count)
 
@@ -227,3 +227,87 @@ def test_build_plan_records_flags_with_polygraphy(monkeypatch, tmp_path):
     assert info["tensorrt"].startswith("11.") and "STRIP_PLAN" in info["flags"] and info["refittable"] == 2
     with pytest.raises(EngineError, match="could not be refitted"):
         trt_engine.build_plan(onnx_path, refittable=["w1", "folded_away"])
+
+
+class FakeOnnxParserRefitter:
+    """TEST DOUBLE of trt.OnnxParserRefitter: records which file it was asked to read weights from."""
+
+    def __init__(self, refitter, logger):
+        self.refitter = refitter
+        refitter.log.append(("OnnxParserRefitter", logger))
+
+    def refit_from_file(self, path):
+        self.refitter.log.append(("refit_from_file", path))
+        return True
+
+
+def test_stripped_plan_is_filled_from_its_onnx_before_use(monkeypatch, tmp_path):
+    log = []
+    e = _engine(monkeypatch, FakeRefitter(log))
+    sys.modules["tensorrt"].OnnxParserRefitter = FakeOnnxParserRefitter
+    e._logger, e.directory = "logger", tmp_path
+    e.model_path = tmp_path / "model.onnx"
+    e._fill_stripped()
+    # every refittable weight read from the ONNX the plan was built from, then one refit
+    assert log == [("OnnxParserRefitter", "logger"), ("refit_from_file", str(tmp_path / "model.onnx")), ("refit",)]
+    e.model_path = None
+    with pytest.raises(EngineError, match="STRIP_PLAN.*model.onnx"):
+        e._fill_stripped()
+    del sys.modules["tensorrt"].OnnxParserRefitter  # an old TensorRT: a clear error, not an AttributeError
+    e.model_path = tmp_path / "model.onnx"
+    with pytest.raises(EngineError, match="no OnnxParserRefitter"):
+        e._fill_stripped()
+
+
+def test_plan_info_comes_from_the_manifest(tmp_path):
+    """The flags the export recorded (STRIP_PLAN among them) are what the engine reads back."""
+    from engines.manifest import Manifest
+
+    comp = tmp_path / "unet"
+    comp.mkdir()
+    m = Manifest.new(family="sdxl", dtype="fp16", model="tiny", axes={}, adapters=[], validation_errors={},
+                     versions={}, created="now")
+    m.components["unet"] = {"dir": "unet", "model": "model.onnx", "inputs": [],
+                            "tensorrt": {"plan": "model.plan", "tensorrt": "10.9.0", "gpu": "H200",
+                                         "flags": ["REFIT_INDIVIDUAL", "STRIP_PLAN", "STRONGLY_TYPED"]}}
+    m.write(tmp_path)
+    e = object.__new__(trt_engine.TensorRTEngine)
+    e.directory = comp
+    info = e._plan_info()
+    assert info["flags"] == ["REFIT_INDIVIDUAL", "STRIP_PLAN", "STRONGLY_TYPED"] and info["gpu"] == "H200"
+
+
+def test_build_engines_records_plan_profiles_and_flags_in_the_manifest(monkeypatch, tmp_path):
+    """export --tensorrt [--strip-plan]: one build per component, profiles from the family's axes, and
+    the manifest entry records what the build reports (build_plan replaced by a recording double)."""
+    import engines.tensorrt as et
+    import export.tensorrt as xt
+    from engines.manifest import Manifest
+    from lora_loaders.families import get_family
+
+    calls = []
+
+    def recording_build_plan(onnx_path, profiles=None, strip_plan=False, timing_cache=None, **kw):  # TEST DOUBLE
+        calls.append({"onnx": onnx_path, "profiles": profiles, "strip_plan": strip_plan, "cache": timing_cache})
+        et.build_plan.last_info = {"tensorrt": "10.9.0-test-double", "gpu": "test-double GPU",
+                                   "flags": ["REFIT_INDIVIDUAL", "STRIP_PLAN", "STRONGLY_TYPED"], "refittable": 7,
+                                   "timing_cache": str(timing_cache)}
+        return onnx_path.with_name("model.plan")
+
+    monkeypatch.setattr(xt, "check_available", lambda: None)
+    monkeypatch.setattr(et, "build_plan", recording_build_plan)
+    family = get_family("sd")
+    axes = {n: {"min": a.min, "opt": a.opt, "max": a.max} for n, a in family.axes.items()}
+    m = Manifest.new(family="sd", dtype="fp16", model="tiny", axes=axes, adapters=[], validation_errors={},
+                     versions={}, created="now")
+    m.components["unet"] = {"dir": "unet", "model": "model.onnx",
+                            "inputs": [{"name": "sample", "shape": ["batch", 4, "height", "width"]},
+                                       {"name": "timestep", "shape": ["batch"]}]}
+    xt.build_engines(tmp_path, m, family, strip_plan=True)
+    assert len(calls) == 1 and calls[0]["strip_plan"] is True and calls[0]["onnx"] == tmp_path / "unet" / "model.onnx"
+    b, h = family.axes["batch"], family.axes["height"]
+    assert calls[0]["profiles"]["sample"][2] == (b.max, 4, h.max, family.axes["width"].max)
+    rec = m.components["unet"]["tensorrt"]
+    assert rec["plan"] == "model.plan" and rec["tensorrt"] == "10.9.0-test-double" and rec["gpu"] == "test-double GPU"
+    assert "STRIP_PLAN" in rec["flags"] and rec["refittable"] == 7 and "timing_cache" not in rec
+    assert rec["profiles"]["timestep"] == [[b.min], [b.opt], [b.max]]

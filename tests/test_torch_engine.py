@@ -3,6 +3,10 @@
 Refits through `refit.Refitter` must leave the module's parameters bit-identical to a fresh fuse
 of the same adapters into a fresh base module (the mixins), and a torch.compile'd module must not
 be recompiled by them (counted with dynamo's CompileCounter backend, which runs the graph eagerly).
+
+The component is the tiny SDXL text encoder (CLIP): the same engine code as a UNet, with an export
+and a dynamo trace of seconds instead of minutes (bench/gpu_check.py --cpu, test_gpu_check_cpu_smoke,
+marked slow, runs the tiny UNet). Adapters x and y target different layers of it (y is no subset of x).
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from refit_helpers import lora_files
 
 import engines
 import refit
-from refit_helpers import lora_files
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+COMPONENT = "text_encoder"
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +32,22 @@ def torch_export(tmp_path_factory):
     loras = lora_files(root, "sdxl")
     out = root / "sdxl_x"
     export.export_pipeline("sdxl", model="tiny", loras=[(str(loras["x"]), 1.0)], out_dir=str(out),
-                           components=["unet"], validate=False, progress=False, torch=True)
+                           components=[COMPONENT], validate=False, progress=False, torch=True)
     return out, loras
 
 
 def _fresh(loras, names_weights):
-    """A fresh tiny base UNet (the export's seed) with these adapters fused by the mixins."""
+    """A fresh tiny base component (the export's seed) with these adapters fused by the mixins."""
     import lora_loaders
     from export.tiny import build_tiny
 
-    unet = build_tiny("sdxl", ["unet"])["unet"]
+    module = build_tiny("sdxl", [COMPONENT])[COMPONENT]
     if names_weights:
-        loader = lora_loaders.loader_for("sdxl", unet=unet)
+        loader = lora_loaders.loader_for("sdxl", **{COMPONENT: module})
         for name, _ in names_weights:
             loader.load_lora_weights(str(loras[name]), adapter_name=name)
         loader.set_adapters([n for n, _ in names_weights], [w for _, w in names_weights])
-    return unet
+    return module
 
 
 def _feeds(engine, seed=0):
@@ -52,6 +58,8 @@ def _feeds(engine, seed=0):
                 for k, d in enumerate(info.shape)]
         if name == "timestep":
             out[name] = np.full(dims, 500.0, dtype=info.dtype)
+        elif np.issubdtype(info.dtype, np.integer):  # token ids
+            out[name] = rng.integers(0, engine.model.config.vocab_size, dims).astype(info.dtype)
         else:
             out[name] = rng.standard_normal(dims).astype(info.dtype)
     return out
@@ -69,10 +77,10 @@ def _mapped_differences(engine, module) -> list[str]:
 
 def test_export_torch_writes_save_pretrained_layout_and_infers_like_ort(torch_export):
     out, _ = torch_export
-    tdir = out / "unet" / "torch"
+    tdir = out / COMPONENT / "torch"
     assert (tdir / "config.json").is_file() and any(tdir.glob("*.safetensors")) and (tdir / "torch_model.json").is_file()
-    te = engines.load_engine(out / "unet", backend="torch")
-    ort = engines.load_engine(out / "unet", backend="onnxruntime")
+    te = engines.load_engine(out / COMPONENT, backend="torch")
+    ort = engines.load_engine(out / COMPONENT, backend="onnxruntime")
     assert te.input_names == ort.input_names and te.output_names[0] == ort.output_names[0]
     assert set(te.weight_names()) == set(ort.weight_names())
     feeds = _feeds(te)
@@ -83,7 +91,7 @@ def test_export_torch_writes_save_pretrained_layout_and_infers_like_ort(torch_ex
 
 def test_refit_in_place_is_a_fresh_fuse(torch_export):
     out, loras = torch_export
-    engine = engines.load_engine(out / "unet", backend="torch")
+    engine = engines.load_engine(out / COMPONENT, backend="torch")
     assert _mapped_differences(engine, _fresh(loras, [("x", 1.0)])) == []  # the export's state
     ptrs = {n: p.data_ptr() for n, p in engine.model.named_parameters()}
     r = refit.Refitter(engine)
@@ -100,7 +108,7 @@ def test_refit_in_place_is_a_fresh_fuse(torch_export):
 
 def test_numpy_set_weights_is_atomic_and_in_the_initializer_layout(torch_export):
     out, _ = torch_export
-    engine = engines.load_engine(out / "unet", backend="torch")
+    engine = engines.load_engine(out / COMPONENT, backend="torch")
     names = engine.weight_names()[:3]
     before = engine.get_weights(names)
     new = {n: (a + 1).astype(a.dtype) for n, a in before.items()}
@@ -115,7 +123,7 @@ def test_numpy_set_weights_is_atomic_and_in_the_initializer_layout(torch_export)
 
 def test_rollback_on_a_failing_write(torch_export, monkeypatch):
     out, _ = torch_export
-    engine = engines.load_engine(out / "unet", backend="torch")
+    engine = engines.load_engine(out / COMPONENT, backend="torch")
     names = [engine._by_init[n] for n in engine.weight_names()[:3]]
     params = dict(engine.model.named_parameters())
     before = {p: params[p].detach().clone() for p in names}
@@ -142,8 +150,8 @@ def test_compiled_module_is_not_recompiled_by_refits(torch_export):
     out, loras = torch_export
     torch._dynamo.reset()
     counter = CompileCounter()
-    engine = engines.load_engine(out / "unet", backend="torch", compile={"backend": counter})
-    plain = engines.load_engine(out / "unet", backend="torch")
+    engine = engines.load_engine(out / COMPONENT, backend="torch", compile={"backend": counter})
+    plain = engines.load_engine(out / COMPONENT, backend="torch")
     feeds = _feeds(engine, 1)
     name = engine.output_names[0]
     first = engine.infer(feeds)[name]
@@ -161,8 +169,7 @@ def test_compiled_module_is_not_recompiled_by_refits(torch_export):
     torch._dynamo.reset()
 
 
-def test_gpu_check_cpu_smoke():
-    """bench/gpu_check.py --cpu: every step runs; refits are fresh fuses and nothing recompiles."""
+def _gpu_check():
     import importlib.util
     from pathlib import Path
 
@@ -170,6 +177,63 @@ def test_gpu_check_cpu_smoke():
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    out = mod.main(["--cpu"])
+    return mod
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the output of a machine without CUDA")
+def test_gpu_check_without_cuda_says_what_it_cannot_run(capsys):
+    """bench/gpu_check.py on a machine without CUDA: one line per check it cannot run, and a clean exit."""
+    out = _gpu_check().main([])
+    assert [r[0][:3] for r in out["rows"]] == ["(a)", "(b)", "(c)"]
+    assert all(status == "skip" and result.startswith("not run: no CUDA device") for _, result, status in out["rows"])
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + 3 and all(line.startswith("|") for line in table)
+
+
+@pytest.mark.slow  # about 30 CPU-seconds (the tiny UNet traced by dynamo, five refits, five fresh fuses)
+def test_gpu_check_cpu_smoke():
+    """bench/gpu_check.py --cpu: every step of the CUDA run on the CPU (the engine on the device path:
+    resident base weights); refits are fresh fuses and nothing recompiles."""
+    out = _gpu_check().main(["--cpu"])
     assert out["torch_engine"]["bit_identical"] and out["torch_engine"]["recompiles"] == 0
     assert all(status in ("ok", "skip", "") for _, _, status in out["rows"])
+
+
+def test_device_resident_path_on_cpu(torch_export):
+    """The path a CUDA engine takes, run on the CPU: base weights kept on the engine's device
+    (read from the export once), effective weights computed there and handed over as torch tensors
+    on that device (no numpy, no host copy); the same bits as a fresh fuse."""
+    out, loras = torch_export
+    engine = engines.load_engine(out / COMPONENT, backend="torch", resident_bases=True)
+    handed = []
+    write = engine.set_torch_weights
+
+    def spy(values):
+        handed.extend((type(v).__name__, v.device) for v in values.values())
+        return write(values)
+
+    engine.set_torch_weights = spy
+    r = refit.Refitter(engine)
+    r.load_lora(str(loras["y"]), adapter_name="y")
+    assert _mapped_differences(engine, _fresh(loras, [("y", 1.0)])) == []
+    bases = r.files._device_bases[engine.device]  # the resident base values
+    assert bases.nbytes() > 0 and all(t.device == engine.device for t in bases._values.values())
+    r.set_adapters(["x", "y"], [0.5, 1.0])
+    assert _mapped_differences(engine, _fresh(loras, [("x", 0.5), ("y", 1.0)])) == []
+    r.set_adapters([])
+    assert _mapped_differences(engine, _fresh(loras, [])) == []
+    assert handed and set(handed) == {("Tensor", engine.device)}
+
+
+def test_cli_export_torch_then_load_engine(tmp_path):
+    """`python -m export ... --torch` (the command line's main) writes the torch layout next to the ONNX."""
+    from export.__main__ import main
+
+    out = tmp_path / "cli"
+    rc = main(["--family", "sdxl", "--model", "tiny", "--components", COMPONENT, "--torch", "--no-validate",
+               "--no-progress", "--out", str(out)])
+    assert rc in (0, None)
+    meta = (out / COMPONENT / "torch" / "torch_model.json").read_text()
+    assert '"class": "CLIPTextModel"' in meta and '"library": "transformers"' in meta
+    engine = engines.load_engine(out / COMPONENT, backend="torch")
+    assert isinstance(engine, engines.TorchEngine) and engine.weight_names()

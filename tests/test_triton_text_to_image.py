@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 import engines
 import export
 from engines.triton.serving import LoraRequestError
-from engines.triton.text_to_image import TextToImageSwitcher, to_uint8, write_text_to_image_model
+from engines.triton import write_repository
+from engines.triton.text_to_image import TextToImageSwitcher, to_uint8
 from export.tiny import build_tiny
 from lora_files import peft_lora
 
@@ -94,8 +95,10 @@ def test_real_tritonserver_serves_pictures_with_per_request_loras(setup):
     from tritonclient.utils import InferenceServerException
 
     repo = setup["root"] / "repo"
-    write_text_to_image_model(setup["out"], repo / "pipeline", loras=[setup["files"]["y"]], limits={"max_steps": 4})
-    server = TritonServer(repo, start_timeout=300)
+    written = write_repository(setup["out"], repo, loras=[setup["files"]["y"]], text_encoder_backend="python",
+                               limits={"max_steps": 4})  # what `--triton-repo` writes
+    assert "text_to_image" in written
+    server = TritonServer(repo, models=["text_to_image"], start_timeout=300)
     server.start()
 
     def infer(client, values, loras):
@@ -107,7 +110,7 @@ def test_real_tritonserver_serves_pictures_with_per_request_loras(setup):
             t.set_data_from_numpy(arr.astype(object if dtype == "BYTES" else {"INT64": np.int64}.get(dtype, np.int32)))
             ins.append(t)
         params = {} if loras is None else {"loras": loras}
-        return client.infer("pipeline", ins, parameters=params, client_timeout=300).as_numpy("image")[0]
+        return client.infer("text_to_image", ins, parameters=params, client_timeout=300).as_numpy("image")[0]
 
     try:
         results, errors = [], []

@@ -8,9 +8,9 @@ change a bit either.
 
 from __future__ import annotations
 
+import shutil
 import threading
 
-import numpy as np
 import pytest
 import torch
 
@@ -230,3 +230,134 @@ def test_kernel_build_falls_back_to_torch_without_a_compiler(monkeypatch, tmp_pa
         _restore_default()
     assert any("could not build" in r.getMessage() for r in caplog.records)
 
+
+
+# -- building the C library: atomic, concurrent-safe, and never an error ------------------------------
+
+def _fresh_load(monkeypatch, tmp_path, **env):
+    monkeypatch.setenv("LORA_ENGINES_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LORA_ENGINES_KERNELS", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        kernels._LIB_TRIED = False
+        return kernels.library()
+    finally:
+        _restore_default()
+
+
+def _fake_compiler(tmp_path, body: str) -> str:
+    cc = tmp_path / "fake-cc"
+    cc.write_text("#!/bin/sh\n" + body + "\n")
+    cc.chmod(0o755)
+    return str(cc)
+
+
+def test_a_failing_compiler_falls_back_to_torch_with_the_reason(monkeypatch, tmp_path, caplog):
+    cc = _fake_compiler(tmp_path, 'echo "fatal: cannot compile" >&2; exit 3')
+    with caplog.at_level("INFO", logger="lora_loaders.kernels"):
+        assert _fresh_load(monkeypatch, tmp_path, CC=cc) is None
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "could not build" in msg and "cannot compile" in msg and "exit 3" in msg
+    leftovers = list((tmp_path / "cache").glob("*.tmp")) + list((tmp_path / "cache").glob("*.so"))
+    assert leftovers == []  # no partial library left behind
+
+
+def test_a_damaged_cached_library_is_rebuilt_or_skipped(monkeypatch, tmp_path, caplog):
+    """A truncated .so in the cache (e.g. from a non-atomic writer) is never an error."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine: only the no-compiler fallback can be checked")
+    monkeypatch.setenv("LORA_ENGINES_CACHE", str(tmp_path / "cache"))
+    kernels._LIB_TRIED = False
+    cc = kernels._compiler()
+    key = kernels.hashlib.sha256(kernels._SRC.read_bytes() + kernels._cpu_key().encode()
+                                 + " ".join(cc).encode()).hexdigest()[:20]
+    bad = tmp_path / "cache" / f"kernels-{key}.so"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\x7fELF truncated")
+    with caplog.at_level("INFO", logger="lora_loaders.kernels"):
+        lib = _fresh_load(monkeypatch, tmp_path)  # no exception, whatever happens
+    assert any("rebuilding" in r.getMessage() for r in caplog.records)
+    if lib is not None:
+        assert bad.stat().st_size > 1000  # rebuilt in place, atomically
+
+
+def test_a_missing_source_or_unwritable_cache_falls_back(monkeypatch, tmp_path, caplog):
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("")
+    monkeypatch.setattr(kernels, "_SRC", tmp_path / "no-such-source.c")
+    with caplog.at_level("WARNING", logger="lora_loaders.kernels"):
+        assert _fresh_load(monkeypatch, tmp_path) is None
+    monkeypatch.undo()
+    monkeypatch.setenv("LORA_ENGINES_CACHE", str(blocker / "cache"))  # mkdir fails: a file is in the way
+    kernels._LIB_TRIED = False
+    try:
+        assert kernels.library() is None
+        base = _values((9, 20), torch.float16, 7)
+        assert effective_weight(base, [(_lora(9, 20, 2, 1), 1.0)]).dtype == torch.float16  # the torch path works
+    finally:
+        _restore_default()
+    assert sum("could not build or load" in r.getMessage() for r in caplog.records) >= 2
+
+
+_CHILD = """
+import json, os, sys, time
+import torch  # the slow part of the import first, then start together
+open(sys.argv[1] + ".ready", "w").close()
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.001)
+from lora_loaders import kernels
+print(json.dumps(kernels.backend()))
+"""
+
+
+def test_concurrent_first_use_builds_once_and_every_process_loads_it(tmp_path):
+    """Two processes (as pytest-xdist -n 2 workers) start on an empty cache at the same moment."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "LORA_ENGINES_CACHE": str(tmp_path / "cache")}
+    env.pop("LORA_ENGINES_KERNELS", None)
+    go = [tmp_path / f"go{i}" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(g)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for g in go]
+    deadline = time.time() + 120
+    while not all(g.with_suffix(".ready").exists() for g in go) and time.time() < deadline:
+        time.sleep(0.01)
+    for g in go:
+        g.touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in results]
+    backends = {json.loads(out.strip().splitlines()[-1]) for out, _ in results}
+    cache = tmp_path / "cache"
+    sos, tmps = sorted(cache.glob("*.so")) if cache.exists() else [], list(cache.glob("*.tmp")) if cache.exists() else []
+    assert tmps == []  # every temporary renamed or removed
+    if kernels.backend() == "c":  # this machine can use them: so could both children, from one library
+        assert backends == {"c"} and len(sos) == 1
+    else:
+        assert backends == {"torch"}
+
+
+def test_adapter_factors_cross_to_a_device_once():
+    """On a device other than the CPU (here `meta`, the same code as CUDA), an adapter's factors are
+    copied there once and reused by every later effective weight, and dropped with the adapter."""
+    import gc
+
+    from lora_loaders.weights import AdditiveDelta, device_copies_bytes, on_device
+
+    meta = torch.device("meta")
+    layer = _lora(64, 32, 4, 9, torch.float16)
+    before = device_copies_bytes(meta)
+    a, b = AdditiveDelta([(layer, 1.0)], (64, 32), meta), AdditiveDelta([(layer, 0.5)], (64, 32), meta)
+    assert a._terms[0][0].device == meta and b._terms[0][1].device == meta
+    held = device_copies_bytes(meta) - before
+    assert held == (64 * 4 + 4 * 32) * 2  # up and down, once, in their own dtype
+    assert on_device(layer.tensors["down"], meta) is on_device(layer.tensors["down"], meta)
+    cpu = torch.device("cpu")
+    assert on_device(layer.tensors["up"], cpu) is layer.tensors["up"]  # nothing copied on its own device
+    del a, b, layer
+    gc.collect()
+    assert device_copies_bytes(meta) == before

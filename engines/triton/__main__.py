@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--components", default=None, help="comma-separated subset of the export's components")
     w.add_argument("--prefix", default="", help="prefix of the model names")
     w.add_argument("--preload", default="baked", choices=["baked", "all", "none"])
+    w.add_argument("--text-to-image", default="auto", choices=["auto", "yes", "no"],
+                   help="also write the text-to-image model (auto: when the export can generate)")
+    for limit in ("steps", "height", "width"):
+        w.add_argument(f"--max-{limit}", type=int, default=None, metavar="N",
+                       help=f"the text-to-image model's largest {limit} per request")
     s = sub.add_parser("serve", help="run the nvidia-pytriton tritonserver on a repository (loopback)")
     s.add_argument("repo_dir", metavar="REPO")
     s.add_argument("--model", action="append", default=None, help="model to load (default: all)")
@@ -58,7 +63,10 @@ def _write(args) -> int:
             args.export_dir, args.repo_dir, args.lora_dir, loras=args.lora, copy_baked=not args.no_baked,
             text_encoder_backend=args.text_encoders, device=args.device, engine=args.engine,
             max_batch_size=args.max_batch_size, instance_count=args.instances, components=args.components,
-            prefix=args.prefix, preload=args.preload)
+            prefix=args.prefix, preload=args.preload,
+            text_to_image={"auto": None, "yes": True, "no": False}[args.text_to_image],
+            limits={k: v for k, v in (("max_steps", args.max_steps), ("max_height", args.max_height),
+                                      ("max_width", args.max_width)) if v is not None})
     except (FileNotFoundError, FileExistsError, ValueError, ManifestError) as e:
         _error(e)
         return EXIT_USAGE

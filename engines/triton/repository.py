@@ -13,6 +13,9 @@ Layout written (``unet`` stands for any denoiser component, ``text_encoder`` for
     repo/unet/loras/<name>.safetensors  the adapter directory (baked adapters + `loras=` are copied here)
     repo/text_encoder/config.pbtxt      platform onnxruntime_onnx | tensorrt_plan, or backend python
     repo/text_encoder/1/model.onnx | model.plan | model.py + text_encoder/
+    repo/text_to_image/config.pbtxt     backend: "python"; prompt, seed, steps, ... + loras -> image
+    repo/text_to_image/1/export/        the whole export (hard links), served by its own pipeline
+    repo/text_to_image/loras/           its adapter directory (the same adapters as the denoiser's)
 
 Denoiser: Triton's TensorRT backend cannot refit, so the denoiser is a Python-backend model
 that owns the engine (TensorRT plan on a GPU instance when TensorRT is importable and the
@@ -35,6 +38,7 @@ from pathlib import Path
 
 from ..manifest import MANIFEST_FILE, Manifest
 from .serving import APPLIED_OUTPUT, LORA_SUFFIX, _NAME
+from .text_to_image import write_text_to_image_model
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,7 @@ class TritonPythonModel:
         for p in reversed([p for p in extra.split(os.pathsep) if p]):
             if p not in sys.path:
                 sys.path.insert(0, p)
-        from engines.triton.serving import {cls}
+        from engines.triton.{module} import {cls}
 
         self._impl = {cls}()
         self._impl.initialize(args)
@@ -118,16 +122,16 @@ def _q(s: str) -> str:
     return json.dumps(str(s))  # a protobuf text-format string literal for our (ASCII-safe) values
 
 
-def _tensor_block(name, dtype, dims) -> str:
-    reshape = ""
+def _tensor_block(name, dtype, dims, optional: bool = False) -> str:
+    extra = "\n    optional: true" if optional else ""
     if not dims:  # a batched [batch] tensor: Triton wants dims [1], reshaped to [] for the model
-        dims, reshape = [1], "\n    reshape: { shape: [ ] }"
+        dims, extra = [1], "\n    reshape: { shape: [ ] }" + extra
     d = ", ".join(str(x) for x in dims)
-    return f"  {{\n    name: {_q(name)}\n    data_type: {dtype}\n    dims: [ {d} ]{reshape}\n  }}"
+    return f"  {{\n    name: {_q(name)}\n    data_type: {dtype}\n    dims: [ {d} ]{extra}\n  }}"
 
 
-def _io_section(kind: str, tensors) -> str:
-    return f"{kind} [\n" + ",\n".join(_tensor_block(*t) for t in tensors) + "\n]\n"
+def _io_section(kind: str, tensors, optional=()) -> str:
+    return f"{kind} [\n" + ",\n".join(_tensor_block(*t, optional=t[0] in optional) for t in tensors) + "\n]\n"
 
 
 def _batching(inputs, outputs, max_batch_size: int) -> int:
@@ -153,8 +157,9 @@ def _config_tensors(io, batched: bool):
 def make_config(name: str, *, inputs, outputs, max_batch_size: int, backend: str | None = None,
                 platform: str | None = None, kind: str = "KIND_CPU", count: int = 1, gpus=None,
                 parameters: dict | None = None, queue_delay_us: int = 2000, extra_outputs=(),
-                default_model_filename: str | None = None) -> str:
-    """config.pbtxt text. inputs/outputs: graph I/O as `_graph_io` returns them."""
+                default_model_filename: str | None = None, optional=()) -> str:
+    """config.pbtxt text. inputs/outputs: graph I/O as `_graph_io` returns them ((name, ONNX
+    element type, dims with None for dynamic)); optional: names of inputs a request may omit."""
     mbs = _batching(inputs, outputs, max_batch_size)
     lines = [f"name: {_q(name)}"]
     if platform:
@@ -165,7 +170,7 @@ def make_config(name: str, *, inputs, outputs, max_batch_size: int, backend: str
     if default_model_filename:
         lines.append(f"default_model_filename: {_q(default_model_filename)}")
     text = "\n".join(lines) + "\n"
-    text += _io_section("input", _config_tensors(inputs, mbs > 0))
+    text += _io_section("input", _config_tensors(inputs, mbs > 0), optional)
     outs = _config_tensors(outputs, mbs > 0) + [(n, t, d) for n, t, d in extra_outputs]
     text += _io_section("output", outs)
     if mbs > 0:
@@ -330,6 +335,12 @@ def _read_export(export_dir: Path, components) -> tuple[Manifest, dict]:
     return manifest, comps
 
 
+def _generates(manifest: Manifest) -> bool:
+    """Whether the export holds what the family's diffusers pipeline needs to make pictures."""
+    info = manifest.get("pipeline") or {}
+    return bool(info) and not info.get("missing")
+
+
 def _prepare_repo(repo: Path, overwrite: bool) -> Path:
     """A temporary directory next to `repo` to write into (renamed into place at the end)."""
     if repo.exists() and not repo.is_dir():
@@ -393,6 +404,8 @@ def write_repository(
     link: bool = True,
     overwrite: bool = True,
     log_batches: bool = False,
+    text_to_image: bool | None = None,
+    limits: dict | None = None,
 ) -> dict:
     """Write a Triton model repository for an export; returns {model name: config.pbtxt path}.
 
@@ -411,6 +424,10 @@ def write_repository(
     overwrite: replace the models of these names in an existing repository (other models
       there are kept); False: refuse a non-empty repo_dir.
     log_batches: the denoiser logs, per execute, its requests, adapter groups and refits.
+    text_to_image: also write ``<prefix>text_to_image`` (prompt in, picture out, per-request
+      ``loras``; see engines.triton.text_to_image). None: when the export holds everything
+      the family's pipeline needs (pipeline files, VAE decoder) and all its components are served.
+    limits: the text-to-image model's ``max_steps``, ``max_height``, ``max_width``.
 
     Everything is checked (export, adapter files and their hashes, name clashes) and the
     models are written to a temporary directory next to repo_dir, which is renamed into place
@@ -429,6 +446,11 @@ def write_repository(
     denoisers = [c for c in comps if _role(manifest, c) != "text_encoder"]
     if loras and not denoisers:
         raise ValueError(f"adapters to ship were given, but none of {list(comps)} is a denoiser to serve them")
+    if text_to_image is None:
+        text_to_image = components is None and _generates(manifest)
+    elif text_to_image and not _generates(manifest):
+        raise ValueError(f"{export_dir}: the export lacks what a text-to-image model needs "
+                         f"({(manifest.get('pipeline') or {}).get('missing') or 'its pipeline files'})")
     ships = _plan_adapters(baked, loras, copy_baked, external) if denoisers else []
     if python_path is not None:
         python_path = os.pathsep.join(str(Path(p).resolve()) for p in (
@@ -454,6 +476,17 @@ def write_repository(
                     _copy_adapters(ships, mdir / "loras")
                 text = _write_denoiser(mdir, name, component, src, onnx_path, export_dir / MANIFEST_FILE, opts,
                                        "loras" if external is None else str(external), baked)
+            (mdir / "config.pbtxt").write_text(text)
+            names.append(name)
+        if text_to_image:
+            name = f"{prefix}text_to_image"
+            mdir = tmp / name
+            if external is None:
+                _copy_adapters(ships, mdir / "loras")
+            text = write_text_to_image_model(
+                export_dir, mdir, lora_dir="loras" if external is None else str(external), limits=limits,
+                max_batch_size=max_batch_size, kind=opts["kind"], instance_count=instance_count,
+                python_path=python_path, link=link)
             (mdir / "config.pbtxt").write_text(text)
             names.append(name)
         if external is not None:
@@ -504,7 +537,7 @@ def _write_encoder(mdir: Path, name: str, component: str, src: Path, onnx_path: 
         return make_config(name, platform="tensorrt_plan", **{**common, "kind": "KIND_GPU"})
     _copy_dir(src, vdir / component, link)
     _place(mpath, vdir / MANIFEST_FILE, False)
-    (vdir / "model.py").write_text(MODEL_PY.format(what=f"text encoder {component}", cls="EncoderModel"))
+    (vdir / "model.py").write_text(MODEL_PY.format(what=f"text encoder {component}", module="serving", cls="EncoderModel"))
     params = {**_params(opts, component), "engine": opts["engine"]}
     return make_config(name, backend="python", parameters=params, **common)
 
@@ -518,7 +551,7 @@ def _write_denoiser(mdir: Path, name: str, component: str, src: Path, onnx_path:
     _copy_dir(src, vdir / component, opts["link"])
     _place(mpath, vdir / MANIFEST_FILE, False)
     (vdir / "model.py").write_text(MODEL_PY.format(what=f"denoiser {component} with per-request LoRAs",
-                                                   cls="DenoiserModel"))
+                                                   module="serving", cls="DenoiserModel"))
     params = {**_params(opts, component),
               "lora_dir": lora_dir_param, "engine": opts["engine"], "preload": opts["preload"],
               "baked_loras": json.dumps([[n, s] for n, s, _ in baked]),

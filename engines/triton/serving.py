@@ -361,14 +361,30 @@ def _threads(config):
         torch.set_num_threads(n)
 
 
-def _inputs(pb_utils, request, names) -> dict[str, np.ndarray] | Exception:
+def _inputs(pb_utils, request, names, optional=()) -> dict[str, np.ndarray] | Exception:
     feeds = {}
     for n in names:
         t = pb_utils.get_input_tensor_by_name(request, n)
         if t is None:
+            if n in optional:
+                continue
             return LoraRequestError(f"missing input {n!r}")
         feeds[n] = t.as_numpy()
     return feeds
+
+
+def request_items(pb_utils, requests, names, optional=()) -> list[tuple]:
+    """(inputs, loras) per request; a request whose inputs or parameters are bad carries its error
+    in place of its inputs, so it alone fails."""
+    items = []
+    for r in requests:
+        feeds = _inputs(pb_utils, r, names, optional)
+        try:
+            loras = _request_loras(r)
+        except Exception as e:  # noqa: BLE001 - any malformed parameter is the request's error
+            loras, feeds = None, LoraRequestError(f"bad request parameters: {e}")
+        items.append((feeds, loras))
+    return items
 
 
 def _request_loras(request):
@@ -425,14 +441,7 @@ class DenoiserModel:
 
     def execute(self, requests):
         pb_utils = _pb()
-        items = []
-        for r in requests:
-            feeds = _inputs(pb_utils, r, self.input_names)
-            try:
-                loras = _request_loras(r)
-            except Exception as e:  # noqa: BLE001
-                loras, feeds = None, LoraRequestError(f"bad request parameters: {e}")
-            items.append((feeds, loras))
+        items = request_items(pb_utils, requests, self.input_names)
         responses = []
         refits = self.switcher.refits
         results = self.switcher.run(items, concat=self.concat)

@@ -14,19 +14,18 @@ import re
 
 from .spec import Axis, Cfg, ComponentSpec, FamilySpec, NameTable, Namespace, Rule, Split, TensorSpec
 
-_NOT_ENTRIES = {"spec", "common", "loader_only"}
+_NOT_ENTRIES = {"spec", "common"}
 
 
 def _collect() -> dict[str, FamilySpec]:
-    """Every module of this package that defines FAMILIES is an entry (loader-only families last,
-    and only those no module of their own defines yet)."""
+    """Every module of this package that defines FAMILIES is an entry."""
     names = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_ENTRIES)
     out: dict[str, FamilySpec] = {}
-    for name in [*names, "loader_only"]:
+    for name in names:
         for spec in importlib.import_module(f"{__name__}.{name}").FAMILIES:
-            if spec.name in out and name != "loader_only":
+            if spec.name in out:
                 raise RuntimeError(f"family {spec.name!r} is defined twice (again in families/{name}.py)")
-            out.setdefault(spec.name, spec)
+            out[spec.name] = spec
     return out
 
 

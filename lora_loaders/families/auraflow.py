@@ -7,28 +7,19 @@ mask (the pipeline zeroes padded UMT5 states), so the text encoder's graph takes
 
 from __future__ import annotations
 
-import torch
+from .common import (BATCH, IMAGE_AXES, LATENTS, T5_TINY, VAE_TINY, denoiser, hf_encoder, image_vae, prediction, sigmas,
+                     timestep)
+from .spec import Axis, Cfg, FamilySpec, TensorSpec
 
-from .common import BATCH, IMAGE_AXES, T5_TINY, VAE_TINY, hf_encoder, vae
-from .spec import Axis, Cfg, ComponentSpec, FamilySpec, TensorSpec
-
-
-def _unit_timesteps(shape, g, ctx) -> torch.Tensor:
-    return torch.rand(shape, generator=g)
-
-
-TRANSFORMER = ComponentSpec(
-    name="transformer", library="diffusers", class_name="AuraFlowTransformer2DModel", role="denoiser",
+TRANSFORMER = denoiser(
+    "AuraFlowTransformer2DModel",
     inputs=(
-        TensorSpec("hidden_states", ("batch", Cfg("in_channels"), "height", "width"), doc="noisy latents"),
+        TensorSpec("hidden_states", LATENTS, doc="noisy latents"),
         TensorSpec("encoder_hidden_states", ("batch", "text", Cfg("joint_attention_dim")),
                    doc="UMT5 hidden states, padded tokens zeroed"),
-        TensorSpec("timestep", ("batch",), dtype="float32", sample=_unit_timesteps,
-                   doc="flow-matching timestep / 1000"),
+        timestep(sample=sigmas, doc="flow-matching timestep / 1000"),
     ),
-    outputs=(TensorSpec("out_sample", ("batch", Cfg("out_channels"), "height", "width"), source="0",
-                        doc="predicted velocity"),),
-    call_kwargs={"return_dict": False},
+    outputs=(prediction(("batch", Cfg("out_channels"), "height", "width")),),
     tiny=dict(sample_size=32, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
               out_channels=4, pos_embed_max_size=256),
@@ -39,9 +30,7 @@ AURAFLOW = FamilySpec(
     components={
         "transformer": TRANSFORMER,
         "text_encoder": hf_encoder("text_encoder", "UMT5EncoderModel", "UMT5Config", T5_TINY, mask=True),
-        **{c.name: c for c in vae(("batch", Cfg("latent_channels"), "height", "width"),
-                                  ("batch", Cfg("out_channels"), "image_height", "image_width"),
-                                  {**VAE_TINY, "scaling_factor": 0.13025})},
+        **image_vae({**VAE_TINY, "scaling_factor": 0.13025}),
     },
     scheduler=("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=1.73)),
     axes={

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import BATCH, T5_TINY, hf_encoder, timesteps
-from .spec import Axis, Cfg, ComponentSpec, FamilySpec, TensorSpec
+from .common import BATCH, T5_TINY, denoiser, hf_encoder, prediction, timestep
+from .spec import Axis, Cfg, FamilySpec, TensorSpec
 
 
 def _grid(n: int, start=None, stop=None) -> torch.Tensor:
@@ -59,19 +59,17 @@ def _combine(t, h, w):  # [T, dt], [H, dh], [W, dw] -> [T * H * W, dt + dh + dw]
                       w[None, None].expand(nt, nh, -1, -1)], -1).flatten(0, 2)
 
 
-TRANSFORMER = ComponentSpec(
-    name="transformer", library="diffusers", class_name="CogVideoXTransformer3DModel", role="denoiser",
+TRANSFORMER = denoiser(
+    "CogVideoXTransformer3DModel",
     inputs=(
         TensorSpec("hidden_states", ("batch", "frames", Cfg("in_channels"), "height", "width"),
                    doc="noisy latents, frames before channels (I2V: image latents concatenated on channels)"),
         TensorSpec("encoder_hidden_states", ("batch", "text", Cfg("text_embed_dim")), doc="T5 hidden states"),
-        TensorSpec("timestep", ("batch",), dtype="float32", sample=timesteps, doc="DDIM / DPM timestep"),
+        timestep(doc="DDIM / DPM timestep"),
         TensorSpec("ofs", (1,), dtype="float32", sample=lambda shape, g, ctx: torch.full(shape, 2.0),
                    when=lambda c: c.ofs_embed_dim is not None, doc="CogVideoX 1.5 I2V's offset (2.0 in the pipeline)"),
     ),
-    outputs=(TensorSpec("out_sample", ("batch", "frames", Cfg("out_channels"), "height", "width"), source="0",
-                        doc="predicted noise / v"),),
-    call_kwargs={"return_dict": False},
+    outputs=(prediction(("batch", "frames", Cfg("out_channels"), "height", "width"), doc="predicted noise / v"),),
     prepare=_rope,
     tiny=dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
               text_embed_dim=32, num_layers=1, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import BATCH, IMAGE_AXES, VAE_TINY, hf_encoder, timesteps, vae
-from .spec import Axis, Cfg, ComponentSpec, FamilySpec, TensorSpec
+from .common import BATCH, IMAGE_AXES, LATENTS, VAE_TINY, denoiser, hf_encoder, image_vae, prediction, timestep
+from .spec import Axis, Cfg, FamilySpec, TensorSpec
 
 
 def _size(shape, g, ctx) -> torch.Tensor:
@@ -21,19 +21,17 @@ def _zeros(shape, g, ctx) -> torch.Tensor:
     return torch.zeros(shape)
 
 
-TRANSFORMER = ComponentSpec(
-    name="transformer", library="diffusers", class_name="CogView4Transformer2DModel", role="denoiser",
+TRANSFORMER = denoiser(
+    "CogView4Transformer2DModel",
     inputs=(
-        TensorSpec("hidden_states", ("batch", Cfg("in_channels"), "height", "width"), doc="noisy latents"),
+        TensorSpec("hidden_states", LATENTS, doc="noisy latents"),
         TensorSpec("encoder_hidden_states", ("batch", "text", Cfg("text_embed_dim")), doc="GLM's second-last states"),
-        TensorSpec("timestep", ("batch",), dtype="float32", sample=timesteps, doc="flow-matching timestep x 1000"),
+        timestep(),
         TensorSpec("original_size", ("batch", 2), sample=_size, doc="(height, width) of the original image"),
         TensorSpec("target_size", ("batch", 2), sample=_size, doc="(height, width) of the generated image"),
         TensorSpec("crop_coords", ("batch", 2), sample=_zeros, doc="(top, left) crop coordinates"),
     ),
-    outputs=(TensorSpec("out_sample", ("batch", Cfg("out_channels"), "height", "width"), source="0",
-                        doc="predicted velocity"),),
-    call_kwargs={"return_dict": False},
+    outputs=(prediction(("batch", Cfg("out_channels"), "height", "width")),),
     tiny=dict(patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
               text_embed_dim=32, time_embed_dim=16, condition_dim=8),
 )
@@ -47,8 +45,7 @@ COGVIEW4 = FamilySpec(
         "transformer": TRANSFORMER,
         "text_encoder": hf_encoder("text_encoder", "GlmModel", "GlmConfig", GLM_TINY,
                                    output=("hidden_states", "hidden_states.-2")),
-        **{c.name: c for c in vae(("batch", Cfg("latent_channels"), "height", "width"),
-                                  ("batch", Cfg("out_channels"), "image_height", "image_width"), VAE_TINY)},
+        **image_vae(VAE_TINY),
     },
     scheduler=("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, use_dynamic_shifting=True,
                                                        base_shift=0.25, max_shift=0.75, base_image_seq_len=256,

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from types import ModuleType
+from types import FunctionType, ModuleType
 
 import torch
 
-from .spec import Axis, Cfg, ComponentSpec, TensorSpec
+from .spec import Axis, Cfg, ComponentSpec, Namespace, NameTable, TensorSpec
 
 CLIP_SEQ = Cfg(fn=lambda c: min(77, c.max_position_embeddings))
 BATCH = Axis(1, 2, 8, example=2, check=1)
+LATENTS = ("batch", Cfg("in_channels"), "height", "width")  # a denoiser's image latents
+VIDEO_LATENTS = ("batch", Cfg("in_channels"), "frames", "height", "width")
+OUT_CHANNELS = Cfg(fn=lambda c: c.out_channels or c.in_channels)  # configs where out_channels may be None
 
 
 def timesteps(shape, g, ctx) -> torch.Tensor:
@@ -43,21 +46,56 @@ def sigmas(shape, g, ctx) -> torch.Tensor:
     return torch.rand(shape, generator=g)
 
 
+def denoiser(class_name: str, inputs, outputs, name: str = "transformer", **kw) -> ComponentSpec:
+    """A diffusers denoiser (the `transformer` unless named) whose forward is called with `return_dict=False`."""
+    kw.setdefault("call_kwargs", {"return_dict": False})
+    return ComponentSpec(name=name, library="diffusers", class_name=class_name, role="denoiser",
+                         inputs=tuple(inputs), outputs=tuple(outputs), **kw)
+
+
+def timestep(name: str = "timestep", doc: str = "flow-matching timestep x 1000", sample=timesteps) -> TensorSpec:
+    """A per-sample float32 timestep (default: integer-valued in [0, 999])."""
+    return TensorSpec(name, ("batch",), dtype="float32", sample=sample, doc=doc)
+
+
+def text_mask(doc: str, name: str = "encoder_attention_mask") -> TensorSpec:
+    """A tokenizer's attention mask [batch, text] (right padding)."""
+    return TensorSpec(name, ("batch", "text"), dtype="int64", sample=prefix_mask, doc=doc)
+
+
+def prediction(dims: tuple, doc: str = "predicted velocity", source: str = "0") -> TensorSpec:
+    """A denoiser's first output, `out_sample`."""
+    return TensorSpec("out_sample", dims, source=source, doc=doc)
+
+
+def original_prefixes(table: NameTable | None = None, kohya: bool = True, lycoris: bool = False,
+                      component: str = "transformer") -> tuple[Namespace, ...]:
+    """The prefixes a DiT's community LoRAs come under, each read through `table` (original-checkpoint
+    names -> diffusers'): `diffusion_model.` (ComfyUI and most trainers), `<component>.` (diffusers'
+    prefix, which files also put over original names), with `kohya`: sd-scripts / musubi-tuner's flat
+    `lora_unet_`, with `lycoris`: LyCORIS' flat `lycoris_`."""
+    return (Namespace("diffusion_model.", component, table=table, format="original"),
+            Namespace(f"{component}.", component, table=table),
+            *((Namespace("lora_unet_", component, flat=True, table=table, format="kohya"),) if kohya else ()),
+            *((Namespace("lycoris_", component, flat=True, table=table, format="lycoris"),) if lycoris else ()))
+
+
 @contextmanager
 def swapped(owner, name: str, value):
     """`owner.name = value` for the duration of a graph_forward call (a function set on an object
-    becomes its method): swaps a model's code that torch.export cannot trace for an equivalent."""
-    bound = value if isinstance(owner, ModuleType) else value.__get__(owner)
-    missing = object()
-    old = owner.__dict__.get(name, missing)
+    becomes its method; other values are set as they are): swaps a model's code that torch.export
+    cannot trace for an equivalent."""
+    bound = value.__get__(owner) if isinstance(value, FunctionType) and not isinstance(owner, ModuleType) else value
+    own = name in vars(owner) or (isinstance(owner, torch.nn.Module) and name in owner._modules)
+    old = getattr(owner, name) if own else None
     setattr(owner, name, bound)
     try:
         yield
     finally:
-        if old is missing:
-            delattr(owner, name)
-        else:
+        if own:
             setattr(owner, name, old)
+        else:
+            delattr(owner, name)
 
 
 def clip(name: str, class_name: str, outputs: tuple[tuple[str, str], ...], lora: bool = True,
@@ -101,16 +139,18 @@ def hf_encoder(name: str, class_name: str, config_class: str, tiny: dict, seq: s
     )
 
 
-def vae(latent: tuple, image: tuple, tiny: dict, class_name: str = "AutoencoderKL") -> tuple[ComponentSpec, ...]:
+def vae(latent: tuple, image: tuple, tiny: dict, class_name: str = "AutoencoderKL",
+        state: tuple[str, ...] = ()) -> tuple[ComponentSpec, ...]:
     """The VAE's two halves as components of their own (both from the `vae` folder): `vae_decoder`
     (latents -> pixels in [-1, 1], exported by default) and `vae_encoder` (pixels -> the latent
     distribution's mean and log-variance, for image-to-image; exported on request).
 
-    latent / image: dims of the latents (as the denoiser takes them) and of the pixels."""
+    latent / image: dims of the latents (as the denoiser takes them) and of the pixels; state: the
+    VAE's tensors the pipeline reads itself (`ComponentSpec.pipeline_state`)."""
     return (
         ComponentSpec(
             name="vae_decoder", library="diffusers", class_name=class_name, role="vae", lora=False, subfolder="vae",
-            method="decode", call_kwargs={"return_dict": False}, tiny=tiny,
+            method="decode", call_kwargs={"return_dict": False}, tiny=tiny, pipeline_state=state,
             inputs=(TensorSpec("latent_sample", latent, arg="z", doc="latents, already divided by the scaling factor"),),
             outputs=(TensorSpec("sample", image, source="0", doc="pixels in [-1, 1]"),),
         ),
@@ -122,6 +162,16 @@ def vae(latent: tuple, image: tuple, tiny: dict, class_name: str = "AutoencoderK
                                 source="0.parameters", doc="mean and log-variance of the latent distribution"),),
         ),
     )
+
+
+IMAGE_LATENTS = ("batch", Cfg("latent_channels"), "height", "width")  # the VAE's side of the latents
+PIXELS = ("batch", Cfg("out_channels"), "image_height", "image_width")
+
+
+def image_vae(tiny: dict, class_name: str = "AutoencoderKL", encoder: bool = True, image: tuple = PIXELS) -> dict:
+    """{name: spec} of an image family's VAE halves (`vae`), over the denoiser's height / width axes;
+    without `encoder`, the decoder only."""
+    return {c.name: c for c in vae(IMAGE_LATENTS, image, tiny, class_name)[:2 if encoder else 1]}
 
 
 IMAGE_AXES = {  # pixels, for the VAE (multiples of every VAE's downsampling factor)
@@ -152,3 +202,11 @@ GEMMA2_TINY = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hi
                    pad_token_id=0)
 T5_TINY = dict(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+LLAMA_TINY = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+QWEN25_VL_TINY = dict(  # Qwen2.5-VL: the pipelines read its language model's hidden states
+    text_config={**LLAMA_TINY, "num_hidden_layers": 1, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
+    vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32, patch_size=2,
+                       spatial_merge_size=1, temporal_patch_size=1, fullatt_block_indexes=[0], window_size=4),
+    bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)

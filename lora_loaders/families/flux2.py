@@ -107,6 +107,18 @@ def _prompt_embeds(model, kwargs):
     return (stacked.permute(0, 2, 1, 3).reshape(b, seq, n * hidden),)
 
 
+def _layer_states(values, config):
+    """What Flux2Pipeline reads from its text encoder (`hidden_states[k]` of those layers), taken
+    back apart from the graph's side-by-side output."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    layers = prompt_layers(config)
+    hidden = [None] * (int(config.text_config.num_hidden_layers) + 1)
+    for k, part in zip(layers, values["prompt_embeds"].unflatten(-1, (len(layers), -1)).unbind(-2)):
+        hidden[k] = part
+    return BaseModelOutputWithPast(hidden_states=tuple(hidden))
+
+
 _MISTRAL = hf_encoder("text_encoder", "Mistral3ForConditionalGeneration", "Mistral3Config", dict(
     text_config=dict(model_type="mistral", vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
@@ -115,19 +127,20 @@ _MISTRAL = hf_encoder("text_encoder", "Mistral3ForConditionalGeneration", "Mistr
                        num_attention_heads=2, head_dim=8, image_size=28, patch_size=14),
     image_token_index=10, spatial_merge_size=2, tie_word_embeddings=False), mask=True)
 TEXT_ENCODER = dataclasses.replace(
-    _MISTRAL, graph_forward=_prompt_embeds, call_kwargs={"output_hidden_states": True, "use_cache": False,
+    _MISTRAL, graph_forward=_prompt_embeds, pipeline_output=_layer_states, call_kwargs={"output_hidden_states": True, "use_cache": False,
                                                          "return_dict": True},
     outputs=(TensorSpec("prompt_embeds", ("batch", "text", Cfg(fn=lambda c: 3 * c.text_config.hidden_size)), source="0",
                         doc="hidden states of three intermediate layers, side by side per token"),))
 
 FLUX2 = FamilySpec(
     name="flux2", mixin="Flux2LoraLoaderMixin", pipeline="Flux2Pipeline",
+    pipeline_kwargs=lambda pipe: {"text_encoder_out_layers": prompt_layers(pipe.text_encoder.config)},
     components={
         "transformer": TRANSFORMER,
         "text_encoder": TEXT_ENCODER,
         **{c.name: c for c in vae(("batch", Cfg("latent_channels"), "height", "width"),
                                   ("batch", Cfg("out_channels"), "image_height", "image_width"), VAE_TINY,
-                                  class_name="AutoencoderKLFlux2")},
+                                  class_name="AutoencoderKLFlux2", state=("bn.running_mean", "bn.running_var"))},
     },
     scheduler=("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                                        base_shift=0.5, max_shift=1.15, base_image_seq_len=256,

@@ -17,8 +17,9 @@ from contextlib import ExitStack
 
 import torch
 
-from .common import BATCH, CLIP_TINY, T5_TINY, clip, hf_encoder, swapped, timesteps
-from .spec import Axis, Cfg, ComponentSpec, FamilySpec, Namespace, TensorSpec
+from .common import (BATCH, CLIP_TINY, LLAMA_TINY, OUT_CHANNELS, T5_TINY, clip, denoiser, hf_encoder, original_prefixes,
+                     prediction, swapped, timestep)
+from .spec import Axis, Cfg, FamilySpec, Namespace, TensorSpec
 
 
 def _dense_moe(self, x):
@@ -51,38 +52,29 @@ def _forward(model, kwargs):
                      img_sizes=(h, w), **kwargs)
 
 
-def _llama(model, kwargs):
-    """Every decoder layer's hidden states, stacked, as the pipeline gives them to the transformer."""
-    return (torch.stack(model(**kwargs).hidden_states[1:]),)
+_LLAMA = dataclasses.replace(  # as the pipeline gives them to the transformer: every layer's hidden states, stacked
+    hf_encoder("text_encoder_4", "LlamaForCausalLM", "LlamaConfig", LLAMA_TINY, seq="llama_text",
+               output=("hidden_states", "hidden_states")),
+    graph_forward=lambda model, kwargs: (torch.stack(model(**kwargs).hidden_states[1:]),),
+    outputs=(TensorSpec("hidden_states", (Cfg("num_hidden_layers"), "batch", "llama_text", Cfg("hidden_size")),
+                        source="0", doc="every decoder layer's output (not the embeddings')"),))
 
-
-_LLAMA = dataclasses.replace(
-    hf_encoder("text_encoder_4", "LlamaForCausalLM", "LlamaConfig", dict(
-        vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=2),
-        seq="llama_text", output=("hidden_states", "hidden_states")),
-    graph_forward=_llama, outputs=(TensorSpec("hidden_states", (Cfg("num_hidden_layers"), "batch", "llama_text",
-                                                                Cfg("hidden_size")), source="0",
-                                              doc="every decoder layer's output (not the embeddings')"),))
-
-TRANSFORMER = ComponentSpec(
-    name="transformer", library="diffusers", class_name="HiDreamImageTransformer2DModel", role="denoiser",
+TRANSFORMER = denoiser(
+    "HiDreamImageTransformer2DModel",
     inputs=(
         TensorSpec("hidden_states", ("batch", Cfg("in_channels"), "height", "width"), doc="noisy latents"),
-        TensorSpec("timesteps", ("batch",), dtype="float32", sample=timesteps, doc="flow-matching timestep x 1000"),
+        timestep("timesteps"),
         TensorSpec("encoder_hidden_states_t5", ("batch", "text", Cfg("caption_channels", index=0)), doc="T5 last hidden states"),
         TensorSpec("encoder_hidden_states_llama3", (Cfg(fn=lambda c: max(c.llama_layers) + 1), "batch", "llama_text",
                                                     Cfg("caption_channels", index=1)),
                    doc="Llama's per-layer hidden states (text_encoder_4's output)"),
         TensorSpec("pooled_embeds", ("batch", Cfg("text_emb_dim")), doc="CLIP-L and CLIP-G text_embeds, concatenated"),
     ),
-    outputs=(TensorSpec("out_sample", ("batch", Cfg(fn=lambda c: c.out_channels or c.in_channels), "height", "width"),
-                        source="0", doc="predicted velocity"),),
-    call_kwargs={"return_dict": False},
+    outputs=(prediction(("batch", OUT_CHANNELS, "height", "width")),),
     graph_forward=_forward,
     tiny=dict(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-              num_attention_heads=2, caption_channels=(32, 32), text_emb_dim=64, num_routed_experts=4,
-              num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1)),
+              num_attention_heads=2, caption_channels=(32, 32), text_emb_dim=64, num_routed_experts=2,
+              num_activated_experts=1, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1)),
 )
 
 _POOLED = (("text_embeds", "text_embeds"),)
@@ -103,11 +95,8 @@ HIDREAM = FamilySpec(
         "text": Axis(1, 128, 128, example=6, check=9),  # T5 tokens
         "llama_text": Axis(1, 128, 128, example=5, check=7),  # Llama tokens
     },
-    namespaces=(
-        Namespace("diffusion_model.", "transformer", format="original"),
-        Namespace("lora_transformer_", "transformer", flat=True, format="onetrainer"),
-        Namespace("lycoris_", "transformer", flat=True, format="lycoris"),
-    ),
+    namespaces=(*original_prefixes(kohya=False, lycoris=True),
+                Namespace("lora_transformer_", "transformer", flat=True, format="onetrainer")),
     markers=(r"double_stream_blocks", r"single_stream_blocks", r"\.ff_i\.experts\.",
              r"^transformer\.(t_embedder|p_embedder|x_embedder\.proj|caption_projection|final_layer)\."),
 )

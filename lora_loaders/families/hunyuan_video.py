@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import re
 
-from .common import BATCH, CLIP_TINY, clip, hf_encoder, prefix_mask, timesteps
-from .spec import Axis, Cfg, ComponentSpec, FamilySpec, NameTable, Namespace, Rule, Split, TensorSpec
+from .common import (BATCH, CLIP_TINY, LLAMA_TINY, VIDEO_LATENTS, clip, denoiser, hf_encoder, original_prefixes,
+                     prediction, text_mask, timestep, timesteps)
+from .spec import Axis, Cfg, FamilySpec, NameTable, Rule, Split, TensorSpec
 
 _D, _TB = r"double_blocks\.(\d+)", r"transformer_blocks.\1"
 _S, _STB = r"single_blocks\.(\d+)", r"single_transformer_blocks.\1"
@@ -55,35 +56,29 @@ ORIGINAL = NameTable(rules=(
     *(Rule(re.escape(k), v) for k, v in _EMB.items()),
 ))
 
-TRANSFORMER = ComponentSpec(
-    name="transformer", library="diffusers", class_name="HunyuanVideoTransformer3DModel", role="denoiser",
+TRANSFORMER = denoiser(
+    "HunyuanVideoTransformer3DModel",
     inputs=(
-        TensorSpec("hidden_states", ("batch", Cfg("in_channels"), "frames", "height", "width"), doc="noisy latents"),
-        TensorSpec("timestep", ("batch",), dtype="float32", sample=timesteps, doc="flow-matching timestep x 1000"),
+        TensorSpec("hidden_states", VIDEO_LATENTS, doc="noisy latents"),
+        timestep(),
         TensorSpec("encoder_hidden_states", ("batch", "text", Cfg("text_embed_dim")),
                    doc="Llama hidden states (the pipeline's hidden_states[-3], prompt template cropped)"),
-        TensorSpec("encoder_attention_mask", ("batch", "text"), dtype="int64", sample=prefix_mask,
-                   doc="the Llama tokens' attention mask"),
+        text_mask("the Llama tokens' attention mask"),
         TensorSpec("pooled_projections", ("batch", Cfg("pooled_projection_dim")), doc="CLIP-L pooler output"),
         TensorSpec("guidance", ("batch",), dtype="float32", sample=timesteps, when=lambda c: c.guidance_embeds,
                    doc="guidance scale x 1000 (guidance-distilled models)"),
     ),
-    outputs=(TensorSpec("out_sample", ("batch", Cfg("out_channels"), "frames", "height", "width"), source="0",
-                        doc="predicted velocity"),),
-    call_kwargs={"return_dict": False},
+    outputs=(prediction(("batch", Cfg("out_channels"), "frames", "height", "width")),),
     tiny=dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
               num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
               pooled_projection_dim=32, rope_axes_dim=(2, 2, 4)),
 )
 
-LLAMA_TINY = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-
 HUNYUAN_VIDEO = FamilySpec(
     name="hunyuan-video", mixin="HunyuanVideoLoraLoaderMixin", pipeline="HunyuanVideoPipeline",
     components={
         "transformer": TRANSFORMER,
-        "text_encoder": hf_encoder("text_encoder", "LlamaModel", "LlamaConfig", LLAMA_TINY,
+        "text_encoder": hf_encoder("text_encoder", "LlamaModel", "LlamaConfig", {**LLAMA_TINY, "num_hidden_layers": 3},
                                    output=("hidden_states", "hidden_states.-3")),
         "text_encoder_2": clip("text_encoder_2", "CLIPTextModel", (("pooler_output", "pooler_output"),), lora=False,
                                tiny=CLIP_TINY),
@@ -95,11 +90,7 @@ HUNYUAN_VIDEO = FamilySpec(
         "width": Axis(16, 160, 160, example=8, check=10),
         "text": Axis(1, 256, 256, example=8, check=12),  # Llama tokens after the prompt template
     },
-    namespaces=(
-        Namespace("diffusion_model.", "transformer", table=ORIGINAL, format="original"),
-        Namespace("transformer.", "transformer", table=ORIGINAL),
-        Namespace("lora_unet_", "transformer", flat=True, table=ORIGINAL, format="kohya"),
-    ),
+    namespaces=original_prefixes(ORIGINAL),
     # Flux's block names (a subset of Flux's markers: no other family's file gains a hit), then what only
     # HunyuanVideo has.
     markers=(r"^transformer\.single_transformer_blocks\.\d+\.(proj_mlp|norm\.linear|attn\.to_[qkv])",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import BATCH, CLIP_TINY, clip, hf_encoder, timesteps
+from .common import BATCH, CLIP_TINY, QWEN25_VL_TINY, clip, hf_encoder, timestep
 from .spec import Axis, Cfg, ComponentSpec, FamilySpec, TensorSpec
 
 
@@ -38,7 +38,7 @@ TRANSFORMER = ComponentSpec(
                    doc="noisy latents, channels last (visual_cond models: + condition latents + condition mask)"),
         TensorSpec("encoder_hidden_states", ("batch", "text", Cfg("in_text_dim")),
                    doc="Qwen2.5-VL last hidden states (prompt template cropped)"),
-        TensorSpec("timestep", ("batch",), dtype="float32", sample=timesteps, doc="flow-matching timestep x 1000"),
+        timestep(),
         TensorSpec("pooled_projections", ("batch", Cfg("in_text_dim2")), doc="CLIP pooler output"),
     ),
     outputs=(TensorSpec("out_sample", ("batch", "frames", "height", "width", Cfg("out_visual_dim")), source="sample",
@@ -47,15 +47,6 @@ TRANSFORMER = ComponentSpec(
     prepare=_rope,
     tiny=dict(in_visual_dim=4, in_text_dim=32, in_text_dim2=32, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
               model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=1, axes_dims=(4, 6, 6), visual_cond=True),
-)
-
-QWEN25_VL_TINY = dict(
-    text_config=dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=2,
-                     rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
-    vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32, patch_size=2,
-                       spatial_merge_size=1, temporal_patch_size=1, fullatt_block_indexes=[0], window_size=4),
-    bos_token_id=0, eos_token_id=2, pad_token_id=1,
 )
 
 KANDINSKY = FamilySpec(

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import BATCH, T5_TINY, hf_encoder, prefix_mask, timesteps
-from .spec import Axis, Cfg, ComponentSpec, FamilySpec, NameTable, Namespace, Rule, TensorSpec
+from .common import BATCH, T5_TINY, denoiser, hf_encoder, original_prefixes, prediction, text_mask, timestep
+from .spec import Axis, Cfg, FamilySpec, NameTable, Rule, TensorSpec
 
 ORIGINAL = NameTable(rules=(
     Rule(r"patchify_proj", "proj_in"),
@@ -40,21 +40,19 @@ def _rope_scale(shape, g, ctx):
     return torch.tensor([8 / 25, 32.0, 32.0])  # the pipeline's default: VAE compression 8 / 25 fps, 32, 32
 
 
-TRANSFORMER = ComponentSpec(
-    name="transformer", library="diffusers", class_name="LTXVideoTransformer3DModel", role="denoiser",
+TRANSFORMER = denoiser(
+    "LTXVideoTransformer3DModel",
     inputs=(
         TensorSpec("hidden_states", ("batch", Cfg(fn=lambda c: c.in_channels // c.patch_size ** 2 // c.patch_size_t),
                                      "frames", "height", "width"), doc="noisy video latents (unpacked)"),
         TensorSpec("encoder_hidden_states", ("batch", "text", Cfg("caption_channels")), doc="T5 hidden states"),
-        TensorSpec("timestep", ("batch",), dtype="float32", sample=timesteps, doc="flow-matching timestep x 1000"),
-        TensorSpec("encoder_attention_mask", ("batch", "text"), dtype="int64", sample=prefix_mask,
-                   doc="the T5 tokens' attention mask"),
+        timestep(),
+        text_mask("the T5 tokens' attention mask"),
         TensorSpec("rope_interpolation_scale", (3,), dtype="float32", sample=_rope_scale,
                    doc="(VAE temporal compression / frame rate, VAE spatial compression x 2), as the pipeline sets it"),
     ),
-    outputs=(TensorSpec("out_sample", ("batch", Cfg(fn=lambda c: c.out_channels // c.patch_size ** 2 // c.patch_size_t),
-                                       "frames", "height", "width"), source="0", doc="predicted velocity (unpacked)"),),
-    call_kwargs={"return_dict": False},
+    outputs=(prediction(("batch", Cfg(fn=lambda c: c.out_channels // c.patch_size ** 2 // c.patch_size_t), "frames",
+                         "height", "width"), doc="predicted velocity (unpacked)"),),
     graph_forward=_forward,
     tiny=dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
               num_layers=1, caption_channels=32),
@@ -73,10 +71,7 @@ LTX_VIDEO = FamilySpec(
         "width": Axis(8, 22, 40, example=4, check=5),
         "text": Axis(1, 128, 256, example=8, check=12),  # T5 tokens
     },
-    namespaces=(
-        Namespace("diffusion_model.", "transformer", table=ORIGINAL, format="original"),
-        Namespace("transformer.", "transformer", table=ORIGINAL),
-    ),
+    namespaces=original_prefixes(ORIGINAL, kohya=False),
     # Flux's markers also match these block names: the same pattern, so LTX files are not taken for Flux's.
     markers=(r"^transformer\.transformer_blocks\.\d+\.ff\.net", r"^transformer\.caption_projection\.linear_[12]$"),
 )

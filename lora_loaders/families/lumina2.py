@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import BATCH, GEMMA2_TINY, IMAGE_AXES, VAE_TINY, hf_encoder, prefix_mask, vae
-from .spec import Axis, Cfg, ComponentSpec, FamilySpec, Namespace, NameTable, Rule, Split, TensorSpec
+from .common import (BATCH, GEMMA2_TINY, IMAGE_AXES, LATENTS, OUT_CHANNELS, VAE_TINY, denoiser, hf_encoder, image_vae,
+                     original_prefixes, prediction, sigmas, text_mask, timestep)
+from .spec import Axis, Cfg, FamilySpec, Namespace, NameTable, Rule, Split, TensorSpec
 
 _B = r"(layers|noise_refiner|context_refiner)\.(\d+)"
 ORIGINAL = NameTable(rules=(
@@ -65,19 +66,16 @@ def _rope(model, *ids) -> torch.Tensor:
     return torch.view_as_complex(torch.cat([t[i] for t, i in zip(tables, ids)], -2))
 
 
-TRANSFORMER = ComponentSpec(
-    name="transformer", library="diffusers", class_name="Lumina2Transformer2DModel", role="denoiser",
+TRANSFORMER = denoiser(
+    "Lumina2Transformer2DModel",
     inputs=(
-        TensorSpec("hidden_states", ("batch", Cfg("in_channels"), "height", "width"), doc="noisy latents"),
-        TensorSpec("timestep", ("batch",), dtype="float32", sample=lambda s, g, ctx: torch.rand(s, generator=g),
-                   doc="1 - flow-matching timestep / 1000"),
+        TensorSpec("hidden_states", LATENTS, doc="noisy latents"),
+        timestep(sample=sigmas, doc="1 - flow-matching timestep / 1000"),
         TensorSpec("encoder_hidden_states", ("batch", "text", Cfg("cap_feat_dim")), doc="Gemma 2's second-last states"),
-        TensorSpec("encoder_attention_mask", ("batch", "text"), dtype="int64", sample=prefix_mask,
-                   doc="the Gemma tokens' attention mask"),
+        text_mask("the Gemma tokens' attention mask"),
     ),
-    outputs=(TensorSpec("out_sample", ("batch", Cfg(fn=lambda c: c.out_channels or c.in_channels), "height", "width"),
-                        source="0", doc="predicted velocity"),),
-    call_kwargs={"return_dict": False}, graph_forward=_forward,
+    outputs=(prediction(("batch", OUT_CHANNELS, "height", "width")),),
+    graph_forward=_forward,
     tiny=dict(sample_size=16, patch_size=2, in_channels=4, hidden_size=32, num_layers=1, num_refiner_layers=1,
               num_attention_heads=4, num_kv_heads=2, multiple_of=16, axes_dim_rope=(4, 2, 2), cap_feat_dim=32),
 )
@@ -88,9 +86,7 @@ LUMINA2 = FamilySpec(
         "transformer": TRANSFORMER,
         "text_encoder": hf_encoder("text_encoder", "Gemma2Model", "Gemma2Config", GEMMA2_TINY, lora=True,
                                    output=("hidden_states", "hidden_states.-2"), mask=True),
-        **{c.name: c for c in vae(("batch", Cfg("latent_channels"), "height", "width"),
-                                  ("batch", Cfg("out_channels"), "image_height", "image_width"),
-                                  {**VAE_TINY, "scaling_factor": 0.3611, "shift_factor": 0.1159})},
+        **image_vae({**VAE_TINY, "scaling_factor": 0.3611, "shift_factor": 0.1159}),
     },
     scheduler=("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=6.0)),
     axes={
@@ -100,13 +96,7 @@ LUMINA2 = FamilySpec(
         "width": Axis(32, 128, 256, example=8, check=10),
         "text": Axis(1, 256, 256, example=8, check=12),  # Gemma tokens
     },
-    namespaces=(
-        Namespace("diffusion_model.", "transformer", table=ORIGINAL, format="original"),
-        Namespace("transformer.", "transformer", table=ORIGINAL),
-        Namespace("lora_unet_", "transformer", flat=True, table=ORIGINAL, format="kohya"),
-        Namespace("lycoris_", "transformer", flat=True, table=ORIGINAL, format="lycoris"),
-        Namespace("lora_te_", "text_encoder", flat=True, format="kohya"),
-    ),
+    namespaces=(*original_prefixes(ORIGINAL, lycoris=True), Namespace("lora_te_", "text_encoder", flat=True, format="kohya")),
     markers=(r"^transformer\.(noise|context)_refiner", r"^transformer\.time_caption_embed",
              r"\.feed_forward\.linear_3"),
 )

@@ -1,21 +1,21 @@
 """Mochi 1 (`mochi`): an asymmetric dual-stream video DiT (`transformer`) and T5.
 
-Layouts: diffusers/PEFT under `transformer.` (diffusers' Mochi mixin reads no other).
-
-diffusers' Mochi attention drops the padded prompt tokens per sample (a Python loop over
-the batch with `nonzero`), which no graph can trace with a dynamic batch. The graph runs the
-same attention with the padded keys masked instead, and zero outputs at padded text
-positions, as diffusers pads them. That equals diffusers' for right-padded prompt masks
-(what T5's tokenizer makes), and is checked against it in tests/test_family_mochi.py.
+Layouts: diffusers/PEFT under `transformer.` (diffusers' Mochi mixin reads no other). diffusers'
+Mochi attention drops the padded prompt tokens per sample (a Python loop with `nonzero`, which no
+graph with a dynamic batch can trace); the graph masks the padded keys and zeroes the padded text
+outputs instead: the same for right-padded masks (T5's), checked in tests/test_family_mochi.py.
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import torch
 import torch.nn.functional as F
 
-from .common import BATCH, T5_TINY, hf_encoder, prefix_mask, timesteps
-from .spec import Axis, Cfg, ComponentSpec, FamilySpec, TensorSpec
+from .common import (BATCH, OUT_CHANNELS, T5_TINY, VIDEO_LATENTS, denoiser, hf_encoder, prediction, swapped, text_mask,
+                     timestep)
+from .spec import Axis, Cfg, FamilySpec, TensorSpec
 
 
 class MaskedMochiAttnProcessor:
@@ -46,51 +46,37 @@ def _rotate(x, cos, sin):  # Mochi's rotary embedding on [batch, tokens, heads, 
     return torch.stack([even * cos - odd * sin, even * sin + odd * cos], -1).flatten(-2).to(x.dtype)
 
 
-class TensorRope(torch.nn.Module):
-    """diffusers' MochiRoPE with the grid computed in tensors (its Python float arithmetic on
-    the sizes would be baked into the graph at the export's sizes): same centres, same einsum."""
-
-    def __init__(self, target_area: float):
-        super().__init__()
-        self.target_area = target_area
-
-    def forward(self, pos_frequencies, num_frames, height, width, device=None, dtype=None):
-        hf, wf = (torch.scalar_tensor(n, dtype=torch.float32) for n in (height, width))
-        scale = torch.sqrt(self.target_area / (hf * wf))
-        t = torch.arange(num_frames, dtype=torch.float32)
-        h = (torch.arange(height, dtype=torch.float32) + 0.5 - hf / 2) * scale
-        w = (torch.arange(width, dtype=torch.float32) + 0.5 - wf / 2) * scale
-        pos = torch.stack(torch.meshgrid(t, h, w, indexing="ij"), -1).view(-1, 3)
-        freqs = torch.einsum("nd,dhf->nhf", pos, pos_frequencies.float())
-        return freqs.cos(), freqs.sin()
+def _rope(self, pos_frequencies, num_frames, height, width, device=None, dtype=None):
+    """MochiRoPE's forward with the grid computed in tensors (its Python float arithmetic on the
+    sizes would be baked into the graph at the export's sizes): same centres, same einsum."""
+    hf, wf = (torch.scalar_tensor(n, dtype=torch.float32) for n in (height, width))
+    scale = torch.sqrt(self.target_area / (hf * wf))
+    t = torch.arange(num_frames, dtype=torch.float32)
+    h = (torch.arange(height, dtype=torch.float32) + 0.5 - hf / 2) * scale
+    w = (torch.arange(width, dtype=torch.float32) + 0.5 - wf / 2) * scale
+    pos = torch.stack(torch.meshgrid(t, h, w, indexing="ij"), -1).view(-1, 3)
+    freqs = torch.einsum("nd,dhf->nhf", pos, pos_frequencies.float())
+    return freqs.cos(), freqs.sin()
 
 
 def _forward(model, kwargs):
-    attns = [m for m in model.modules() if type(m).__name__ == "MochiAttention"]
-    saved, rope = [a.processor for a in attns], model.rope
-    for a in attns:
-        a.processor = MaskedMochiAttnProcessor()
-    model.rope = TensorRope(rope.target_area)
-    try:
+    with ExitStack() as stack:
+        for m in model.modules():
+            if type(m).__name__ == "MochiAttention":
+                stack.enter_context(swapped(m, "processor", MaskedMochiAttnProcessor()))
+        stack.enter_context(swapped(model.rope, "forward", _rope))
         return model(**kwargs)
-    finally:
-        model.rope = rope
-        for a, p in zip(attns, saved):
-            a.processor = p
 
 
-TRANSFORMER = ComponentSpec(
-    name="transformer", library="diffusers", class_name="MochiTransformer3DModel", role="denoiser",
+TRANSFORMER = denoiser(
+    "MochiTransformer3DModel",
     inputs=(
-        TensorSpec("hidden_states", ("batch", Cfg("in_channels"), "frames", "height", "width"), doc="noisy latents"),
+        TensorSpec("hidden_states", VIDEO_LATENTS, doc="noisy latents"),
         TensorSpec("encoder_hidden_states", ("batch", "text", Cfg("text_embed_dim")), doc="T5 hidden states"),
-        TensorSpec("timestep", ("batch",), dtype="float32", sample=timesteps, doc="flow-matching timestep x 1000"),
-        TensorSpec("encoder_attention_mask", ("batch", "text"), dtype="int64", sample=prefix_mask,
-                   doc="the T5 tokens' attention mask (right padding)"),
+        timestep(),
+        text_mask("the T5 tokens' attention mask (right padding)"),
     ),
-    outputs=(TensorSpec("out_sample", ("batch", Cfg(fn=lambda c: c.out_channels or c.in_channels), "frames", "height",
-                                       "width"), source="0", doc="predicted velocity"),),
-    call_kwargs={"return_dict": False},
+    outputs=(prediction(("batch", OUT_CHANNELS, "frames", "height", "width")),),
     graph_forward=_forward,
     tiny=dict(patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2, pooled_projection_dim=16,
               in_channels=4, text_embed_dim=32, time_embed_dim=16, max_sequence_length=16),

@@ -1,23 +1,23 @@
-"""Qwen-Image (`qwen-image`): an MMDiT over packed 2x2 latent patches (`transformer`; the
-Qwen-Image and Qwen-Image-Edit configs) and Qwen2.5-VL's language model as text encoder.
+"""Qwen-Image (`qwen-image`): an MMDiT over packed 2x2 latent patches (`transformer`; the Qwen-Image and
+Qwen-Image-Edit configs) and Qwen2.5-VL's language model as text encoder.
 
 Layouts (diffusers module names throughout): diffusers/PEFT under `transformer.`, `diffusion_model.`
-(ComfyUI, ai-toolkit) or no prefix (PEFT's `.default.` adapter names included), each in
-`lora_A/B` or `lora_down/up` with an optional `alpha` (applied: scale alpha / rank, in every
-spelling); musubi-tuner's kohya names (`lora_unet_transformer_blocks_0_attn_to_q`); LyCORIS
-(`lycoris_`). The graph takes and returns latents [batch, channels, height, width]: it packs
-them as the pipeline does and gives the rotary embedding the patch grid from their shape. It is
-the text-to-image graph: Qwen-Image-Edit's condition-image tokens are not among its inputs.
+or no prefix (PEFT's `.default.` names too), `lora_A/B` or `lora_down/up`, `alpha` applied (alpha / rank)
+in every spelling; musubi-tuner's kohya names (`lora_unet_transformer_blocks_0_attn_to_q`); LyCORIS
+(`lycoris_`). The text-to-image graph takes and returns latents [batch, channels, height, width],
+packed as the pipeline does, the rotary grid from their shape (no Edit condition-image input).
 """
 
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
 
 import torch
 
-from .common import BATCH, hf_encoder, prefix_mask, sigmas, swapped
-from .spec import Axis, Cfg, ComponentSpec, FamilySpec, Namespace, TensorSpec
+from .common import (BATCH, QWEN25_VL_TINY, denoiser, hf_encoder, original_prefixes, prediction, sigmas, swapped,
+                     text_mask, timestep)
+from .spec import Axis, Cfg, FamilySpec, TensorSpec
 
 
 def _rope(self, video_fhw, device=None, max_txt_seq_len=None):
@@ -47,45 +47,39 @@ def _text_len(encoder_hidden_states, mask=None):
 
 
 def _forward(model, kwargs):
-    """The pipeline's `_pack_latents`, the transformer, then `_unpack_latents`."""
+    """The pipeline's `_pack_latents`, the transformer, then `_unpack_latents`. `zero_cond_t` (Edit-2511)
+    modulates condition-image tokens with t = 0; without them it is the same model (its index tensor,
+    built in Python from the sizes, would fix them at export), so it is off for the graph."""
     x = kwargs.pop("hidden_states")
     b, c, h, w = x.shape
     p = model.config.patch_size
     tokens = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
-    with swapped(model.pos_embed, "forward", _rope), \
-            swapped(sys.modules[type(model).__module__], "compute_text_seq_len_from_mask", _text_len):
+    with ExitStack() as stack:
+        for m in (model, *model.transformer_blocks):
+            stack.enter_context(swapped(m, "zero_cond_t", False))
+        stack.enter_context(swapped(model.pos_embed, "forward", _rope))
+        stack.enter_context(swapped(sys.modules[type(model).__module__], "compute_text_seq_len_from_mask", _text_len))
         out = model(hidden_states=tokens, img_shapes=[[(1, h // p, w // p)]], **kwargs)[0]
     out = out.reshape(b, h // p, w // p, -1, p, p).permute(0, 3, 1, 4, 2, 5)
     return (out.reshape(b, -1, h, w),)
 
 
-TRANSFORMER = ComponentSpec(
-    name="transformer", library="diffusers", class_name="QwenImageTransformer2DModel", role="denoiser",
+TRANSFORMER = denoiser(
+    "QwenImageTransformer2DModel",
     inputs=(
         TensorSpec("hidden_states", ("batch", Cfg(fn=lambda c: c.in_channels // c.patch_size ** 2), "height", "width"),
                    doc="noisy latents (unpacked)"),
         TensorSpec("encoder_hidden_states", ("batch", "text", Cfg("joint_attention_dim")),
                    doc="Qwen2.5-VL last hidden states, the prompt template's prefix dropped"),
-        TensorSpec("encoder_hidden_states_mask", ("batch", "text"), dtype="int64", sample=prefix_mask,
-                   doc="the prompt tokens' attention mask"),
-        TensorSpec("timestep", ("batch",), dtype="float32", sample=sigmas, doc="the pipeline's timestep / 1000"),
+        text_mask("the prompt tokens' attention mask", name="encoder_hidden_states_mask"),
+        timestep(sample=sigmas, doc="the pipeline's timestep / 1000"),
     ),
-    outputs=(TensorSpec("out_sample", ("batch", Cfg("out_channels"), "height", "width"), source="0",
-                        doc="predicted velocity (unpacked)"),),
-    call_kwargs={"return_dict": False},
+    outputs=(prediction(("batch", Cfg("out_channels"), "height", "width"), doc="predicted velocity (unpacked)"),),
     graph_forward=_forward,
-    tiny=dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+    tiny=dict(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
               joint_attention_dim=32, axes_dims_rope=(2, 2, 4)),
 )
 EDIT_TINY = {"zero_cond_t": True}  # Qwen-Image-Edit-2511's transformer (earlier Edit configs equal Qwen-Image's)
-
-QWEN_VL_TINY = dict(
-    vocab_size=1000, text_config=dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
-    vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32, patch_size=2,
-                       spatial_merge_size=1, temporal_patch_size=1, fullatt_block_indexes=[0], window_size=4),
-)
 
 QWEN_IMAGE = FamilySpec(
     name="qwen-image", mixin="QwenImageLoraLoaderMixin", pipeline="QwenImagePipeline",
@@ -93,7 +87,7 @@ QWEN_IMAGE = FamilySpec(
         "transformer": TRANSFORMER,
         # the pipeline reads the language model's last hidden states; the vision tower stays unused
         "text_encoder": hf_encoder("text_encoder", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig",
-                                   QWEN_VL_TINY, output=("last_hidden_state", "hidden_states.-1")),
+                                   QWEN25_VL_TINY, output=("last_hidden_state", "hidden_states.-1")),
     },
     axes={
         "batch": BATCH,
@@ -101,11 +95,7 @@ QWEN_IMAGE = FamilySpec(
         "width": Axis(32, 128, 256, example=12, check=6),
         "text": Axis(1, 256, 1058, example=6, check=9),  # prompt tokens (the template adds 34 to the encoder's)
     },
-    namespaces=(
-        Namespace("diffusion_model.", "transformer", format="original"),
-        Namespace("lora_unet_", "transformer", flat=True, format="kohya"),
-        Namespace("lycoris_", "transformer", flat=True, format="lycoris"),
-    ),
+    namespaces=original_prefixes(lycoris=True),
     # every module a Qwen-Image LoRA may name (its attention names are Flux's and SD3's too)
     markers=(r"^transformer\.transformer_blocks\.\d+\.(attn|img_mlp|txt_mlp|img_mod|txt_mod)\.",
              r"^transformer\.(img_in|txt_in|proj_out|norm_out|time_text_embed)\b", r"\.(img|txt)_(mlp|mod)\."),

@@ -7,21 +7,19 @@ latent, not the distribution `vae_encoder` describes.
 
 from __future__ import annotations
 
-from .common import BATCH, GEMMA2_TINY, IMAGE_AXES, hf_encoder, prefix_mask, timesteps, vae
-from .spec import Axis, Cfg, ComponentSpec, FamilySpec, TensorSpec
+from .common import (BATCH, GEMMA2_TINY, IMAGE_AXES, LATENTS, OUT_CHANNELS, denoiser, hf_encoder, image_vae, prediction,
+                     text_mask, timestep)
+from .spec import Axis, Cfg, FamilySpec, TensorSpec
 
-TRANSFORMER = ComponentSpec(
-    name="transformer", library="diffusers", class_name="SanaTransformer2DModel", role="denoiser",
+TRANSFORMER = denoiser(
+    "SanaTransformer2DModel",
     inputs=(
-        TensorSpec("hidden_states", ("batch", Cfg("in_channels"), "height", "width"), doc="noisy latents"),
+        TensorSpec("hidden_states", LATENTS, doc="noisy latents"),
         TensorSpec("encoder_hidden_states", ("batch", "text", Cfg("caption_channels")), doc="Gemma 2 hidden states"),
-        TensorSpec("timestep", ("batch",), dtype="float32", sample=timesteps, doc="timestep (x timestep_scale)"),
-        TensorSpec("encoder_attention_mask", ("batch", "text"), dtype="int64", sample=prefix_mask,
-                   doc="the Gemma tokens' attention mask"),
+        timestep(doc="timestep (x timestep_scale)"),
+        text_mask("the Gemma tokens' attention mask"),
     ),
-    outputs=(TensorSpec("out_sample", ("batch", Cfg(fn=lambda c: c.out_channels or c.in_channels), "height", "width"),
-                        source="0", doc="predicted flow"),),
-    call_kwargs={"return_dict": False},
+    outputs=(prediction(("batch", OUT_CHANNELS, "height", "width"), doc="predicted flow"),),
     tiny=dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
               num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
               sample_size=16, patch_size=1, qk_norm="rms_norm_across_heads"),  # Sana 1.5's q/k norms
@@ -38,10 +36,10 @@ SANA = FamilySpec(
     name="sana", mixin="SanaLoraLoaderMixin", pipeline="SanaPipeline",
     components={
         "transformer": TRANSFORMER,
-        "text_encoder": hf_encoder("text_encoder", "Gemma2Model", "Gemma2Config", GEMMA2_TINY, mask=True),
-        "vae_decoder": vae(("batch", Cfg("latent_channels"), "height", "width"),
-                           ("batch", Cfg("in_channels"), "image_height", "image_width"), DC_AE_TINY,
-                           "AutoencoderDC")[0],
+        "text_encoder": hf_encoder("text_encoder", "Gemma2Model", "Gemma2Config",
+                                   {**GEMMA2_TINY, "num_hidden_layers": 1}, mask=True),
+        **image_vae(DC_AE_TINY, "AutoencoderDC", encoder=False,
+                    image=("batch", Cfg("in_channels"), "image_height", "image_width")),
     },
     scheduler=("DPMSolverMultistepScheduler", dict(num_train_timesteps=1000, prediction_type="flow_prediction",
                                                    use_flow_sigmas=True, flow_shift=3.0)),

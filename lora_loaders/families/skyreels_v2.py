@@ -9,8 +9,8 @@ The original-name table is Wan's.
 
 from __future__ import annotations
 
-from .common import BATCH, T5_TINY, hf_encoder, timesteps
-from .spec import Axis, Cfg, ComponentSpec, FamilySpec, NameTable, Namespace, Rule, TensorSpec
+from .common import BATCH, T5_TINY, denoiser, hf_encoder, original_prefixes, prediction, timestep
+from .spec import Axis, Cfg, FamilySpec, NameTable, Rule, TensorSpec
 from .wan import ORIGINAL as WAN_ORIGINAL
 
 ORIGINAL = NameTable(rules=(
@@ -20,21 +20,19 @@ ORIGINAL = NameTable(rules=(
     Rule(r"fps_projection\.2", "fps_projection.net.2"),
 ))
 
-TRANSFORMER = ComponentSpec(
-    name="transformer", library="diffusers", class_name="SkyReelsV2Transformer3DModel", role="denoiser",
+TRANSFORMER = denoiser(
+    "SkyReelsV2Transformer3DModel",
     inputs=(
         TensorSpec("hidden_states", ("batch", Cfg("in_channels"), "frames", "height", "width"),
                    doc="noisy video latents (I2V: with the image condition concatenated on channels)"),
-        TensorSpec("timestep", ("batch",), dtype="float32", sample=timesteps, doc="flow-matching timestep x 1000"),
+        timestep(),
         TensorSpec("encoder_hidden_states", ("batch", "text", Cfg("text_dim")), doc="UMT5 hidden states"),
         TensorSpec("encoder_hidden_states_image", ("batch", 257, Cfg("image_dim")),
                    when=lambda config: config.image_dim is not None, doc="CLIP image embedding (I2V only)"),
         TensorSpec("fps", ("batch",), dtype="int64", when=lambda config: config.inject_sample_info,
                    doc="0: 16 fps, 1: 24 fps (inject_sample_info models only)"),
     ),
-    outputs=(TensorSpec("out_sample", ("batch", Cfg("out_channels"), "frames", "height", "width"), source="0",
-                        doc="predicted velocity"),),
-    call_kwargs={"return_dict": False},
+    outputs=(prediction(("batch", Cfg("out_channels"), "frames", "height", "width")),),
     tiny=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
               text_dim=32, freq_dim=16, ffn_dim=32, num_layers=1, cross_attn_norm=True,
               qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
@@ -53,11 +51,7 @@ SKYREELS_V2 = FamilySpec(
         "width": Axis(16, 120, 160, example=8, check=10),
         "text": Axis(1, 512, 512, example=8, check=12),  # UMT5 tokens
     },
-    namespaces=(
-        Namespace("diffusion_model.", "transformer", table=ORIGINAL, format="original"),
-        Namespace("transformer.", "transformer", table=ORIGINAL),
-        Namespace("lora_unet_", "transformer", flat=True, table=ORIGINAL, format="kohya"),
-    ),
+    namespaces=original_prefixes(ORIGINAL),
     # Wan's (the same modules; no more, so a Wan file without them is not taken for SkyReels'), and fps.
     markers=(r"^transformer\.blocks\.\d+\.attn2\.add_k_proj", r"^transformer\.condition_embedder",
              r"^transformer\.blocks\.\d+\.ffn\.net", r"^transformer\.fps_"),

@@ -58,6 +58,19 @@ class Cfg:
 Dim = str | int | Cfg  # an axis name, a fixed size, or a size from the config
 
 
+def select_output(result, source: str):
+    """The tensor a `TensorSpec.source` names in a model's result: a dotted path of attributes,
+    mapping keys and (negative) indices ("hidden_states.-2", "0.parameters")."""
+    for part in source.split("."):
+        if part.lstrip("-").isdigit():
+            result = result[int(part)]
+        elif isinstance(result, Mapping):
+            result = result[part]
+        else:
+            result = getattr(result, part)
+    return result
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One graph input or output.
@@ -98,6 +111,12 @@ class ComponentSpec:
     # (model, kwargs) -> result: a traceable stand-in for a forward whose control flow depends on
     # tensor values (Lumina2 packs captions by their lengths in Python loops); same outputs.
     graph_forward: Callable | None = None
+    # (outputs by name, config) -> what the pipeline reads from the model's call, where the graph's
+    # outputs are a reshaped form of it (FLUX.2's prompt embeddings: the layers the pipeline stacks)
+    pipeline_output: Callable | None = None
+    # tensors outside the graph that the pipeline reads from the model (FLUX.2's VAE batch-norm
+    # statistics), saved beside the engine
+    pipeline_state: tuple[str, ...] = ()
     subfolder: str | None = None  # the diffusers folder it loads from (default: its name; both VAE halves: "vae")
     tokenizer: str | None = None  # a text encoder's tokenizer: the pipeline attribute ("tokenizer_2")
     tiny: Mapping[str, Any] | None = None  # config of the built-in tiny model
@@ -209,6 +228,9 @@ class FamilySpec:
     unfuse_default: tuple[str, ...] | None = None
     markers: tuple[str, ...] = ()  # regexes over "component.module" names typical of this family
     pipeline: str | None = None  # the diffusers pipeline class
+    # (pipeline) -> call arguments its models need beyond the pipeline's defaults (FLUX.2: which
+    # text-encoder layers make the prompt, for models of another depth than the real one)
+    pipeline_kwargs: Callable | None = None
     scheduler: tuple[str, Mapping[str, Any]] | None = None  # its scheduler class and config for the tiny model
     # Family-specific `load_lora_weights(...=True)` flags that send a file's layers to another
     # component: Wan 2.2's {"load_into_transformer_2": {"transformer": "transformer_2"}}.

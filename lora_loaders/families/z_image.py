@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import BATCH, hf_encoder, sigmas
-from .spec import Axis, Cfg, ComponentSpec, FamilySpec, NameTable, Namespace, Rule, Split, TensorSpec
+from .common import BATCH, denoiser, hf_encoder, original_prefixes, prediction, sigmas, timestep
+from .spec import Axis, Cfg, FamilySpec, NameTable, Rule, Split, TensorSpec
 
 _B = r"(layers|noise_refiner|context_refiner)\.(\d+)\.attention"
 ORIGINAL = NameTable(rules=(
@@ -69,21 +69,19 @@ def _forward(model, kwargs):
     return (out.reshape(b, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(b, -1, hh, ww),)
 
 
-TRANSFORMER = ComponentSpec(
-    name="transformer", library="diffusers", class_name="ZImageTransformer2DModel", role="denoiser",
+TRANSFORMER = denoiser(
+    "ZImageTransformer2DModel",
     inputs=(
         TensorSpec("x", ("batch", Cfg("in_channels"), "height", "width"), doc="noisy latents"),
-        TensorSpec("t", ("batch",), dtype="float32", sample=sigmas, doc="the pipeline's (1000 - timestep) / 1000"),
+        timestep("t", sample=sigmas, doc="the pipeline's (1000 - timestep) / 1000"),
         TensorSpec("cap_feats", ("batch", "text", Cfg("cap_feat_dim")), doc="Qwen3's second-to-last hidden states"),
     ),
-    outputs=(TensorSpec("out_sample", ("batch", Cfg("in_channels"), "height", "width"), source="0",
-                        doc="the model output (the pipeline negates it)"),),
+    outputs=(prediction(("batch", Cfg("in_channels"), "height", "width"), doc="the model output (the pipeline negates it)"),),
     graph_forward=_forward,
     tiny=dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
               n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=(4, 6, 6), axes_lens=(256, 64, 64)),
 )
 
-_NS = dict(table=ORIGINAL)
 Z_IMAGE = FamilySpec(
     name="z-image", mixin="ZImageLoraLoaderMixin", pipeline="ZImagePipeline",
     components={
@@ -99,12 +97,7 @@ Z_IMAGE = FamilySpec(
         "width": Axis(32, 128, 256, example=12, check=6),
         "text": Axis(1, 256, 512, example=6, check=9),  # Qwen3 tokens
     },
-    namespaces=(
-        Namespace("diffusion_model.", "transformer", format="original", **_NS),
-        Namespace("transformer.", "transformer", **_NS),
-        Namespace("lora_unet_", "transformer", flat=True, format="kohya", **_NS),
-        Namespace("lycoris_", "transformer", flat=True, format="lycoris", **_NS),
-    ),
+    namespaces=original_prefixes(ORIGINAL, lycoris=True),
     markers=(r"\.(noise|context)_refiner\.", r"all_(x_embedder|final_layer)", r"^transformer\.(cap|t)_embedder\.",
              r"^transformer\.layers\.\d+\.(attention|feed_forward\.w[123]|adaLN_modulation)\."),
 )

@@ -1,4 +1,4 @@
-"""Drop third-party log records that tell an export's user nothing (exact messages, never whole loggers).
+"""Drop third-party log records that tell a user of export or generate nothing (exact messages, never whole loggers).
 
 Real warnings of the same libraries still show; a message listed here that changes wording
 shows again (tests/test_user_errors.py checks a normal export prints none of these).
@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import logging
 
-# logger name -> message prefixes to drop, each with why it carries no information
+# logger name -> message fragments to drop, each with why it carries no information
 NOISE = {
+    # transformers falls back to its PIL image processors (the pipelines' feature extractors,
+    # which no exported component uses) and says so once per process.
+    "transformers.utils.import_utils": ("requires torchvision (not installed); falling back to",),
     # torch.onnx lists the torchvision ops it skips registering (4 lines per export), whether or
     # not the model uses torchvision: no diffusion component does.
     "torch.onnx._internal.exporter._registration": ("torchvision is not installed. Skipping",),
@@ -20,17 +23,17 @@ NOISE = {
 
 
 class _DropNoise(logging.Filter):
-    def __init__(self, prefixes: tuple[str, ...]):
+    def __init__(self, fragments: tuple[str, ...]):
         super().__init__()
-        self.prefixes = prefixes
+        self.fragments = fragments
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (isinstance(record.msg, str) and record.msg.startswith(self.prefixes))
+        return not (isinstance(record.msg, str) and any(f in record.msg for f in self.fragments))
 
 
 def install() -> None:
     """Add the filters (once) to the loggers that emit the records."""
-    for name, prefixes in NOISE.items():
+    for name, fragments in NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
-            logger.addFilter(_DropNoise(prefixes))
+            logger.addFilter(_DropNoise(fragments))

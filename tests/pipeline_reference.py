@@ -1,0 +1,60 @@
+"""The reference for engine pipelines: diffusers' own pipeline over fresh tiny models, with the
+export's tokenizer and scheduler files and the LoRAs loaded and fused by diffusers + PEFT."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+
+import lora_loaders as L
+from export.tiny import build_tiny
+
+CALL = dict(num_inference_steps=2, guidance_scale=4.0, height=32, width=32, output_type="np")
+
+
+def reference_pipeline(family: str, out: Path, loras=()):
+    """diffusers' pipeline over fresh tiny models (the export's tokenizer and scheduler files),
+    with the LoRAs loaded and fused by diffusers + PEFT."""
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    spec = L.get_family(family)
+    models = build_tiny(family)
+    parts = {("vae" if spec.component(c).folder == "vae" else c): m for c, m in models.items()}
+    cls = getattr(diffusers, spec.pipeline)
+    params = inspect.signature(cls.__init__).parameters
+    for name in params:
+        if name.startswith("tokenizer"):
+            parts[name] = CLIPTokenizer.from_pretrained(out / name)
+    parts["scheduler"] = getattr(diffusers, spec.scheduler[0]).from_pretrained(out / "scheduler")
+    for name, p in params.items():
+        if name not in parts and name != "self" and p.default is inspect.Parameter.empty:
+            parts[name] = None
+    if "requires_safety_checker" in params:
+        parts["requires_safety_checker"] = False
+    pipe = cls(**{k: v for k, v in parts.items() if k in params})
+    for i, (path, scale) in enumerate(loras):
+        pipe.load_lora_weights(str(path), adapter_name=f"r{i}")
+    if loras:
+        pipe.set_adapters([f"r{i}" for i in range(len(loras))], [s for _, s in loras])
+        pipe.fuse_lora()
+    # Components diffusers' mixin does not load LoRAs into (Lumina2's Gemma) while the files have
+    # layers for them: fused by our loader (each family's tests check it against the formula).
+    touched = {c for path, _ in loras for c in L.read_lora(str(path), family=family).components}
+    extra = {c: parts[c] for c in spec.lora_components
+             if c not in cls._lora_loadable_modules and c in parts and c in touched}
+    if extra:
+        ours = L.loader_for(family, **extra)
+        for i, (path, _) in enumerate(loras):
+            ours.load_lora_weights(str(path), adapter_name=f"o{i}")
+        ours.set_adapters([f"o{i}" for i in range(len(loras))], [s for _, s in loras])
+        ours.fuse_lora()
+    pipe.call_kwargs = spec.pipeline_kwargs(pipe) if spec.pipeline_kwargs else {}  # as the engine pipeline's
+    return pipe
+
+
+def image(pipe, seed=0, prompt="a red cube"):
+    kw = {**CALL, **getattr(pipe, "call_kwargs", {})}
+    return pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), **kw).images[0]  # FLUX.2 takes `image` first
