@@ -98,7 +98,7 @@ def test_real_tritonserver_serves_pictures_with_per_request_loras(setup):
     written = write_repository(setup["out"], repo, loras=[setup["files"]["y"]], text_encoder_backend="python",
                                limits={"max_steps": 4})  # what `--triton-repo` writes
     assert "text_to_image" in written
-    server = TritonServer(repo, models=["text_to_image"], start_timeout=300)
+    server = TritonServer(repo, models=["text_to_image", "vae_decoder"], start_timeout=300)  # the VAE: a plain model
     server.start()
 
     def infer(client, values, loras):

@@ -443,7 +443,7 @@ def write_repository(
     baked = [(_adapter_name(a.get("name"), Path(a.get("path", ""))), float(a.get("scale", 1.0)), a)
              for a in manifest.get("adapters") or []]
     external = Path(lora_dir).resolve() if lora_dir is not None else None
-    denoisers = [c for c in comps if _role(manifest, c) != "text_encoder"]
+    denoisers = [c for c in comps if _role(manifest, c) == "denoiser"]  # the models that take `loras`
     if loras and not denoisers:
         raise ValueError(f"adapters to ship were given, but none of {list(comps)} is a denoiser to serve them")
     if text_to_image is None:
@@ -469,7 +469,7 @@ def write_repository(
             src = _component_dir(export_dir, component, entry)
             onnx_path = src / ((entry or {}).get("model") or "model.onnx")
             mdir = tmp / name
-            if _role(manifest, component) == "text_encoder":
+            if _role(manifest, component) != "denoiser":  # text encoders, the VAE: what the export baked
                 text = _write_encoder(mdir, name, component, src, onnx_path, export_dir / MANIFEST_FILE, opts)
             else:
                 if external is None:
@@ -537,7 +537,7 @@ def _write_encoder(mdir: Path, name: str, component: str, src: Path, onnx_path: 
         return make_config(name, platform="tensorrt_plan", **{**common, "kind": "KIND_GPU"})
     _copy_dir(src, vdir / component, link)
     _place(mpath, vdir / MANIFEST_FILE, False)
-    (vdir / "model.py").write_text(MODEL_PY.format(what=f"text encoder {component}", module="serving", cls="EncoderModel"))
+    (vdir / "model.py").write_text(MODEL_PY.format(what=f"{component}, as exported", module="serving", cls="EncoderModel"))
     params = {**_params(opts, component), "engine": opts["engine"]}
     return make_config(name, backend="python", parameters=params, **common)
 
