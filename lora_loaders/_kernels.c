@@ -3,18 +3,22 @@
    Every kernel computes exactly what the torch reference path in kernels.py computes, element
    by element: float32 arithmetic (one add or one subtract), then one IEEE round-to-nearest-even
    cast to the weight's dtype. Only NaN payloads may differ (any NaN stays a NaN). Built with the
-   machine's C compiler on first use; the AVX-512 paths are used when the compiler targets them,
-   the portable scalar paths otherwise (kernels.py then prefers torch). */
+   machine's C compiler on first use; vector paths for AVX-512 (16 lanes) or AVX2 + F16C (8 lanes)
+   when the compiler targets them, written once over a few per-ISA primitives; the portable scalar
+   paths otherwise (kernels.py then prefers torch). */
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
 #include <immintrin.h>
-#define LE_AVX512 1
+#define LE_ISA 512
+#elif defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#define LE_ISA 256
 #else
-#define LE_AVX512 0
+#define LE_ISA 0
 #endif
 
-int le_isa(void) { return LE_AVX512 ? 512 : 0; }
+int le_isa(void) { return LE_ISA; }
 
 /* ---- scalar conversions (IEEE round to nearest even), as c10::Half / c10::BFloat16 do ---- */
 static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -46,12 +50,23 @@ static inline int h_bad(uint16_t h) { return (h & 0x7c00u) == 0x7c00u; }
 static inline int b_bad(uint16_t b) { return (b & 0x7f80u) == 0x7f80u; }
 static inline int f_bad(float f) { return (f32_bits(f) & 0x7f800000u) == 0x7f800000u; }
 
-#if LE_AVX512
-/* ---- 16 lanes at a time ---- */
-static inline __m512 vh2f(__m256i h) { return _mm512_cvtph_ps(h); }
-static inline __m256i vf2h(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-static inline __m512 vb2f(__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }
-static inline __m256i vf2b(__m512 v) {
+#if LE_ISA == 512
+/* ---- primitives, 16 lanes: VF float32 lanes, VH the same lanes as 16-bit values ---- */
+#define LE_W 16
+typedef __m512 VF;
+typedef __m256i VH;
+#define vldf(p) _mm512_loadu_ps(p)
+#define vaddf _mm512_add_ps
+#define vsubf _mm512_sub_ps
+#define vmulf _mm512_mul_ps
+#define vset1f _mm512_set1_ps
+#define vstf(p, v) _mm512_storeu_ps((p), (v))
+#define vldh(p) _mm256_loadu_si256((const __m256i *)(p))
+#define vsth(p, v) _mm256_storeu_si256((__m256i *)(p), (v))
+static inline VF vh2f(VH h) { return _mm512_cvtph_ps(h); }
+static inline VH vf2h(VF v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline VF vb2f(VH b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }
+static inline VH vf2b(VF v) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
@@ -60,20 +75,62 @@ static inline __m256i vf2b(__m512 v) {
     r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
     return _mm512_cvtepi32_epi16(r);
 }
-static inline __mmask16 vh_bad(__m256i h) {
-    const __m256i m = _mm256_set1_epi16(0x7c00);
+/* lanes whose exponent bits are all ones (Inf / NaN), and lanes that differ in bits: one bit per lane */
+static inline unsigned vh_bad(VH h, unsigned m16) {
+    const __m256i m = _mm256_set1_epi16((short)m16);
     return _mm256_cmpeq_epi16_mask(_mm256_and_si256(h, m), m);
 }
-static inline __mmask16 vb_bad(__m256i b) {
-    const __m256i m = _mm256_set1_epi16(0x7f80);
-    return _mm256_cmpeq_epi16_mask(_mm256_and_si256(b, m), m);
-}
-static inline __mmask16 vf_bad(__m512 v) {
+static inline unsigned vf_bad(VF v) {
     const __m512i m = _mm512_set1_epi32(0x7f800000);
     return _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v), m), m);
 }
-#define LD16(p) _mm256_loadu_si256((const __m256i *)(p))
-#define ST16(p, v) _mm256_storeu_si256((__m256i *)(p), (v))
+static inline unsigned vh_neq(VH a, VH b) { return _mm256_cmpneq_epi16_mask(a, b); }
+static inline unsigned vf_neq(VF a, VF b) {
+    return _mm512_cmpneq_epi32_mask(_mm512_castps_si512(a), _mm512_castps_si512(b));
+}
+#elif LE_ISA == 256
+/* ---- the same primitives, 8 lanes ---- */
+#define LE_W 8
+typedef __m256 VF;
+typedef __m128i VH;
+#define vldf(p) _mm256_loadu_ps(p)
+#define vaddf _mm256_add_ps
+#define vsubf _mm256_sub_ps
+#define vmulf _mm256_mul_ps
+#define vset1f _mm256_set1_ps
+#define vstf(p, v) _mm256_storeu_ps((p), (v))
+#define vldh(p) _mm_loadu_si128((const __m128i *)(p))
+#define vsth(p, v) _mm_storeu_si128((__m128i *)(p), (v))
+static inline VF vh2f(VH h) { return _mm256_cvtph_ps(h); }
+static inline VH vf2h(VF v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
+static inline VF vb2f(VH b) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16)); }
+static inline VH vf2b(VF v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    /* |u| as bits is below 2^31, so a signed compare is the unsigned one */
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+    /* every lane fits 16 bits: pack within 128-bit halves, then put the two halves' results together */
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    return _mm256_castsi256_si128(packed);
+}
+static inline unsigned mask16(__m128i eq) {  /* 8 x 16-bit all-ones / zero lanes -> 8 bits */
+    return (unsigned)_mm_movemask_epi8(_mm_packs_epi16(eq, _mm_setzero_si128()));
+}
+static inline unsigned vh_bad(VH h, unsigned m16) {
+    const __m128i m = _mm_set1_epi16((short)m16);
+    return mask16(_mm_cmpeq_epi16(_mm_and_si128(h, m), m));
+}
+static inline unsigned vf_bad(VF v) {
+    const __m256i m = _mm256_set1_epi32(0x7f800000);
+    return (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), m), m)));
+}
+static inline unsigned vh_neq(VH a, VH b) { return ~mask16(_mm_cmpeq_epi16(a, b)) & 0xffu; }
+static inline unsigned vf_neq(VF a, VF b) {
+    return ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_castps_si256(a), _mm256_castps_si256(b)))) & 0xffu;
+}
 #endif
 
 /* apply: out[i, j] = cast(f32(base[i, j]) + d[i, j]) for an (n_rows, n_cols) block, each operand
@@ -116,48 +173,46 @@ static inline __mmask16 vf_bad(__m512 v) {
         return cnt;                                                                                  \
     }
 
-#if LE_AVX512
+#if LE_ISA
+/* The vector loops, LE_W lanes at a time, over the primitives above (the scalar loops finish). */
 #define VLOOP(VLD, VST, VBAD)                                                                        \
-    __mmask16 vbad = 0;                                                                              \
-    for (; j + 16 <= n_cols; j += 16) {                                                              \
+    unsigned vbad = 0;                                                                               \
+    for (; j + LE_W <= n_cols; j += LE_W) {                                                          \
         const __typeof__(VLD(b + j)) bv = VLD(b + j);                                                \
         VST(o + j, bv, dr + j, vbad);                                                                \
     }                                                                                                \
     bad |= vbad != 0;
-#define RLOOP(VLD, VST) for (; j + 16 <= n; j += 16) { VST(out + j, cur + j, d + j); }
-#define CLOOP(VLD, VST) for (; j + 16 <= n; j += 16) { VST(w + j, d + j, offset + j, idx, val, cnt); }
+#define RLOOP(VLD, VST) for (; j + LE_W <= n; j += LE_W) { VST(out + j, cur + j, d + j); }
+#define CLOOP(VLD, VST) for (; j + LE_W <= n; j += LE_W) { VST(w + j, d + j, offset + j, idx, val, cnt); }
+#define RECORD(m, wp, base_i, idx, val, cnt)                                                          \
+    while (m) { const int k = __builtin_ctz(m); idx[cnt] = (base_i) + k; val[cnt] = (wp)[k]; cnt++; m &= m - 1; }
 
-/* float16 */
-#define H_APPLY_ST(o, bv, dp, vbad) do { const __m256i nh = vf2h(_mm512_add_ps(vh2f(bv), _mm512_loadu_ps(dp))); \
-    vbad |= vh_bad(nh); ST16(o, nh); } while (0)
-#define H_REMOVE_ST(o, cp, dp) ST16(o, vf2h(_mm512_sub_ps(vh2f(LD16(cp)), _mm512_loadu_ps(dp))))
-#define H_CHECK_ST(wp, dp, base_i, idx, val, cnt) do {                                                 \
-    const __m256i wh = LD16(wp); const __m512 dv = _mm512_loadu_ps(dp);                               \
-    const __m256i nh = vf2h(_mm512_add_ps(vh2f(wh), dv));                                             \
-    __mmask16 m = _mm256_cmpneq_epi16_mask(vf2h(_mm512_sub_ps(vh2f(nh), dv)), wh);                    \
-    while (m) { const int k = __builtin_ctz(m); idx[cnt] = (base_i) + k; val[cnt] = (wp)[k]; cnt++; m &= m - 1; } \
-    ST16(wp, nh); } while (0)
-/* bfloat16 */
-#define B_APPLY_ST(o, bv, dp, vbad) do { const __m256i nb = vf2b(_mm512_add_ps(vb2f(bv), _mm512_loadu_ps(dp))); \
-    vbad |= vb_bad(nb); ST16(o, nb); } while (0)
-#define B_REMOVE_ST(o, cp, dp) ST16(o, vf2b(_mm512_sub_ps(vb2f(LD16(cp)), _mm512_loadu_ps(dp))))
-#define B_CHECK_ST(wp, dp, base_i, idx, val, cnt) do {                                                 \
-    const __m256i wb = LD16(wp); const __m512 dv = _mm512_loadu_ps(dp);                               \
-    const __m256i nb = vf2b(_mm512_add_ps(vb2f(wb), dv));                                             \
-    __mmask16 m = _mm256_cmpneq_epi16_mask(vf2b(_mm512_sub_ps(vb2f(nb), dv)), wb);                    \
-    while (m) { const int k = __builtin_ctz(m); idx[cnt] = (base_i) + k; val[cnt] = (wp)[k]; cnt++; m &= m - 1; } \
-    ST16(wp, nb); } while (0)
+/* 16-bit weights: TOV / FROMV convert lanes, EXP the exponent mask (float16 0x7c00, bfloat16 0x7f80) */
+#define H16_APPLY_ST(TOV, FROMV, EXP, o, bv, dp, vbad) do {                                             \
+    const VH nh = FROMV(vaddf(TOV(bv), vldf(dp))); vbad |= vh_bad(nh, EXP); vsth(o, nh); } while (0)
+#define H16_REMOVE_ST(TOV, FROMV, o, cp, dp) vsth(o, FROMV(vsubf(TOV(vldh(cp)), vldf(dp))))
+#define H16_CHECK_ST(TOV, FROMV, wp, dp, base_i, idx, val, cnt) do {                                    \
+    const VH wh = vldh(wp); const VF dv = vldf(dp);                                                   \
+    const VH nh = FROMV(vaddf(TOV(wh), dv));                                                        \
+    unsigned m = vh_neq(FROMV(vsubf(TOV(nh), dv)), wh);                                             \
+    RECORD(m, wp, base_i, idx, val, cnt)                                                              \
+    vsth(wp, nh); } while (0)
+#define H_APPLY_ST(o, bv, dp, vbad) H16_APPLY_ST(vh2f, vf2h, 0x7c00u, o, bv, dp, vbad)
+#define H_REMOVE_ST(o, cp, dp) H16_REMOVE_ST(vh2f, vf2h, o, cp, dp)
+#define H_CHECK_ST(wp, dp, base_i, idx, val, cnt) H16_CHECK_ST(vh2f, vf2h, wp, dp, base_i, idx, val, cnt)
+#define B_APPLY_ST(o, bv, dp, vbad) H16_APPLY_ST(vb2f, vf2b, 0x7f80u, o, bv, dp, vbad)
+#define B_REMOVE_ST(o, cp, dp) H16_REMOVE_ST(vb2f, vf2b, o, cp, dp)
+#define B_CHECK_ST(wp, dp, base_i, idx, val, cnt) H16_CHECK_ST(vb2f, vf2b, wp, dp, base_i, idx, val, cnt)
 /* float32 */
-#define F_LD(p) _mm512_loadu_ps(p)
-#define F_APPLY_ST(o, bv, dp, vbad) do { const __m512 nf = _mm512_add_ps(bv, _mm512_loadu_ps(dp));       \
-    vbad |= vf_bad(nf); _mm512_storeu_ps(o, nf); } while (0)
-#define F_REMOVE_ST(o, cp, dp) _mm512_storeu_ps(o, _mm512_sub_ps(_mm512_loadu_ps(cp), _mm512_loadu_ps(dp)))
+#define F_APPLY_ST(o, bv, dp, vbad) do { const VF nf = vaddf(bv, vldf(dp)); vbad |= vf_bad(nf); vstf(o, nf); } while (0)
+#define F_REMOVE_ST(o, cp, dp) vstf(o, vsubf(vldf(cp), vldf(dp)))
 #define F_CHECK_ST(wp, dp, base_i, idx, val, cnt) do {                                                 \
-    const __m512 wf = _mm512_loadu_ps(wp); const __m512 dv = _mm512_loadu_ps(dp);                     \
-    const __m512 nf = _mm512_add_ps(wf, dv);                                                          \
-    __mmask16 m = _mm512_cmpneq_epi32_mask(_mm512_castps_si512(_mm512_sub_ps(nf, dv)), _mm512_castps_si512(wf)); \
-    while (m) { const int k = __builtin_ctz(m); idx[cnt] = (base_i) + k; val[cnt] = (wp)[k]; cnt++; m &= m - 1; } \
-    _mm512_storeu_ps(wp, nf); } while (0)
+    const VF wf = vldf(wp); const VF dv = vldf(dp); const VF nf = vaddf(wf, dv);                    \
+    unsigned m = vf_neq(vsubf(nf, dv), wf);                                                         \
+    RECORD(m, wp, base_i, idx, val, cnt)                                                              \
+    vstf(wp, nf); } while (0)
+#define LD16(p) vldh(p)
+#define F_LD(p) vldf(p)
 #else
 #define VLOOP(VLD, VST, VBAD)
 #define RLOOP(VLD, VST)
@@ -193,3 +248,119 @@ CHECK(le_check_f32, float, uint32_t, id_f, id_f, F_LD, F_CHECK_ST)
     }
 TRANSPOSE(le_transpose_16, uint16_t)
 TRANSPOSE(le_transpose_32, uint32_t)
+
+/* ---- the low-rank product, and the operations above fused with it ----
+   product: out[i, j] = sum over k = 0 .. R-1, in that order, of up[i, k] * down[k, j], each product
+   and each sum rounded to float32 (no fused multiply-add; built with -ffp-contract=off): the
+   definition tests/test_weights_perf.py reproduces with torch, element by element. Every element
+   is computed the same way whatever the tile, lane or row block it falls in, so the bits do not
+   depend on blocking or threads.
+   Tiles of up to LE_GROUP rows x 2 vectors keep their accumulators in registers while the rank
+   runs; down is read from panels (le_lora_pack: R x 2 vectors of columns, contiguous), so each
+   tile streams one small contiguous panel; columns past the last whole panel are scalar. */
+#if LE_ISA
+#define LE_PANEL (2 * LE_W)
+#else
+#define LE_PANEL 1
+#endif
+#define LE_GROUP 6
+
+int64_t le_lora_panel(void) { return LE_ISA ? LE_PANEL : 0; }
+
+/* packed[p][k][c] = down[k][p * LE_PANEL + c] for the whole panels of columns */
+void le_lora_pack(const float *dn, int64_t ldd, int64_t R, int64_t cols, float *packed) {
+    if (!LE_ISA) return;
+    const int64_t np = cols / LE_PANEL;
+    for (int64_t p = 0; p < np; p++)
+        for (int64_t k = 0; k < R; k++)
+            memcpy(packed + (p * R + k) * LE_PANEL, dn + k * ldd + p * LE_PANEL, LE_PANEL * sizeof(float));
+}
+
+static inline float dot1(const float *u, const float *dn, int64_t ldd, int64_t R, int64_t j) {
+    float acc = u[0] * dn[j];
+    for (int64_t k = 1; k < R; k++) acc = acc + u[k] * dn[k * ldd + j];
+    return acc;
+}
+
+#if LE_ISA
+#define TILE(NR)                                                                                     \
+    static inline void tile##NR(const float *up, int64_t ldu, const float *pp, int64_t R, float *out, \
+                                int64_t ldo) {                                                       \
+        VF a[NR][2];                                                                                 \
+        VF d0 = vldf(pp), d1 = vldf(pp + LE_W);                                                      \
+        _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++) {                                       \
+            const VF b = vset1f(up[i * ldu]);                                                        \
+            a[i][0] = vmulf(b, d0); a[i][1] = vmulf(b, d1);                                          \
+        }                                                                                            \
+        for (int64_t k = 1; k < R; k++) {                                                            \
+            d0 = vldf(pp + k * LE_PANEL); d1 = vldf(pp + k * LE_PANEL + LE_W);                       \
+            _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++) {                                   \
+                const VF b = vset1f(up[i * ldu + k]);                                                \
+                a[i][0] = vaddf(a[i][0], vmulf(b, d0)); a[i][1] = vaddf(a[i][1], vmulf(b, d1));      \
+            }                                                                                        \
+        }                                                                                            \
+        _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++) {                                       \
+            vstf(out + i * ldo, a[i][0]); vstf(out + i * ldo + LE_W, a[i][1]);                       \
+        }                                                                                            \
+    }
+TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
+#endif
+
+/* rows up[0 .. nr-1] (nr <= LE_GROUP) of the product into out */
+static void product_rows(const float *up, int64_t ldu, const float *dn, int64_t ldd, const float *packed,
+                         int64_t R, float *out, int64_t ldo, int64_t nr, int64_t cols) {
+    int64_t j = 0;
+#if LE_ISA
+    for (const int64_t np = cols / LE_PANEL; j < np * LE_PANEL; j += LE_PANEL) {
+        const float *pp = packed + (j / LE_PANEL) * R * LE_PANEL;
+        switch (nr) {
+            case 6: tile6(up, ldu, pp, R, out + j, ldo); break;
+            case 5: tile5(up, ldu, pp, R, out + j, ldo); break;
+            case 4: tile4(up, ldu, pp, R, out + j, ldo); break;
+            case 3: tile3(up, ldu, pp, R, out + j, ldo); break;
+            case 2: tile2(up, ldu, pp, R, out + j, ldo); break;
+            default: tile1(up, ldu, pp, R, out + j, ldo); break;
+        }
+    }
+#else
+    (void)packed;
+#endif
+    for (int64_t i = 0; i < nr; i++)
+        for (int64_t jj = j; jj < cols; jj++) out[i * ldo + jj] = dot1(up + i * ldu, dn, ldd, R, jj);
+}
+
+void le_lora_product(const float *up, int64_t ldu, const float *dn, int64_t ldd, const float *packed, int64_t R,
+                     float *out, int64_t ldo, int64_t n_rows, int64_t n_cols) {
+    for (int64_t i = 0; i < n_rows; i += LE_GROUP)
+        product_rows(up + i * ldu, ldu, dn, ldd, packed, R, out + i * ldo, ldo,
+                     n_rows - i < LE_GROUP ? n_rows - i : LE_GROUP, n_cols);
+}
+
+/* Fused: LE_GROUP rows of the product at a time into tmp (LE_GROUP x n_cols floats: in L1 / L2),
+   then the operation on those rows, so the float32 delta never leaves the cache. */
+#define LORA_ARGS const float *up, int64_t ldu, const float *dn, int64_t ldd, const float *packed, int64_t R
+#define GROUPS(BODY)                                                                                 \
+    for (int64_t i = 0; i < n_rows; i += LE_GROUP) {                                                 \
+        const int64_t nr = n_rows - i < LE_GROUP ? n_rows - i : LE_GROUP;                            \
+        product_rows(up + i * ldu, ldu, dn, ldd, packed, R, tmp, n_cols, nr, n_cols);                \
+        BODY;                                                                                        \
+    }
+#define FUSED(S, T)                                                                                  \
+    int le_lora_apply_##S(const T *base, int64_t bld, LORA_ARGS, T *out, int64_t old, int64_t n_rows,  \
+                          int64_t n_cols, float *tmp) {                                              \
+        int bad = 0;                                                                                 \
+        GROUPS(bad |= le_apply_##S(base + i * bld, bld, tmp, n_cols, out + i * old, old, nr, n_cols)) \
+        return bad;                                                                                  \
+    }                                                                                                \
+    void le_lora_remove_##S(const T *cur, LORA_ARGS, T *out, int64_t n_rows, int64_t n_cols, float *tmp) { \
+        GROUPS(le_remove_##S(cur + i * n_cols, tmp, out + i * n_cols, nr * n_cols))                  \
+    }                                                                                                \
+    int64_t le_lora_check_##S(T *w, LORA_ARGS, int64_t n_rows, int64_t n_cols, int64_t offset, int64_t *idx, \
+                              T *val, float *tmp) {                                                  \
+        int64_t cnt = 0;                                                                             \
+        GROUPS(cnt += le_check_##S(w + i * n_cols, tmp, nr * n_cols, offset + i * n_cols, idx + cnt, val + cnt)) \
+        return cnt;                                                                                  \
+    }
+FUSED(f16, uint16_t)
+FUSED(bf16, uint16_t)
+FUSED(f32, float)

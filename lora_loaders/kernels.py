@@ -12,12 +12,19 @@ Two implementations with the same bits (IEEE float32 add or subtract, then one
 round-to-nearest-even cast; only NaN payloads may differ): torch ops, used on every device
 and as the reference, and `_kernels.c`, one pass per block instead of the several casts,
 adds, copies and compares torch needs. The C file is built with the machine's C compiler on
-first use (a second, about) into a per-user cache and used on CPUs with AVX-512; without a
-compiler, or with `LORA_ENGINES_KERNELS=torch`, everything runs the torch path. The build is
+first use (a second, about) into a per-user cache and used on CPUs with AVX-512 or AVX2 + F16C
+(x86-64 since about 2013); without a compiler, or with `LORA_ENGINES_KERNELS=torch`, everything runs the torch path. The build is
 atomic (a temporary name, then a rename) under a lock file, so processes that start together
 (pytest-xdist workers) compile once; any failure to build or load it logs why and falls back to
 torch, never an error.
 tests/test_weights_perf.py checks the two paths against each other bit for bit.
+
+The C library also computes the low-rank product itself (`lora_product`): the sum over the rank
+in order, each multiply and add rounded to float32, with no FMA. Fused with the operations above
+(`apply_op(...).fused` and the others), it works 6 rows at a time, so a block's float32 delta
+never leaves L1 / L2. Its bits are its own definition (torch.mm's summation differs), the same in
+every thread, tile and block; the torch path keeps torch.mm. Every consumer on a machine uses the
+same backend, so exports, refits and in-place writes still agree bit for bit.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-BLOCK_ELEMENTS = 1 << 19  # float32 elements per row block on CPU (2 MiB): cache-sized, measured
+BLOCK_ELEMENTS = 1 << 20  # float32 elements per row block on CPU (2 MiB): cache-sized, measured
 
 _SRC = Path(__file__).with_name("_kernels.c")
 _LIB = None
@@ -47,6 +54,9 @@ _LIB_TRIED = False
 _LIB_LOCK = threading.Lock()
 _SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 _VP, _I64 = ctypes.c_void_p, ctypes.c_int64
+# -ffp-contract=off: the low-rank product is defined with separately rounded multiplies and adds;
+# a compiler fusing them into FMAs would change its bits.
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
 
 
 class Scratch:
@@ -113,7 +123,7 @@ def _compile(cc: list[str], out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [*cc, "-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11", "-o", tmp, str(_SRC)]
+        cmd = [*cc, *_FLAGS, "-o", tmp, str(_SRC)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:
             raise OSError(f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -161,9 +171,20 @@ def _bind(lib) -> None:
         f.argtypes, f.restype = [_VP, _VP, _VP, _I64], None
         f = getattr(lib, f"le_check_{s}")
         f.argtypes, f.restype = [_VP, _VP, _I64, _I64, _VP, _VP], _I64
+        lora = [_VP, _I64, _VP, _I64, _VP, _I64]  # up, ldu, down, ldd, packed down, rank
+        f = getattr(lib, f"le_lora_apply_{s}")
+        f.argtypes, f.restype = [_VP, _I64, *lora, _VP, _I64, _I64, _I64, _VP], ctypes.c_int
+        f = getattr(lib, f"le_lora_remove_{s}")
+        f.argtypes, f.restype = [_VP, *lora, _VP, _I64, _I64, _VP], None
+        f = getattr(lib, f"le_lora_check_{s}")
+        f.argtypes, f.restype = [_VP, *lora, _I64, _I64, _I64, _VP, _VP, _VP], _I64
     for s in ("16", "32"):
         f = getattr(lib, f"le_transpose_{s}")
         f.argtypes, f.restype = [_VP, _I64, _VP, _I64, _I64, _I64], None
+    lib.le_lora_product.argtypes, lib.le_lora_product.restype = [_VP, _I64, _VP, _I64, _VP, _I64, _VP, _I64, _I64,
+                                                                   _I64], None
+    lib.le_lora_pack.argtypes, lib.le_lora_pack.restype = [_VP, _I64, _I64, _I64, _VP], None
+    lib.le_lora_panel.argtypes, lib.le_lora_panel.restype = [], _I64
 
 
 def _open(path: Path):
@@ -173,10 +194,15 @@ def _open(path: Path):
     return lib
 
 
+def _library_path(cc: list[str]) -> Path:
+    """The cached library for this source, CPU, compiler and flags."""
+    key = hashlib.sha256(_SRC.read_bytes() + _cpu_key().encode() + " ".join(cc + _FLAGS).encode()).hexdigest()[:20]
+    return _cache_dir() / f"kernels-{key}.so"
+
+
 def _build_and_open(cc: list[str]):
     """Compile (at most once per source, CPU and compiler) and open the library; raises on failure."""
-    key = hashlib.sha256(_SRC.read_bytes() + _cpu_key().encode() + " ".join(cc).encode()).hexdigest()[:20]
-    path = _cache_dir() / f"kernels-{key}.so"
+    path = _library_path(cc)
     if path.is_file():
         try:
             return _open(path)
@@ -199,7 +225,7 @@ def _load():
         logger.info("effective-weight kernels: torch (LORA_ENGINES_KERNELS=%s)", mode)
         return None
     if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform == "win32":
-        logger.info("effective-weight kernels: torch (the C kernels need x86-64 with AVX-512; this is %s on %s)",
+        logger.info("effective-weight kernels: torch (the C kernels need x86-64 with AVX-512 or AVX2; this is %s on %s)",
                     platform.machine(), sys.platform)
         return None
     cc = _compiler()
@@ -213,8 +239,8 @@ def _load():
         logger.warning("effective-weight kernels: torch (could not build or load %s with %s: %s: %s)",
                        _SRC.name, " ".join(cc), type(e).__name__, e)
         return None
-    if isa != 512:
-        logger.info("effective-weight kernels: torch (this CPU or compiler has no AVX-512)")
+    if isa not in (512, 256):
+        logger.info("effective-weight kernels: torch (this CPU or compiler has neither AVX-512 nor AVX2 + F16C)")
         return None
     logger.debug("effective-weight kernels: C (%s)", getattr(lib, "_name", "?"))
     return lib
@@ -332,6 +358,119 @@ def remove(cur: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> torch.Tenso
         return out
     _sub_torch(cur, d, out)
     return out
+
+
+# -- the operations bound to one weight, called once per row block ----------------------------
+# A weight of the SDXL UNet has a few to a few dozen row blocks and the model thousands of them:
+# per block, the generic functions above cost tens of microseconds of Python (checks, slicing,
+# buffer lookups), as much as the work itself in a small block. These bind the pointers, leading
+# dimensions and C function once per weight; the torch functions remain the fallback (same bits).
+
+def apply_op(base: torch.Tensor, out: torch.Tensor):
+    """op(r0, r1, d) = apply(base[r0:r1], d, out[r0:r1]) for the row blocks of one weight."""
+    if _fast(base, out) and base.dtype == out.dtype and _rowmajor(base) and _rowmajor(out):
+        fn, es = getattr(library(), f"le_apply_{_SUFFIX[base.dtype]}"), base.element_size()
+        bp, bld, op_, old, cols = base.data_ptr(), _ld(base), out.data_ptr(), _ld(out), base.shape[1]
+
+        fused_fn = getattr(library(), f"le_lora_apply_{_SUFFIX[base.dtype]}")
+
+        def run(r0, r1, d):
+            return bool(fn(bp + r0 * bld * es, bld, d.data_ptr(), cols, op_ + r0 * old * es, old, r1 - r0, cols))
+
+        def fused(r0, r1, lr):
+            return bool(fused_fn(bp + r0 * bld * es, bld, *lr.args(r0), op_ + r0 * old * es, old, r1 - r0, cols,
+                                 _tmp(cols)))
+        run.fused = fused
+        return run
+    return lambda r0, r1, d: apply(base[r0:r1], d, out[r0:r1])
+
+
+def remove_op(cur: torch.Tensor, out: torch.Tensor):
+    """op(r0, r1, d) = remove(cur[r0:r1], d, out[r0:r1]) (cur and out contiguous)."""
+    if _fast(cur, out) and cur.dtype == out.dtype and cur.is_contiguous() and out.is_contiguous():
+        fn, row = getattr(library(), f"le_remove_{_SUFFIX[cur.dtype]}"), cur[0].numel() * cur.element_size()
+        cp, op_, cols = cur.data_ptr(), out.data_ptr(), cur[0].numel()
+
+        fused_fn = getattr(library(), f"le_lora_remove_{_SUFFIX[cur.dtype]}")
+
+        def run(r0, r1, d):
+            fn(cp + r0 * row, d.data_ptr(), op_ + r0 * row, (r1 - r0) * cols)
+
+        def fused(r0, r1, lr):
+            fused_fn(cp + r0 * row, *lr.args(r0), op_ + r0 * row, r1 - r0, cols, _tmp(cols))
+        run.fused = fused
+        return run
+    return lambda r0, r1, d: remove(cur[r0:r1], d, out[r0:r1])
+
+
+def checked_op(w: torch.Tensor, index_dtype=torch.int64):
+    """op(r0, r1, d) = apply_checked(w[r0:r1], d, r0 * cols, index_dtype), None where nothing is
+    recorded (w contiguous, 2-D)."""
+    cols = w.shape[1]
+    if _fast(w) and w.is_contiguous():
+        fn, row, wp = getattr(library(), f"le_check_{_SUFFIX[w.dtype]}"), cols * w.element_size(), w.data_ptr()
+        dtype = w.dtype
+
+        fused_fn = getattr(library(), f"le_lora_check_{_SUFFIX[w.dtype]}")
+
+        def run(r0, r1, d):
+            n = (r1 - r0) * cols
+            idx, val = _records(n, dtype)
+            c = fn(wp + r0 * row, d.data_ptr(), n, r0 * cols, idx.data_ptr(), val.data_ptr())
+            return (idx[:c].to(index_dtype, copy=True), val[:c].clone()) if c else None
+
+        def fused(r0, r1, lr):
+            idx, val = _records((r1 - r0) * cols, dtype)
+            c = fused_fn(wp + r0 * row, *lr.args(r0), r1 - r0, cols, r0 * cols, idx.data_ptr(), val.data_ptr(),
+                         _tmp(cols))
+            return (idx[:c].to(index_dtype, copy=True), val[:c].clone()) if c else None
+        run.fused = fused
+        return run
+
+    def run(r0, r1, d):
+        idx, val = apply_checked(w[r0:r1], d, r0 * cols, index_dtype)
+        return (idx, val) if idx.numel() else None
+    return run
+
+
+class LowRank:
+    """The float32 factors of a delta up (rows, R) @ down (R, cols) for the C product: down also in
+    the panels its tiles stream (see _kernels.c)."""
+
+    def __init__(self, up: torch.Tensor, down: torch.Tensor):
+        self.up, self.down = up.contiguous(), down.contiguous()
+        rank, cols = self.down.shape
+        panel = library().le_lora_panel()
+        self.packed = torch.empty(rank * (cols // panel) * panel if panel else 0)
+        library().le_lora_pack(self.down.data_ptr(), cols, rank, cols, self.packed.data_ptr())
+        self._up, self._ldu, self._rank = self.up.data_ptr(), self.up.stride(0), rank
+
+    def args(self, r0: int) -> tuple:
+        """The C arguments for rows from r0: up, ldu, down, ldd, packed, rank."""
+        return (self._up + 4 * r0 * self._ldu, self._ldu, self.down.data_ptr(), self.down.shape[1],
+                self.packed.data_ptr(), self._rank)
+
+    def rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+        """out = rows r0:r1 of the product (out contiguous float32 (r1 - r0, cols))."""
+        library().le_lora_product(*self.args(r0), out.data_ptr(), out.shape[1], r1 - r0, out.shape[1])
+        return out
+
+
+def lowrank_ok(*tensors) -> bool:
+    """Whether the C product serves these factors (float32 on CPU, 2-D)."""
+    return library() is not None and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2
+                                         for t in tensors)
+
+
+def _tmp(cols: int) -> int:
+    """This thread's product buffer of the fused kernels (LE_GROUP = 6 rows; its address)."""
+    return scratch().get("lora_tmp", (6, cols)).data_ptr()
+
+
+def _records(n: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """This thread's buffers for up to n records (positions, old values) of one block."""
+    sc = scratch()
+    return sc.get("check_idx", (n,), torch.int64), sc.get("check_val", (n,), dtype)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from .serialization import adapter_to_state_dict, save_state_dict
 from .state import LoraState, _Fused
 from .store import ParamStore
 from .targets import param_contributions
-from .weights import weight_delta
+from .weights import map_items, weight_delta
 from .widen import Widened, restore, wanted, widen
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class LoraBaseMixin:
         components = self._lora_components()
         for component, store in self._stores.items():  # and whatever still differs from base
             targets = set(targets) | {(component, p.rsplit(".", 1)[0]) for p in store.modified()}
+        writes = []
         for component, module in sorted(targets):
             if component not in components:
                 continue
@@ -132,7 +133,13 @@ class LoraBaseMixin:
             for kind in ("weight", "bias"):
                 name = f"{module}.{kind}"
                 if store.has(name):
-                    store.write(name, params.get(name, []))
+                    writes.append((store, name, params.get(name, [])))
+        # Parameters are independent: one per worker thread, largest first (the threads finish
+        # together); same bits in any thread. Everything per weight, its factors' casts included,
+        # runs in the workers: torch ops of the calling thread would wake its OpenMP team, whose
+        # spinning takes a core from them.
+        writes.sort(key=lambda w: -w[0].numel(w[1]))
+        map_items(lambda w: w[0].write(w[1], w[2]), writes, sum(w[0].numel(w[1]) for w in writes))
 
     # ---- loading ----------------------------------------------------------------------
     @classmethod

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .weights import AdditiveDelta, Contribution, as_rows, effective_bias, effective_weight, map_blocks
+from .weights import AdditiveDelta, Contribution, as_rows, effective_bias, effective_weight, for_blocks
 
 
 @dataclass
@@ -45,6 +45,9 @@ class ParamStore:
 
     def has(self, name: str) -> bool:
         return name in self._params
+
+    def numel(self, name: str) -> int:
+        return self._params[name].numel()
 
     def modified(self) -> list[str]:
         return [*self._copies, *self._residuals]
@@ -103,15 +106,9 @@ class ParamStore:
         cast(W' - delta) would not give the base back."""
         param = self._params[name]
         w = param.data
-        w2 = as_rows(w)
-        cols = w2.shape[1]
         delta = AdditiveDelta(contributions, w.shape, w.device)
         index_dtype = torch.int32 if w.numel() < 2**31 else torch.int64
-
-        def block(r0, r1):
-            return kernels.apply_checked(w2[r0:r1], delta.block_rows(r0, r1), r0 * cols, index_dtype)
-
-        parts = [p for p in map_blocks(block, delta.blocks(), w.device) if p[0].numel()]
+        parts = [p for p in for_blocks(delta, kernels.checked_op(as_rows(w), index_dtype)) if p is not None]
         index = torch.cat([p[0] for p in parts]) if parts else torch.empty(0, dtype=index_dtype, device=w.device)
         vals = torch.cat([p[1] for p in parts]) if parts else torch.empty(0, dtype=w.dtype, device=w.device)
         self._copies.pop(name, None)
@@ -135,12 +132,7 @@ class ParamStore:
 def _restore(current: torch.Tensor, out: torch.Tensor, r: _Residual) -> None:
     """out = the exact base of `current` (which holds base + r.contributions); out may be current."""
     delta = AdditiveDelta(r.contributions, current.shape, current.device)  # additive: independent of the base
-    c2, o2 = as_rows(current), as_rows(out)
-
-    def block(r0, r1):
-        kernels.remove(c2[r0:r1], delta.block_rows(r0, r1), o2[r0:r1])
-
-    map_blocks(block, delta.blocks(), current.device)
+    for_blocks(delta, kernels.remove_op(as_rows(current), as_rows(out)))
     out.view(-1)[r.index.long()] = r.values
 
 

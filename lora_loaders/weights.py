@@ -11,7 +11,7 @@ base rows and casts (`kernels.apply`; `kernels.apply_checked` for the in-place w
 mixins, which also records what an exact restore needs). The blocking is part of the
 definition (same blocks, same products, same bits) for every caller. On CPU the blocks of a
 weight are spread over `torch.get_num_threads()` worker threads that each run torch with one
-thread (`map_blocks`): every consumer computes every block the same way, in any thread.
+thread (`for_blocks`): every consumer computes every block the same way, in any thread.
 On other devices (CUDA) a block is the whole weight and the work stays on the device.
 """
 
@@ -124,8 +124,9 @@ def in_worker() -> bool:
     return getattr(_IN_WORKER, "yes", False)
 
 
-def map_blocks(fn: Callable, items: Sequence, device=None) -> list:
-    """[fn(*item) for item in items], spread in contiguous chunks over the worker threads (CPU).
+def map_chunks(fn: Callable, items: Sequence, device=None) -> list:
+    """fn(items[lo:hi]) for contiguous chunks of items spread over the worker threads (CPU),
+    concatenated in order (fn returns a list per chunk).
 
     Runs inline for one item (a weight of one block: handing it over costs more than it saves,
     and on a loaded machine much more), when the caller is a worker already (nested: e.g. refit
@@ -134,21 +135,28 @@ def map_blocks(fn: Callable, items: Sequence, device=None) -> list:
     """
     items = list(items)
     if len(items) <= 1 or in_worker() or (device is not None and torch.device(device).type != "cpu"):
-        return [fn(*it) for it in items]
+        return list(fn(items))
     pool = _pool()
     if pool is None:
-        return [fn(*it) for it in items]
+        return list(fn(items))
     n = min(_POOL_SIZE, len(items))
     bounds = [len(items) * i // n for i in range(n + 1)]
-
-    def chunk(lo, hi):
-        return [fn(*it) for it in items[lo:hi]]
-
-    futures = [pool.submit(chunk, bounds[i], bounds[i + 1]) for i in range(n)]
+    futures = [pool.submit(fn, items[bounds[i]:bounds[i + 1]]) for i in range(n)]
     out = []
     for f in futures:
         out.extend(f.result())
     return out
+
+
+def for_blocks(delta: "AdditiveDelta", op: Callable) -> list:
+    """[op(r0, r1, d) for every row block of delta], d the block's float32 delta rows (valid
+    during the call), the blocks spread over the worker threads (CPU)."""
+    fused = getattr(op, "fused", None)
+    if fused is not None and delta.lowrank is not None:  # the product and the operation in one C pass
+        lr = delta.lowrank
+        return map_chunks(lambda blocks: [fused(r0, r1, lr) for r0, r1 in blocks], delta.blocks(), delta.device)
+    return map_chunks(lambda blocks: [op(r0, r1, d) for r0, r1, d in delta.each(blocks)], delta.blocks(),
+                      delta.device)
 
 
 def map_items(fn: Callable, items: Sequence, elements: int | None = None) -> list:
@@ -203,7 +211,8 @@ class AdditiveDelta:
     def __init__(self, contributions: Sequence[Contribution], shape, device=None):
         self.shape = torch.Size(shape)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        cols = self.shape[1:].numel()  # 1 for a 1-D weight (norms)
+        cols = self.cols = self.shape[1:].numel()  # 1 for a 1-D weight (norms)
+        self._blocks = row_blocks(self.shape, self.device)
         self._terms = []
         for layer, weight in contributions:
             if layer.kind == "lora":  # keep it low-rank: (up * w * s)[rows] @ down
@@ -212,9 +221,18 @@ class AdditiveDelta:
             else:
                 d = weight * layer.delta(self.shape).reshape(self.shape[0], cols)
                 self._terms.append((None, d.to(self.device)))
+        # Low-rank terms only, on the C backend: the factors side by side, one product over the
+        # whole rank (the C definition), fused with the row operations.
+        self.lowrank = None
+        if self._terms and all(up is not None for up, _ in self._terms) and kernels.lowrank_ok(self._terms[0][0]):
+            ups, downs = zip(*self._terms)
+            self.lowrank = kernels.LowRank(torch.cat(ups, dim=1) if len(ups) > 1 else ups[0],
+                                           torch.cat(downs, dim=0) if len(downs) > 1 else downs[0])
 
     def rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
         """Rows r0:r1 of the float32 delta, into `out` ((r1 - r0, cols), contiguous)."""
+        if self.lowrank is not None:
+            return self.lowrank.rows(r0, r1, out)
         for i, (up, rhs) in enumerate(self._terms):
             if i == 0:
                 torch.mm(up[r0:r1], rhs, out=out) if up is not None else out.copy_(rhs[r0:r1])
@@ -222,13 +240,24 @@ class AdditiveDelta:
                 out.add_(up[r0:r1] @ rhs if up is not None else rhs[r0:r1])
         return out
 
-    def block_rows(self, r0: int, r1: int) -> torch.Tensor:
-        """Rows r0:r1 in this thread's scratch buffer."""
-        cols = self.shape[1:].numel()
-        return self.rows(r0, r1, kernels.scratch().get("delta", (r1 - r0, cols), device=self.device))
+    def each(self, blocks):
+        """(r0, r1, rows r0:r1 of the delta) for each block, computed in this thread's scratch
+        buffer (overwritten by the next)."""
+        if not blocks:
+            return
+        buf = kernels.scratch().get("delta", (max(r1 - r0 for r0, r1 in blocks), self.cols), device=self.device)
+        if self.lowrank is None and len(self._terms) == 1 and self._terms[0][0] is not None:  # one torch product
+            up, down = self._terms[0]
+            for r0, r1 in blocks:
+                d = buf[: r1 - r0]
+                torch.mm(up[r0:r1], down, out=d)
+                yield r0, r1, d
+            return
+        for r0, r1 in blocks:
+            yield r0, r1, self.rows(r0, r1, buf[: r1 - r0])
 
     def blocks(self) -> list[tuple[int, int]]:
-        return row_blocks(self.shape, self.device)
+        return self._blocks
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -272,12 +301,7 @@ def effective_weight(base: torch.Tensor, contributions: Sequence[Contribution], 
         if out is None:
             out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
         delta = AdditiveDelta(contributions, base.shape, base.device)
-        b2, o2 = as_rows(base), as_rows(out)
-
-        def block(r0, r1):
-            return kernels.apply(b2[r0:r1], delta.block_rows(r0, r1), o2[r0:r1])
-
-        finite = not any(map_blocks(block, delta.blocks(), base.device))
+        finite = not any(for_blocks(delta, kernels.apply_op(as_rows(base), as_rows(out))))
     return (out, finite) if check_finite else out
 
 

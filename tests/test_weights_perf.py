@@ -17,7 +17,7 @@ import torch
 from lora_loaders import kernels
 from lora_loaders.adapter import LoraLayer
 from lora_loaders.store import ParamStore
-from lora_loaders.weights import effective_weight, map_blocks
+from lora_loaders.weights import effective_weight, map_chunks
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -146,31 +146,111 @@ def test_checked_write_and_remove_are_torch_bit_for_bit(dtype):
     assert not bool((kernels._bits(bc).view(-1)[(ic - 1000).long()] == kernels._bits(base).view(-1)[(ic - 1000).long()]).any())
 
 
+def _same_or_both_nan(a, b) -> bool:
+    """Bits equal, or both NaN (NaN payloads are the one thing the paths may differ in)."""
+    a, b = a.contiguous().view(-1), b.contiguous().view(-1)
+    nan = a.float().isnan()
+    return torch.equal(nan, b.float().isnan()) and torch.equal(kernels._bits(a)[~nan], kernels._bits(b)[~nan])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [0.0, 1e-6, 1e-3, 1.0, 1e5])
+def test_every_16_bit_weight_value_on_both_paths(dtype, scale):
+    """Every one of the 65536 bit patterns (NaNs, infinities, subnormals, both zeros) as a weight,
+    through apply, the checked write and remove, with deltas of one magnitude: C == torch. An odd
+    row length runs the vector lanes and the scalar tail in every row."""
+    base = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, 1)
+    base = torch.cat([base, torch.zeros(14, 1, dtype=dtype)]).reshape(-1, 23)  # 65550 = 2850 x 23
+    g = torch.Generator().manual_seed(7)
+    d = torch.randn(base.shape, generator=g) * scale
+
+    def run():
+        out = torch.empty_like(base)
+        bad = kernels.apply(base, d, out)
+        w = base.clone()
+        idx, vals = kernels.apply_checked(w, d)
+        back = torch.empty_like(w)
+        kernels.remove(w, d, back)
+        return out, bad, w, idx, vals, back
+
+    (oc, bc, wc, ic, vc, rc), (ot, bt, wt, it, vt, rt) = _run_both(run)
+    assert bc == bt is True  # infinities among the weights
+    assert _same_or_both_nan(oc, ot) and _same_or_both_nan(wc, wt) and _same_or_both_nan(rc, rt)
+    # NaN weights may be recorded on one path and not the other (payloads): compare the rest
+    keep_c, keep_t = ~base.view(-1)[ic].float().isnan(), ~base.view(-1)[it].float().isnan()
+    assert torch.equal(ic[keep_c], it[keep_t]) and _same(vc[keep_c], vt[keep_t])
+
+
 def _lora(out_f, in_f, rank, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return LoraLayer("lora", {"down": (torch.randn(rank, in_f, generator=g) * 0.05).to(dtype),
                               "up": (torch.randn(out_f, rank, generator=g) * 0.05).to(dtype)}, alpha=rank / 2)
 
 
+def _sequential(cs, rows, cols):
+    """The C backend's low-rank product, written with torch ops: the factors side by side, then the
+    sum over the rank in order, each multiply and each add rounded to float32."""
+    up = torch.cat([layer.tensors["up"].float().flatten(1) * (w * layer.scale) for layer, w in cs], dim=1)
+    down = torch.cat([layer.tensors["down"].float().flatten(1) for layer, _ in cs], dim=0)
+    acc = up[:, 0:1] * down[0:1, :]
+    for k in range(1, up.shape[1]):
+        acc = acc + up[:, k:k + 1] * down[k:k + 1, :]
+    return acc
+
+
+def _mm(cs):
+    """The torch backend's product: one torch.mm per adapter, summed."""
+    total = None
+    for layer, w in cs:
+        d = torch.mm(layer.tensors["up"].float().flatten(1) * (w * layer.scale), layer.tensors["down"].float().flatten(1))
+        total = d if total is None else total.add_(d)
+    return total
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_effective_weight_same_bits_on_both_paths_and_thread_counts(dtype):
-    """Several blocks (a weight larger than one block), two adapters: C == torch, 1 == 2 threads."""
+    """Several blocks (a weight larger than one block), two adapters: each backend gives its own
+    definition bit for bit (C: the sequential float32 product, fused; torch: torch.mm), both agree
+    with float64 math, and 1 thread == 2 threads."""
     rows, cols = 1100, 1000  # > BLOCK_ELEMENTS: three row blocks
     g = torch.Generator().manual_seed(5)
     base = (torch.randn(rows, cols, generator=g) * 0.02).to(dtype)
     cs = [(_lora(rows, cols, 8, 1), 1.0), (_lora(rows, cols, 4, 2, torch.bfloat16), 0.7)]
     c, t = _run_both(lambda: effective_weight(base, cs))
-    assert _same(c, t)
+    assert _same(c, (base.float() + _sequential(cs, rows, cols)).to(dtype))
+    assert _same(t, (base.float() + _mm(cs)).to(dtype))
     ref = (base.double() + sum(w * layer.scale * (layer.tensors["up"].double() @ layer.tensors["down"].double())
                                for layer, w in cs)).to(dtype)
-    torch.testing.assert_close(c.float(), ref.float(), rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-6)
+    for got in (c, t):
+        torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-6)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = effective_weight(base, cs)
+        one_c, one_t = _run_both(lambda: effective_weight(base, cs))
     finally:
         torch.set_num_threads(threads)
-    assert _same(one, c)
+    assert _same(one_c, c) and _same(one_t, t)
+
+
+@pytest.mark.parametrize("rows, cols, rank", [(1, 1, 1), (5, 17, 3), (37, 53, 32), (13, 64, 7), (64, 1280, 32)])
+def test_c_lowrank_product_is_the_sequential_definition(rows, cols, rank):
+    """Whole panels, tile remainders (rows not a multiple of 6, columns past the last panel), every
+    rank: the C product equals the sequential float32 definition bit for bit, and rows computed in
+    any split equal the whole."""
+    try:
+        kernels.set_backend("c")
+    except RuntimeError as e:
+        pytest.skip(f"C kernels unavailable here: {e}")
+    try:
+        layer = _lora(rows, cols, rank, rows + cols)
+        lr = kernels.LowRank(layer.tensors["up"].float() * layer.scale, layer.tensors["down"].float())
+        whole = lr.rows(0, rows, torch.empty(rows, cols))
+        assert torch.equal(whole, _sequential([(layer, 1.0)], rows, cols))
+        cut = rows // 2
+        parts = torch.cat([lr.rows(0, cut, torch.empty(cut, cols)), lr.rows(cut, rows, torch.empty(rows - cut, cols))])
+        assert torch.equal(parts, whole)
+    finally:
+        _restore_default()
 
 
 def test_param_store_exact_restore_on_both_paths():
@@ -193,21 +273,22 @@ def test_param_store_exact_restore_on_both_paths():
         store.write("weight", [])
         return after_a, after_ab, lin.weight.detach().clone()
 
-    (ca, cab, cbase), (ta, tab, tbase) = _run_both(run)
-    assert _same(ca, ta) and _same(cab, tab)
+    def run_and_export():  # the mixins' write == the export's function, on each backend
+        return (*run(), effective_weight(base, [(a, 1.0)]), effective_weight(base, [(b, 0.5), (a, 0.25)]))
+
+    (ca, cab, cbase, ea, eab), (ta, tab, tbase, fa, fab) = _run_both(run_and_export)
     assert _same(cbase, base) and _same(tbase, base)
-    assert _same(ca, effective_weight(base, [(a, 1.0)]))  # the mixins' write == the export's function
-    assert _same(cab, effective_weight(base, [(b, 0.5), (a, 0.25)]))
+    assert _same(ca, ea) and _same(cab, eab) and _same(ta, fa) and _same(tab, fab)
 
 
-def test_map_blocks_keeps_order_and_runs_with_one_torch_thread():
+def test_map_chunks_keeps_order_and_runs_with_one_torch_thread():
     seen = []
 
     def fn(i):
         seen.append(torch.get_num_threads())
         return i * i
 
-    assert map_blocks(fn, [(i,) for i in range(23)]) == [i * i for i in range(23)]
+    assert map_chunks(lambda part: [fn(i) for i in part], range(23)) == [i * i for i in range(23)]
     assert set(seen) == {1}
     # torch's default for threads started later is untouched by the workers' setting
     box = []
@@ -270,9 +351,7 @@ def test_a_damaged_cached_library_is_rebuilt_or_skipped(monkeypatch, tmp_path, c
     monkeypatch.setenv("LORA_ENGINES_CACHE", str(tmp_path / "cache"))
     kernels._LIB_TRIED = False
     cc = kernels._compiler()
-    key = kernels.hashlib.sha256(kernels._SRC.read_bytes() + kernels._cpu_key().encode()
-                                 + " ".join(cc).encode()).hexdigest()[:20]
-    bad = tmp_path / "cache" / f"kernels-{key}.so"
+    bad = kernels._library_path(cc)
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"\x7fELF truncated")
     with caplog.at_level("INFO", logger="lora_loaders.kernels"):
