@@ -58,12 +58,17 @@ def _same(a, b) -> bool:
     return torch.equal(kernels._bits(a.contiguous()), kernels._bits(b.contiguous()))
 
 
-def _run_both(fn):
-    """fn() under the C kernels and under torch; both results."""
+def _use_c():
+    """Switch to the C kernels, or skip the test where they cannot be built (no compiler, no AVX2)."""
     try:
         kernels.set_backend("c")
     except RuntimeError as e:
         pytest.skip(f"C kernels unavailable here: {e}")
+
+
+def _run_both(fn):
+    """fn() under the C kernels and under torch; both results."""
+    _use_c()
     try:
         c = fn()
         _torch_backend()
@@ -237,10 +242,7 @@ def test_c_lowrank_product_is_the_sequential_definition(rows, cols, rank):
     """Whole panels, tile remainders (rows not a multiple of 6, columns past the last panel), every
     rank: the C product equals the sequential float32 definition bit for bit, and rows computed in
     any split equal the whole."""
-    try:
-        kernels.set_backend("c")
-    except RuntimeError as e:
-        pytest.skip(f"C kernels unavailable here: {e}")
+    _use_c()
     try:
         layer = _lora(rows, cols, rank, rows + cols)
         lr = kernels.LowRank(layer.tensors["up"].float() * layer.scale, layer.tensors["down"].float())
