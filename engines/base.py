@@ -12,6 +12,7 @@ an input that does not fit raises `InputError` naming it, what it got and what t
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,14 @@ class Engine(abc.ABC):
                 problems.append(f"{name}: dtype {arr.dtype} != engine dtype {info.dtype}")
         if problems:
             raise WeightError(f"cannot set {len(problems)} weight(s): " + "; ".join(problems[:8]))
+
+    @contextlib.contextmanager
+    def writable_weights(self):
+        """Yield {name: the array the engine runs from} for weights that can be rewritten in place,
+        with inference held off until the block ends; None (the default) where the engine has none
+        (then `set_weights`). In place there is no copy to fall back on: whoever writes must put
+        the previous values back itself if it fails (a Refitter recomputes them)."""
+        yield None
 
     @abc.abstractmethod
     def _read_weights(self, names: list[str]) -> dict[str, np.ndarray]: ...

@@ -2,10 +2,11 @@
 
 `inputs` (default): at load, on an in-memory copy of the graph (the file on disk is not
     touched), every refittable initializer becomes a graph input. Its value lives in an
-    OrtValue bound through one IOBinding; a refit binds OrtValues over the new buffers in
-    their place on CPU (zero copy: the refitter hands over the arrays it computed), or
-    writes into the device buffers in place (`OrtValue.update_inplace`) on a GPU EP. No
-    session is created. Cost: ONNX Runtime can
+    OrtValue bound through one IOBinding, over a host array on CPU. A Refitter computes the
+    new values straight into those arrays (`writable_weights`: no second copy of the
+    weights); `set_weights` binds OrtValues over new buffers in their place on CPU (all or
+    none), or writes into the device buffers in place (`OrtValue.update_inplace`) on a GPU
+    EP. No session is created. Cost: ONNX Runtime can
     no longer constant-fold or pre-pack those weights. Measured with bench/bench_refit.py
     (real-config SD 1.5 UNet fp32, rank-32 LoRA on its 160 attention/FF Linears, CPU EP,
     2 cores): inference 1.02-1.07x the baked graph, a swap 0.65-0.81 s against 8.7-11.7 s
@@ -35,6 +36,7 @@ exact, so a refit stays bit-identical to a fresh export). GPU providers run the 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import tempfile
@@ -42,6 +44,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import onnx
@@ -289,6 +292,17 @@ class OrtEngine(Engine):
                         for n in names}
             return {n: self._arrays[n].copy() for n in names}
 
+    @contextlib.contextmanager
+    def writable_weights(self):
+        """`inputs` mode on the CPU: the host arrays the bound OrtValues share (those whose memory
+        ONNX Runtime reads directly), under the engine's lock."""
+        if self.mode != "inputs" or self.device != "cpu" or self.fp32_copy:
+            yield None
+            return
+        with self._lock:
+            yield MappingProxyType({n: a for n, a in self._arrays.items()
+                                    if a.dtype.name != "bfloat16" and self._ortvalues[n].data_ptr() == a.ctypes.data})
+
     def _write_weights(self, weights: dict[str, np.ndarray], copy: bool = True) -> None:
         t0 = time.perf_counter()
         if self.fp32_copy:  # the session runs float32: exact casts of the bfloat16 weights (new, owned arrays)
@@ -299,7 +313,7 @@ class OrtEngine(Engine):
             if self.mode == "session":
                 arrays = dict(self._arrays)
                 for n, a in weights.items():
-                    arrays[n] = np.array(a, copy=True, order="C")
+                    arrays[n] = _owned(a, copy)
                 if not self.keep_old_session:
                     # Inference waits on the lock during a swap anyway: free the old session first
                     # (peak memory of one session, not two) and rebuild it if the new one fails.

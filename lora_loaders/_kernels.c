@@ -233,21 +233,59 @@ CHECK(le_check_f16, uint16_t, uint16_t, h2f, f2h, LD16, H_CHECK_ST)
 CHECK(le_check_bf16, uint16_t, uint16_t, b2f, f2b, LD16, B_CHECK_ST)
 CHECK(le_check_f32, float, uint32_t, id_f, id_f, F_LD, F_CHECK_ST)
 
-/* transpose: dst[c * dld + r] = src[r * sld + c] for an (n_rows, n_cols) block, by 16 x 16 tiles
-   (moves bits: no arithmetic). For the initializer layouts that hold a Linear weight transposed. */
-#define TRANSPOSE(NAME, T)                                                                           \
-    void NAME(const T *src, int64_t sld, T *dst, int64_t dld, int64_t n_rows, int64_t n_cols) {      \
-        for (int64_t r0 = 0; r0 < n_rows; r0 += 16) {                                                \
-            const int64_t r1 = r0 + 16 < n_rows ? r0 + 16 : n_rows;                                  \
-            for (int64_t c0 = 0; c0 < n_cols; c0 += 16) {                                            \
-                const int64_t c1 = c0 + 16 < n_cols ? c0 + 16 : n_cols;                              \
-                for (int64_t c = c0; c < c1; c++)                                                    \
-                    for (int64_t r = r0; r < r1; r++) dst[c * dld + r] = src[r * sld + c];           \
-            }                                                                                        \
-        }                                                                                            \
+/* transpose: dst[c * dld + r] = src[r * sld + c] for an (n_rows, n_cols) block (moves bits: no
+   arithmetic). For the initializer layouts that hold a Linear weight transposed. By 8 x 8 register
+   tiles (AVX2 shuffles), column strips outermost so each dst row is written whole lines at a time
+   and the src lines a strip reads are still in L1 for the next strip; scalar at the edges. */
+#if LE_ISA
+static inline void tile8_32(const uint32_t *s, int64_t sld, uint32_t *d, int64_t dld) {
+    __m256 r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps((const float *)(s + i * sld));
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]); t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
     }
-TRANSPOSE(le_transpose_16, uint16_t)
-TRANSPOSE(le_transpose_32, uint32_t)
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_ps((float *)(d + i * dld), _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps((float *)(d + (i + 4) * dld), _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+    }
+}
+static inline void tile8_16(const uint16_t *s, int64_t sld, uint16_t *d, int64_t dld) {
+    __m128i a[8], b[8], c[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm_loadu_si128((const __m128i *)(s + i * sld));
+    for (int i = 0; i < 8; i += 2) {
+        b[i] = _mm_unpacklo_epi16(a[i], a[i + 1]); b[i + 1] = _mm_unpackhi_epi16(a[i], a[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        c[i] = _mm_unpacklo_epi32(b[i], b[i + 2]); c[i + 1] = _mm_unpackhi_epi32(b[i], b[i + 2]);
+        c[i + 2] = _mm_unpacklo_epi32(b[i + 1], b[i + 3]); c[i + 3] = _mm_unpackhi_epi32(b[i + 1], b[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm_storeu_si128((__m128i *)(d + 2 * i * dld), _mm_unpacklo_epi64(c[i], c[i + 4]));
+        _mm_storeu_si128((__m128i *)(d + (2 * i + 1) * dld), _mm_unpackhi_epi64(c[i], c[i + 4]));
+    }
+}
+#define TILES8(U)                                                                                    \
+    for (; c8 + 8 <= n_cols; c8 += 8)                                                                \
+        for (int64_t r = 0; r + 8 <= n_rows; r += 8) tile8_##U(src + r * sld + c8, sld, dst + c8 * dld + r, dld);
+#else
+#define TILES8(U)
+#endif
+#define TRANSPOSE(NAME, T, U)                                                                        \
+    void NAME(const T *src, int64_t sld, T *dst, int64_t dld, int64_t n_rows, int64_t n_cols) {      \
+        int64_t c8 = 0;                                                                              \
+        TILES8(U)                                                                                    \
+        const int64_t r8 = LE_ISA ? n_rows / 8 * 8 : 0; /* rows the tiles covered in columns < c8 */ \
+        for (int64_t c = 0; c < n_cols; c++)                                                         \
+            for (int64_t r = c < c8 ? r8 : 0; r < n_rows; r++) dst[c * dld + r] = src[r * sld + c];  \
+    }
+TRANSPOSE(le_transpose_16, uint16_t, 16)
+TRANSPOSE(le_transpose_32, uint32_t, 32)
 
 /* ---- the low-rank product, and the operations above fused with it ----
    product: out[i, j] = sum over k = 0 .. R-1, in that order, of up[i, k] * down[k, j], each product
@@ -345,11 +383,33 @@ void le_lora_product(const float *up, int64_t ldu, const float *dn, int64_t ldd,
         product_rows(up + i * ldu, ldu, dn, ldd, packed, R, tmp, n_cols, nr, n_cols);                \
         BODY;                                                                                        \
     }
-#define FUSED(S, T)                                                                                  \
+#define LE_TW 192  /* tiles of the transposed apply: whole groups and panels; LE_TW^2 elements fit L2 */
+#define FUSED(S, T, U)                                                                               \
     int le_lora_apply_##S(const T *base, int64_t bld, LORA_ARGS, T *out, int64_t old, int64_t n_rows,  \
                           int64_t n_cols, float *tmp) {                                              \
         int bad = 0;                                                                                 \
         GROUPS(bad |= le_apply_##S(base + i * bld, bld, tmp, n_cols, out + i * old, old, nr, n_cols)) \
+        return bad;                                                                                  \
+    }                                                                                                \
+    /* the same into a column-major out (element (r, c) at out[c * old + r]: a transposed             \
+       initializer) from a row-major base, by LE_TW x LE_TW tiles: each tile's sum into wide          \
+       (row-major, in cache), then moved into place (whole cache lines of out per row) */            \
+    int le_lora_apply_t_##S(const T *base, int64_t bld, LORA_ARGS, T *out, int64_t old, int64_t n_rows, \
+                            int64_t n_cols, float *tmp, T *wide) {                                   \
+        int bad = 0;                                                                                 \
+        for (int64_t r0 = 0; r0 < n_rows; r0 += LE_TW) {                                             \
+            const int64_t nw = n_rows - r0 < LE_TW ? n_rows - r0 : LE_TW;                            \
+            for (int64_t c0 = 0; c0 < n_cols; c0 += LE_TW) {                                         \
+                const int64_t cw = n_cols - c0 < LE_TW ? n_cols - c0 : LE_TW;                        \
+                for (int64_t i = 0; i < nw; i += LE_GROUP) {                                         \
+                    const int64_t nr = nw - i < LE_GROUP ? nw - i : LE_GROUP;                        \
+                    product_rows(up + (r0 + i) * ldu, ldu, dn + c0, ldd, packed + c0 / LE_PANEL * R * LE_PANEL, \
+                                 R, tmp, cw, nr, cw);                                                \
+                    bad |= le_apply_##S(base + (r0 + i) * bld + c0, bld, tmp, cw, wide + i * cw, cw, nr, cw); \
+                }                                                                                    \
+                le_transpose_##U((const void *)wide, cw, (void *)(out + c0 * old + r0), old, nw, cw);   \
+            }                                                                                        \
+        }                                                                                            \
         return bad;                                                                                  \
     }                                                                                                \
     void le_lora_remove_##S(const T *cur, LORA_ARGS, T *out, int64_t n_rows, int64_t n_cols, float *tmp) { \
@@ -361,6 +421,6 @@ void le_lora_product(const float *up, int64_t ldu, const float *dn, int64_t ldd,
         GROUPS(cnt += le_check_##S(w + i * n_cols, tmp, nr * n_cols, offset + i * n_cols, idx + cnt, val + cnt)) \
         return cnt;                                                                                  \
     }
-FUSED(f16, uint16_t)
-FUSED(bf16, uint16_t)
-FUSED(f32, float)
+FUSED(f16, uint16_t, 16)
+FUSED(bf16, uint16_t, 16)
+FUSED(f32, float, 32)

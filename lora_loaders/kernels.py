@@ -174,6 +174,8 @@ def _bind(lib) -> None:
         lora = [_VP, _I64, _VP, _I64, _VP, _I64]  # up, ldu, down, ldd, packed down, rank
         f = getattr(lib, f"le_lora_apply_{s}")
         f.argtypes, f.restype = [_VP, _I64, *lora, _VP, _I64, _I64, _I64, _VP], ctypes.c_int
+        f = getattr(lib, f"le_lora_apply_t_{s}")
+        f.argtypes, f.restype = [_VP, _I64, *lora, _VP, _I64, _I64, _I64, _VP, _VP], ctypes.c_int
         f = getattr(lib, f"le_lora_remove_{s}")
         f.argtypes, f.restype = [_VP, *lora, _VP, _I64, _I64, _VP], None
         f = getattr(lib, f"le_lora_check_{s}")
@@ -289,7 +291,7 @@ def _rowmajor(t: torch.Tensor) -> bool:
     return t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] == 1) and (t.stride(0) >= t.shape[1] or t.shape[0] == 1)
 
 
-def _colmajor(t: torch.Tensor) -> bool:
+def colmajor(t: torch.Tensor) -> bool:
     return t.dim() == 2 and (t.stride(0) == 1 or t.shape[0] == 1) and (t.stride(1) >= t.shape[0] or t.shape[1] == 1)
 
 
@@ -316,12 +318,12 @@ def apply(base: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> bool:
         if _rowmajor(base) and _rowmajor(out):
             return bool(fn(base.data_ptr(), _ld(base), d.data_ptr(), cols, out.data_ptr(), _ld(out), rows, cols))
         tr = getattr(lib, "le_transpose_32" if base.element_size() == 4 else "le_transpose_16")
-        if _rowmajor(base) and _colmajor(out):  # the sum row-major in cache, then transposed into place
+        if _rowmajor(base) and colmajor(out):  # the sum row-major in cache, then transposed into place
             tmp = scratch().get("apply_t", (rows, cols), base.dtype)
             bad = fn(base.data_ptr(), _ld(base), d.data_ptr(), cols, tmp.data_ptr(), cols, rows, cols)
             tr(tmp.data_ptr(), cols, out.data_ptr(), _ldt(out), rows, cols)
             return bool(bad)
-        if _colmajor(base) and _colmajor(out):  # d transposed in cache, then the sum column by column
+        if colmajor(base) and colmajor(out):  # d transposed in cache, then the sum column by column
             dt = scratch().get("delta_t", (cols, rows))
             lib.le_transpose_32(d.data_ptr(), cols, dt.data_ptr(), rows, rows, cols)
             return bool(fn(base.data_ptr(), _ldt(base), dt.data_ptr(), rows, out.data_ptr(), _ldt(out), cols, rows))
@@ -366,8 +368,14 @@ def remove(cur: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> torch.Tenso
 # buffer lookups), as much as the work itself in a small block. These bind the pointers, leading
 # dimensions and C function once per weight; the torch functions remain the fallback (same bits).
 
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape:  # the C kernels trust the pointers they are given
+        raise ValueError(f"row operation on a {tuple(a.shape)} weight into a {tuple(b.shape)} output")
+
+
 def apply_op(base: torch.Tensor, out: torch.Tensor):
     """op(r0, r1, d) = apply(base[r0:r1], d, out[r0:r1]) for the row blocks of one weight."""
+    _same_shape(base, out)
     if _fast(base, out) and base.dtype == out.dtype and _rowmajor(base) and _rowmajor(out):
         fn, es = getattr(library(), f"le_apply_{_SUFFIX[base.dtype]}"), base.element_size()
         bp, bld, op_, old, cols = base.data_ptr(), _ld(base), out.data_ptr(), _ld(out), base.shape[1]
@@ -382,11 +390,24 @@ def apply_op(base: torch.Tensor, out: torch.Tensor):
                                  _tmp(cols)))
         run.fused = fused
         return run
-    return lambda r0, r1, d: apply(base[r0:r1], d, out[r0:r1])
+
+    def run(r0, r1, d):
+        return apply(base[r0:r1], d, out[r0:r1])
+    if _fast(base, out) and base.dtype == out.dtype and _rowmajor(base) and colmajor(out):
+        # a transposed initializer from a torch-layout base: moved into place by the fused kernel
+        fn_t, es = getattr(library(), f"le_lora_apply_t_{_SUFFIX[base.dtype]}"), base.element_size()
+        bp, bld, op_, old, cols = base.data_ptr(), _ld(base), out.data_ptr(), _ldt(out), base.shape[1]
+
+        def fused_t(r0, r1, lr):
+            return bool(fn_t(bp + r0 * bld * es, bld, *lr.args(r0), op_ + r0 * es, old, r1 - r0, cols, _tmp(192),
+                             _wide(base.dtype)))
+        run.fused = fused_t
+    return run
 
 
 def remove_op(cur: torch.Tensor, out: torch.Tensor):
     """op(r0, r1, d) = remove(cur[r0:r1], d, out[r0:r1]) (cur and out contiguous)."""
+    _same_shape(cur, out)
     if _fast(cur, out) and cur.dtype == out.dtype and cur.is_contiguous() and out.is_contiguous():
         fn, row = getattr(library(), f"le_remove_{_SUFFIX[cur.dtype]}"), cur[0].numel() * cur.element_size()
         cp, op_, cols = cur.data_ptr(), out.data_ptr(), cur[0].numel()
@@ -465,6 +486,11 @@ def lowrank_ok(*tensors) -> bool:
 def _tmp(cols: int) -> int:
     """This thread's product buffer of the fused kernels (LE_GROUP = 6 rows; its address)."""
     return scratch().get("lora_tmp", (6, cols)).data_ptr()
+
+
+def _wide(dtype) -> int:
+    """This thread's tile of the transposed apply (LE_TW x LE_TW = 192 x 192 in the weight's dtype; its address)."""
+    return scratch().get("lora_wide", (192, 192), dtype).data_ptr()
 
 
 def _records(n: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:

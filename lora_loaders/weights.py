@@ -225,9 +225,26 @@ class AdditiveDelta:
         # whole rank (the C definition), fused with the row operations.
         self.lowrank = None
         if self._terms and all(up is not None for up, _ in self._terms) and kernels.lowrank_ok(self._terms[0][0]):
-            ups, downs = zip(*self._terms)
-            self.lowrank = kernels.LowRank(torch.cat(ups, dim=1) if len(ups) > 1 else ups[0],
-                                           torch.cat(downs, dim=0) if len(downs) > 1 else downs[0])
+            self.lowrank = kernels.LowRank(*self._factors())
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ups, downs = zip(*self._terms)
+        return (torch.cat(ups, dim=1) if len(ups) > 1 else ups[0]), (torch.cat(downs) if len(downs) > 1 else downs[0])
+
+    def transposed(self) -> "AdditiveDelta":
+        """The transpose of this low-rank delta (C backend), by row blocks of (cols, rows): for a
+        weight stored column-major (a transposed initializer), written row by row in its own
+        layout. Same bits: each element is the same products (they commute) summed in the same
+        order over the rank."""
+        if self.lowrank is None or len(self.shape) != 2:
+            raise ValueError("only a 2-D low-rank delta on the C backend has a transposed form")
+        t = object.__new__(AdditiveDelta)
+        t.shape, t.device, t.cols = torch.Size((self.shape[1], self.shape[0])), self.device, self.shape[0]
+        t._blocks = row_blocks(t.shape, self.device)
+        up, down = self._factors()
+        t._terms = [(down.t().contiguous(), up.t().contiguous())]
+        t.lowrank = kernels.LowRank(*t._terms[0])
+        return t
 
     def rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
         """Rows r0:r1 of the float32 delta, into `out` ((r1 - r0, cols), contiguous)."""
@@ -301,7 +318,10 @@ def effective_weight(base: torch.Tensor, contributions: Sequence[Contribution], 
         if out is None:
             out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
         delta = AdditiveDelta(contributions, base.shape, base.device)
-        finite = not any(for_blocks(delta, kernels.apply_op(as_rows(base), as_rows(out))))
+        b, o = as_rows(base), as_rows(out)
+        if delta.lowrank is not None and kernels.colmajor(b) and kernels.colmajor(o):
+            delta, b, o = delta.transposed(), b.t(), o.t()  # in the storage's own row order
+        finite = not any(for_blocks(delta, kernels.apply_op(b, o)))
     return (out, finite) if check_finite else out
 
 

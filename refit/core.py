@@ -100,7 +100,8 @@ def check_adapter(adapter: LoraAdapter, files: ComponentFiles, name: str) -> Non
 
 def compute(files: ComponentFiles, by_module: Mapping[str, list[Contribution]], dirty: Iterable[str],
             owners: Mapping[int, str] | None = None, to_onnx: bool = False, device=None,
-            as_numpy: bool = True, resident: bool | None = None) -> tuple[set[str], dict]:
+            as_numpy: bool = True, resident: bool | None = None,
+            into: Mapping[str, np.ndarray] | None = None) -> tuple[set[str], dict]:
     """(new targets, {param: new torch-layout value}) for every param in targets | dirty.
 
     by_module: {module: [(layer, weight)]} of the new state (`contributions_by_module`, or
@@ -117,6 +118,10 @@ def compute(files: ComponentFiles, by_module: Mapping[str, list[Contribution]], 
     compute from them: the default on every device but the CPU, where base values are read in
     place from memory maps instead. resident=True on the CPU runs the device path there (the
     same function, the same bits: tests/test_torch_engine.py checks it).
+    into ({initializer: the array the engine runs from}, `Engine.writable_weights`; with
+    to_onnx on the CPU): weights held there are written there directly, in their own layout,
+    and left out of the returned dict: no new memory for them. If this raises, some may have been
+    written; `restore` puts the previous values back.
     """
     by_param = params_of(dict(by_module))
     targets = set(by_param)
@@ -136,9 +141,11 @@ def compute(files: ComponentFiles, by_module: Mapping[str, list[Contribution]], 
         entry = files.map[param]
         cs = by_param.get(param, [])
         base = bases.get(param) if bases is not None else views.get(param)
+        held = into.get(entry.initializer) if into is not None and to_onnx else None
         try:
             if entry.kind != "bias" and to_onnx and _in_place_layout(entry):
-                out = torch.empty(entry.shape, dtype=torch_dtype(entry.raw["dtype"]), device=dev)
+                out = torch.empty(entry.shape, dtype=torch_dtype(entry.raw["dtype"]), device=dev) if held is None \
+                    else _held(entry, held)
                 _, finite = effective_weight(base, cs, out=out.t() if entry.raw["transform"] == "transpose" else out,
                                              check_finite=True)
                 new = None
@@ -158,20 +165,77 @@ def compute(files: ComponentFiles, by_module: Mapping[str, list[Contribution]], 
             raise RefitError(f"effective value of {param} has NaN or Inf values (from {bad}); "
                              "the engine keeps its previous weights")
         if new is None:
-            return _check_initializer(entry, to_numpy(out) if numpy_out else out)
+            return _WRITTEN if held is not None else _check_initializer(entry, to_numpy(out) if numpy_out else out)
         if to_onnx:
             return _to_initializer(entry, new, numpy_out)
         return new
+
+    results = _each(files, one, params, on_cpu)
+    keys = [files.map[p].initializer for p in params] if to_onnx else params
+    return targets, {k: r for k, r in zip(keys, results) if r is not _WRITTEN}
+
+
+_WRITTEN = object()  # a weight compute wrote into the engine's own array
+
+
+def _each(files: ComponentFiles, fn, params: list[str], on_cpu: bool = True) -> list:
+    """[fn(p) for p in params]; every call has finished before the first error is raised (some may
+    be writing into the engine's arrays: a restore must not race them)."""
+    def caught(p):
+        try:
+            return fn(p)
+        except Exception as e:  # noqa: BLE001 - re-raised below, once every worker is done
+            return _Failed(e)
 
     if on_cpu:
         files.prepare()
         # Weights are independent: one per worker thread (torch releases the GIL); same bits.
         elements = sum(int(np.prod(files.map[p].param_shape, dtype=np.int64)) for p in params)
-        results = map_items(one, params, elements)
+        results = map_items(caught, params, elements)
     else:
-        results = [one(p) for p in params]
-    keys = [files.map[p].initializer for p in params] if to_onnx else params
-    return targets, dict(zip(keys, results))
+        results = [caught(p) for p in params]
+    failed = next((r for r in results if isinstance(r, _Failed)), None)
+    if failed is not None:
+        raise failed.error
+    return results
+
+
+class _Failed:
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _held(entry, arr: np.ndarray) -> torch.Tensor:
+    """The engine's array of this weight (initializer layout) as a tensor over the same memory."""
+    if tuple(arr.shape) != entry.shape or arr.dtype.name != entry.raw["dtype"] or not arr.flags.writeable:
+        raise RefitError(f"the engine's array for {entry.initializer} is {arr.dtype.name} {tuple(arr.shape)}"
+                         f"{'' if arr.flags.writeable else ', read-only'}; the weights map says "
+                         f"{entry.raw['dtype']} {entry.shape}")
+    return torch.from_numpy(arr)
+
+
+def restore(files: ComponentFiles, params: Iterable[str], by_module: Mapping[str, list[Contribution]],
+            into: Mapping[str, np.ndarray], exported: Iterable[str] = ()) -> None:
+    """Put back into the engine's arrays what they held before a failed in-place `compute`: the
+    effective weights of the state the engine was in (`by_module`: recomputed with the same
+    function, so the same bits), or, for the params in `exported` (never written since the
+    export: their value came from the export), the exported initializer itself."""
+    by_param, exported = params_of(dict(by_module)), set(exported)
+    views = base_views(files)
+
+    def one(param):
+        entry = files.map[param]
+        held = into.get(entry.initializer)
+        if held is None or entry.kind == "bias" or not _in_place_layout(entry):
+            return  # never written in place
+        if param in exported:
+            np.copyto(held, files._reader().array(entry.initializer))
+        else:
+            out = _held(entry, held)
+            effective_weight(views.get(param), by_param.get(param, []),
+                             out=out.t() if entry.raw["transform"] == "transpose" else out)
+
+    _each(files, one, [p for p in params if p in files.map])
 
 
 def _in_place_layout(entry) -> bool:

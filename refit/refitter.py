@@ -11,9 +11,15 @@ Which adapters are active at which weights is the mixins' state machine
 (`lora_loaders.state`). Every change recomputes the engine's weights from base for the
 union of the previous and the new targets (so nothing of a previous adapter, including one
 baked at export, remains), with the one effective-weight function, casts once to the
-engine's dtype, applies the weights-map transform, validates everything (finite, shapes,
-dtypes), and only then writes, atomically (`engine.set_weights`). On any error the engine
-and the Refitter's state stay as they were, and the error says why.
+engine's dtype, applies the weights-map transform and validates everything (finite, shapes,
+dtypes). Where the engine runs from host arrays it can expose (`engine.writable_weights`:
+ONNX Runtime `inputs` mode on the CPU) the weights are computed straight into them, in their
+own layout, with inference held off meanwhile: no second copy of the weights in memory. If
+anything fails there, the previous values are put back: recomputed from base for the state
+the engine was in (the same function, the same bits), or copied from the exported file for
+weights this Refitter never wrote. Other engines get the new values validated first and
+written atomically (`engine.set_weights`). On any error the engine and the Refitter's
+state stay as they were, and the error says why.
 
 Adapters baked at export are registered from the manifest (name, file hash, scale): their
 files are looked up where the manifest recorded them, next to the export, and in
@@ -34,6 +40,7 @@ from lora_loaders.bind import resolve_fused
 from lora_loaders.families import get_family
 from lora_loaders.reader import file_sha256
 from lora_loaders.state import LoraState
+from lora_loaders.targets import params_of
 
 from . import core
 from .store import ComponentFiles, RefitError
@@ -72,6 +79,7 @@ class Refitter:
         self._hashes: dict[str, str | None] = {}
         # Parameters whose engine value differs from base: at first, those baked at export.
         self._dirty: set[str] = set(self.files.baked_params()) & set(self.files.map.entries)
+        self._written: set[str] = set()  # parameters this Refitter has written (the rest hold the export's values)
         self._lock = threading.RLock()
         self.baked_adapters: list[dict] = self.files.baked_adapters()
         self.last_refit: dict[str, float] = {}
@@ -243,28 +251,55 @@ class Refitter:
         t0 = time.perf_counter()
         by_module, owners = self._contributions(new)
         device = getattr(self.engine, "torch_weights_device", None)
-        if device is not None:  # torch tensors computed where the engine's weights are (torch / TensorRT engines)
-            onnx_layout = getattr(self.engine, "torch_weights_layout", "torch") == "onnx"
-            targets, arrays = core.compute(self.files, by_module, self._dirty, owners, to_onnx=onnx_layout,
-                                           device=device, as_numpy=False,
-                                           resident=getattr(self.engine, "torch_weights_resident", None))
-            check, write = self.engine.check_torch_weights, self.engine.set_torch_weights
-        else:
-            targets, arrays = core.compute(self.files, by_module, self._dirty, owners, to_onnx=True)
-            check, write = self.engine.check_weights, lambda a: self.engine.set_weights(a, copy=False)
-        t1 = time.perf_counter()
-        check(arrays)
-        t2 = time.perf_counter()
-        try:
-            write(arrays)
-        except Exception as e:
-            raise RefitError(f"writing {len(arrays)} weight(s) into the {self.engine.backend} engine failed; "
-                             f"its previous weights were kept: {e}") from e
-        t3 = time.perf_counter()
+        with self.engine.writable_weights() as held:
+            if device is not None:  # torch tensors computed where the engine's weights are (torch / TensorRT)
+                onnx_layout = getattr(self.engine, "torch_weights_layout", "torch") == "onnx"
+                targets, arrays = core.compute(self.files, by_module, self._dirty, owners, to_onnx=onnx_layout,
+                                               device=device, as_numpy=False,
+                                               resident=getattr(self.engine, "torch_weights_resident", None))
+                check, write = self.engine.check_torch_weights, self.engine.set_torch_weights
+            else:
+                # Into the engine's own arrays where it has them (no second copy of the weights);
+                # on any failure below they are recomputed for the state the engine was in.
+                try:
+                    targets, arrays = core.compute(self.files, by_module, self._dirty, owners, to_onnx=True,
+                                                   into=held)
+                except Exception:
+                    self._put_back(held, by_module)
+                    raise
+                check, write = self.engine.check_weights, lambda a: self.engine.set_weights(a, copy=False)
+            t1 = time.perf_counter()
+            try:
+                check(arrays)
+            except Exception:
+                self._put_back(held, by_module)
+                raise
+            t2 = time.perf_counter()
+            try:
+                write(arrays)
+            except Exception as e:
+                self._put_back(held, by_module)
+                raise RefitError(f"writing {len(arrays)} weight(s) into the {self.engine.backend} engine failed; "
+                                 f"its previous weights were kept: {e}") from e
+            t3 = time.perf_counter()
+        params = set(targets) | self._dirty
         self._state = new
         self._dirty = targets
+        self._written |= params
         self.last_refit = {"compute_s": t1 - t0, "check_s": t2 - t1, "write_s": t3 - t2,
-                           "total_s": t3 - t0, "weights": len(arrays)}
+                           "total_s": t3 - t0, "weights": len(params)}
+
+    def _put_back(self, held, by_module) -> None:
+        """After a failed transition that wrote into the engine's arrays: their previous values."""
+        if not held:
+            return
+        params = set(params_of(dict(by_module))) | self._dirty
+        try:
+            old = self._contributions(self._state)[0] if self._written else {}
+            core.restore(self.files, params, old, held, exported=self.files.baked_params() - self._written)
+        except Exception as e:  # noqa: BLE001 - the engine can no longer be trusted: say so
+            raise RefitError(f"a refit failed and putting the previous weights back failed too ({e}); "
+                             "reload the engine") from e
 
     def __repr__(self):
         return (f"Refitter({self.engine!r}, family={self.family!r}, component={self.component!r}, "

@@ -80,8 +80,8 @@ def test_wrong_shape_adapter_rejected(setup):
     _assert_unchanged(before, engine, r, feeds)
 
 
-def test_write_failure_halfway_restores(setup, monkeypatch):
-    """The engine fails after writing some weights: the previous ones are restored."""
+def test_engine_bind_failure_halfway_restores(setup, monkeypatch):
+    """set_weights binds new buffers; a failure after some were bound binds the old ones back."""
     engine, r, files, feeds = setup
     before = _state(engine, r, feeds)
     calls = {"n": 0}
@@ -94,12 +94,64 @@ def test_write_failure_halfway_restores(setup, monkeypatch):
         real(name, ov)
 
     monkeypatch.setattr(engine._binding, "bind_ortvalue_input", flaky)
-    with pytest.raises(RefitError, match="simulated device error"):
-        r.load_lora(str(files["x"]), adapter_name="x2")
-    assert "x2" not in r.get_list_adapters()[COMPONENT]
+    new = {n: np.ones_like(a) for n, a in list(before[0].items())[:6]}
+    with pytest.raises(engines.EngineError, match="simulated device error"):
+        engine.set_weights(new)
     assert calls["n"] > 4  # the three rebound weights were bound back to their old buffers
     monkeypatch.setattr(engine._binding, "bind_ortvalue_input", real)
     _assert_unchanged(before, engine, r, feeds)
+
+
+def test_write_failure_after_in_place_writes_restores(setup, monkeypatch):
+    """The weights a Refitter wrote into the engine's own arrays are put back when a later step fails."""
+    engine, r, files, feeds = setup
+    before = _state(engine, r, feeds)
+
+    def boom(weights):  # after compute wrote the weights in place (the rest would be set here)
+        raise engines.WeightError("simulated check failure")
+
+    monkeypatch.setattr(engine, "check_weights", boom)
+    with pytest.raises(engines.WeightError, match="simulated check failure"):
+        r.load_lora(str(files["x"]), adapter_name="x2")
+    assert "x2" not in r.get_list_adapters()[COMPONENT]
+    monkeypatch.undo()
+    _assert_unchanged(before, engine, r, feeds)
+
+
+def test_first_refit_failure_restores_the_exported_values(tmp_path_factory):
+    """Before a Refitter has written anything, the engine holds the export's values; a failed refit
+    puts those back from the exported file, not a recomputation (which another backend or machine
+    could round differently): here the refit runs the torch backend on a C-backend export."""
+    from lora_loaders import kernels
+
+    root = tmp_path_factory.getbasetemp()
+    files = lora_files(root, FAMILY)
+    engine = engines.load_engine(exported(root, FAMILY, "x", [COMPONENT]) / COMPONENT)
+    r = refit.Refitter(engine)
+    feeds = inputs_for(engine, seed=7)
+    before = _state(engine, r, feeds)
+    previous = kernels.backend()
+    kernels.set_backend("torch")
+    try:
+        with pytest.raises(RefitError, match="NaN or Inf"):
+            r.set_adapters(["x"], [1e39])
+    finally:
+        kernels.set_backend(previous)
+    _assert_unchanged(before, engine, r, feeds)
+
+
+def test_swap_writes_into_the_engines_arrays(setup, tmp_path_factory):
+    """inputs mode on the CPU: a refit writes the weights where the session reads them (no second
+    copy of the weights in memory), and holds what a fresh export of the same adapters holds."""
+    engine, r, files, feeds = setup
+    arrays = dict(engine._arrays)
+    r.set_adapters(["x"])
+    matrices = [n for n in engine.weight_names() if len(engine.weight_info(n).shape) == 2]
+    assert matrices and all(engine._arrays[n] is arrays[n] for n in matrices)
+    fresh = engines.load_engine(exported(tmp_path_factory.getbasetemp(), FAMILY, "x", [COMPONENT]) / COMPONENT)
+    assert differing(engine.get_weights(), fresh.get_weights()) == []
+    for k, v in engine.infer(feeds).items():
+        np.testing.assert_array_equal(v, fresh.infer(feeds)[k])
 
 
 def test_session_mode_failure_keeps_old_session(tmp_path_factory, monkeypatch):

@@ -237,6 +237,28 @@ def test_effective_weight_same_bits_on_both_paths_and_thread_counts(dtype):
     assert _same(one_c, c) and _same(one_t, t)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, cols", [(397, 211), (8, 1000), (1100, 1000), (3, 5)])
+def test_effective_weight_in_initializer_layouts(dtype, rows, cols):
+    """A transposed initializer written in its own layout, from a torch-layout base (row -> col: the
+    C kernel's tiles of 192, 8 x 8 register transposes, scalar edges) or from a transposed base
+    (col -> col: the transposed product), holds the torch-layout result's bits on each backend."""
+    g = torch.Generator().manual_seed(rows + cols)
+    base = (torch.randn(rows, cols, generator=g) * 0.02).to(dtype)
+    cs = [(_lora(rows, cols, 8, 3), 1.0), (_lora(rows, cols, 5, 4), -0.6)]
+
+    def run():
+        row = effective_weight(base, cs)
+        mixed = torch.empty(cols, rows, dtype=dtype)
+        effective_weight(base, cs, out=mixed.t())
+        col = torch.empty(cols, rows, dtype=dtype)
+        effective_weight(base.t().contiguous().t(), cs, out=col.t())
+        return row, mixed.t(), col.t()
+
+    for row, mixed, col in _run_both(run):
+        assert _same(mixed, row) and _same(col, row)
+
+
 @pytest.mark.parametrize("rows, cols, rank", [(1, 1, 1), (5, 17, 3), (37, 53, 32), (13, 64, 7), (64, 1280, 32)])
 def test_c_lowrank_product_is_the_sequential_definition(rows, cols, rank):
     """Whole panels, tile remainders (rows not a multiple of 6, columns past the last panel), every
