@@ -9,8 +9,9 @@
     EP. No session is created. Cost: ONNX Runtime can
     no longer constant-fold or pre-pack those weights. Measured with bench/bench_refit.py
     (real-config SD 1.5 UNet fp32, rank-32 LoRA on its 160 attention/FF Linears, CPU EP,
-    2 cores): inference 1.02-1.07x the baked graph, a swap 0.65-0.81 s against 8.7-11.7 s
-    in `session` mode and 59-64 s for re-export + new session (78-90x). Hence the default.
+    2 cores): inference 0.98-1.23x the baked graph (noise), a swap 0.17-0.23 s with no memory
+    added, against 7-10 s in `session` mode and 58-64 s for re-export + new session. Hence the
+    default.
 `session`: the graph keeps the weights as initializers; their values are supplied with
     `SessionOptions.add_external_initializers`, and a refit builds a new session with the
     new values (by default the old one is freed first, so memory peaks at one session; it is
