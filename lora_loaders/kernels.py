@@ -399,7 +399,7 @@ def apply_op(base: torch.Tensor, out: torch.Tensor):
         bp, bld, op_, old, cols = base.data_ptr(), _ld(base), out.data_ptr(), _ldt(out), base.shape[1]
 
         def fused_t(r0, r1, lr):
-            return bool(fn_t(bp + r0 * bld * es, bld, *lr.args(r0), op_ + r0 * es, old, r1 - r0, cols, _tmp(192),
+            return bool(fn_t(bp + r0 * bld * es, bld, *lr.args(r0), op_ + r0 * es, old, r1 - r0, cols, _tmp(_TW),
                              _wide(base.dtype)))
         run.fused = fused_t
     return run
@@ -488,9 +488,12 @@ def _tmp(cols: int) -> int:
     return scratch().get("lora_tmp", (6, cols)).data_ptr()
 
 
+_TW = 192  # LE_TW in _kernels.c: the tiles of the transposed apply
+
+
 def _wide(dtype) -> int:
-    """This thread's tile of the transposed apply (LE_TW x LE_TW = 192 x 192 in the weight's dtype; its address)."""
-    return scratch().get("lora_wide", (192, 192), dtype).data_ptr()
+    """This thread's tile of the transposed apply (LE_TW x LE_TW in the weight's dtype; its address)."""
+    return scratch().get("lora_wide", (_TW, _TW), dtype).data_ptr()
 
 
 def _records(n: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
