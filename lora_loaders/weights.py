@@ -208,11 +208,14 @@ def device_copies_bytes(device=None) -> int:
 class AdditiveDelta:
     """sum_i w_i * delta_i for additive adapters, by blocks of output rows (float32, 2-D)."""
 
-    def __init__(self, contributions: Sequence[Contribution], shape, device=None):
+    def __init__(self, contributions: Sequence[Contribution], shape, device=None, transpose: bool = False):
+        """transpose=True: the delta's transpose where it can be (a 2-D low-rank delta on the C
+        backend; `self.transposed` says), by row blocks of (cols, rows), for a weight stored
+        column-major (a transposed initializer) written in its own row order. Same bits: each
+        element is the same products (they commute) summed in the same order over the rank."""
         self.shape = torch.Size(shape)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         cols = self.cols = self.shape[1:].numel()  # 1 for a 1-D weight (norms)
-        self._blocks = row_blocks(self.shape, self.device)
         self._terms = []
         for layer, weight in contributions:
             if layer.kind == "lora":  # keep it low-rank: (up * w * s)[rows] @ down
@@ -223,28 +226,17 @@ class AdditiveDelta:
                 self._terms.append((None, d.to(self.device)))
         # Low-rank terms only, on the C backend: the factors side by side, one product over the
         # whole rank (the C definition), fused with the row operations.
-        self.lowrank = None
+        self.lowrank, self.transposed = None, False
         if self._terms and all(up is not None for up, _ in self._terms) and kernels.lowrank_ok(self._terms[0][0]):
-            self.lowrank = kernels.LowRank(*self._factors())
-
-    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ups, downs = zip(*self._terms)
-        return (torch.cat(ups, dim=1) if len(ups) > 1 else ups[0]), (torch.cat(downs) if len(downs) > 1 else downs[0])
-
-    def transposed(self) -> "AdditiveDelta":
-        """The transpose of this low-rank delta (C backend), by row blocks of (cols, rows): for a
-        weight stored column-major (a transposed initializer), written row by row in its own
-        layout. Same bits: each element is the same products (they commute) summed in the same
-        order over the rank."""
-        if self.lowrank is None or len(self.shape) != 2:
-            raise ValueError("only a 2-D low-rank delta on the C backend has a transposed form")
-        t = object.__new__(AdditiveDelta)
-        t.shape, t.device, t.cols = torch.Size((self.shape[1], self.shape[0])), self.device, self.shape[0]
-        t._blocks = row_blocks(t.shape, self.device)
-        up, down = self._factors()
-        t._terms = [(down.t().contiguous(), up.t().contiguous())]
-        t.lowrank = kernels.LowRank(*t._terms[0])
-        return t
+            ups, downs = zip(*self._terms)
+            up, down = (torch.cat(ups, dim=1) if len(ups) > 1 else ups[0]), (torch.cat(downs) if len(downs) > 1
+                                                                             else downs[0])
+            if transpose and len(self.shape) == 2:
+                self.shape, self.cols, self.transposed = torch.Size((self.shape[1], self.shape[0])), self.shape[0], True
+                up, down = down.t().contiguous(), up.t().contiguous()
+                self._terms = [(up, down)]
+            self.lowrank = kernels.LowRank(up, down)
+        self._blocks = row_blocks(self.shape, self.device)
 
     def rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
         """Rows r0:r1 of the float32 delta, into `out` ((r1 - r0, cols), contiguous)."""
@@ -317,10 +309,11 @@ def effective_weight(base: torch.Tensor, contributions: Sequence[Contribution], 
         base = base.detach()
         if out is None:
             out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
-        delta = AdditiveDelta(contributions, base.shape, base.device)
         b, o = as_rows(base), as_rows(out)
-        if delta.lowrank is not None and kernels.colmajor(b) and kernels.colmajor(o):
-            delta, b, o = delta.transposed(), b.t(), o.t()  # in the storage's own row order
+        transpose = kernels.colmajor(b) and kernels.colmajor(o)
+        delta = AdditiveDelta(contributions, base.shape, base.device, transpose=transpose)
+        if delta.transposed:
+            b, o = b.t(), o.t()  # in the storage's own row order
         finite = not any(for_blocks(delta, kernels.apply_op(b, o)))
     return (out, finite) if check_finite else out
 
