@@ -1,23 +1,22 @@
-"""Runtimes behind one interface: ONNX Runtime (`OrtEngine`) and TensorRT (`TensorRTEngine`).
+"""Runtimes behind one interface (ONNX Runtime, TensorRT, torch), and the deployment's face.
 
     engine = engines.load_engine("out/sdxl/unet")          # ORT or TensorRT, by what is there
     out = engine.infer({"sample": ..., "timestep": ..., "encoder_hidden_states": ...})
-    engine.set_weights({initializer_name: array})         # atomic; used by refit.Refitter
+    pipe = engines.load_pipeline("out/sdxl")              # the family's diffusers pipeline over them
+
+The runtimes (`base`, `ort`, `tensorrt`, `torch_engine`, `load`, `weights_map`, `manifest`) sit
+below `refit` and `export`; `load_pipeline` (`engines.pipeline`), `engines.generate` and
+`engines.triton` sit on top of them and of `refit`. This package's face names both: the
+deployment is imported when first used, so importing `engines` pulls in no upper layer.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from .base import Engine, EngineError, InputError, InputInfo, WeightError, WeightInfo
+from .base import Engine, EngineError, InputError, InputInfo, WeightAccess, WeightError, WeightInfo
+from .load import BACKENDS, PLAN_FILE, load_engine
 from .manifest import Manifest, ManifestError
-from .weights_map import MapEntry, WeightsMap, load_weights_map
 from .ort import DEFAULT_MODE, MODES, OrtEngine
-
-PLAN_FILE = "model.plan"
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
-_ALIASES = {"ort": "onnxruntime", "onnxruntime": "onnxruntime", "trt": "tensorrt", "tensorrt": "tensorrt",
-            "torch": "torch", "pytorch": "torch"}
+from .weights_map import MapEntry, WeightsMap, load_weights_map
 
 
 def __getattr__(name):
@@ -29,50 +28,15 @@ def __getattr__(name):
         from .torch_engine import TorchEngine
 
         return TorchEngine
-    if name == "load_pipeline":  # engines.pipeline sits on top (it refits through `refit`)
+    if name == "load_pipeline":  # the deployment layer, on top of refit (see the module doc)
         from .pipeline import load_pipeline
 
         return load_pipeline
     raise AttributeError(name)
 
 
-def load_engine(path, backend: str | None = None, **opts) -> Engine:
-    """Load an engine from an engine directory (model.onnx / model.plan + weights map) or file.
-
-    backend: "onnxruntime" | "ort" | "tensorrt" | "trt" | "torch" | None. None picks TensorRT when the
-    directory has a model.plan and TensorRT with a CUDA device is usable, else ONNX Runtime.
-    Extra options go to the engine (OrtEngine: mode="inputs"|"session", providers, ...).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"engine not found: {path}")
-    if backend is not None:
-        try:
-            backend = _ALIASES[backend.lower()]
-        except KeyError:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}") from None
-    else:
-        plan = path if path.suffix in (".plan", ".engine") else path / PLAN_FILE
-        backend = "onnxruntime"
-        if plan.is_file():
-            from .tensorrt import tensorrt_available
-
-            if tensorrt_available():
-                backend = "tensorrt"
-            elif not (path.is_dir() and any(path.glob("*.onnx"))):
-                raise EngineError(f"{path} holds only a TensorRT plan, and TensorRT with CUDA is not available")
-    if backend == "tensorrt":
-        from .tensorrt import TensorRTEngine
-
-        return TensorRTEngine(path, **opts)
-    if backend == "torch":  # an export made with --torch: the module in <dir>/torch (device=, compile=)
-        from .torch_engine import TorchEngine
-
-        return TorchEngine(path, **opts)
-    return OrtEngine(path, **opts)
-
-
 __all__ = [
-    "BACKENDS", "DEFAULT_MODE", "MODES", "Engine", "EngineError", "InputError", "InputInfo", "MapEntry", "Manifest",
-    "ManifestError", "OrtEngine", "WeightError", "WeightInfo", "WeightsMap", "load_engine", "load_weights_map",
+    "BACKENDS", "DEFAULT_MODE", "MODES", "PLAN_FILE", "Engine", "EngineError", "InputError", "InputInfo", "MapEntry",
+    "Manifest", "ManifestError", "OrtEngine", "WeightAccess", "WeightError", "WeightInfo", "WeightsMap",
+    "load_engine", "load_pipeline", "load_weights_map",
 ]

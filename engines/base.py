@@ -1,8 +1,12 @@
 """The one engine interface that ONNX Runtime and TensorRT engines implement.
 
 An engine runs a graph (`infer`: dict of numpy arrays in, dict out, names as exported) and
-exposes its refittable weights by ONNX initializer name. `set_weights` is atomic: every
-name, shape and dtype is checked before anything is written, and if writing fails the
+exposes its refittable weights, always keyed by ONNX initializer name (the weights map's
+keys). How it takes new values is declared, not probed: `weight_access()` says whether it
+takes host arrays only (`set_weights`, every engine), torch tensors on a device
+(`set_device_weights`, in the initializers' or the parameters' layout), and whether it
+runs from host arrays a caller may write in place (`writable_weights`). Writes are atomic:
+every name, shape and dtype is checked before anything is written, and if writing fails the
 previous values are restored. Engines never cast: weights must already have the engine's
 dtype (the refitter casts once, with the effective-weight function). Inputs are not cast
 either: `infer` checks their names, dtypes, ranks and fixed sizes first (`check_feeds`) and
@@ -80,6 +84,25 @@ def check_feeds(infos: Mapping[str, InputInfo], feeds: Mapping, weights=(), wher
         raise InputError(f"bad inputs{' for ' + where if where else ''}: " + "; ".join(problems)
                          + (f" (the engine takes {takes})" if names_wrong else ""))
     return arrays
+
+
+@dataclass(frozen=True)
+class WeightAccess:
+    """How an engine takes new values for its refittable weights (keys: initializer names).
+
+    device: None, host numpy arrays only (`set_weights`); else the torch device whose tensors
+      `set_device_weights` takes (no host round trip).
+    layout: of the values `set_device_weights` takes: "initializer" (the ONNX initializer's
+      shape and dtype) or "parameter" (the torch parameter's).
+    in_place: `writable_weights()` yields the host arrays the engine runs from.
+    resident_bases: whether a refitter should keep the exact base values on `device` (None:
+      on every device but the CPU, where it reads them in place from the export's files).
+    """
+
+    device: str | None = None
+    layout: str = "initializer"
+    in_place: bool = False
+    resident_bases: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +195,19 @@ class Engine(abc.ABC):
                 problems.append(f"{name}: dtype {arr.dtype} != engine dtype {info.dtype}")
         if problems:
             raise WeightError(f"cannot set {len(problems)} weight(s): " + "; ".join(problems[:8]))
+
+    def weight_access(self) -> WeightAccess:
+        """What this engine's weight writes take (see `WeightAccess`); host arrays by default."""
+        return WeightAccess()
+
+    def check_device_weights(self, values: Mapping) -> None:
+        """Raise WeightError unless these torch tensors fit (`weight_access().device` engines)."""
+        raise EngineError(f"the {self.backend} engine takes host arrays only (weight_access().device is None): "
+                          "use set_weights")
+
+    def set_device_weights(self, values: Mapping) -> None:
+        """Write torch tensors on `weight_access().device`, in its `layout`, all or nothing."""
+        self.check_device_weights(values)
 
     @contextlib.contextmanager
     def writable_weights(self):

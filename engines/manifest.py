@@ -36,6 +36,15 @@ VERSION = 2
 _READABLE = (1, 2)
 
 
+_COMPONENT_KEYS = ("name", "path", "sha256", "scale")
+
+
+def adapter_record(name: str, path, sha256: str | None, scale: float, adapter) -> dict:
+    """One baked adapter as a manifest lists it (`adapter`: the bound LoraAdapter)."""
+    return {"name": name, "path": str(path), "sha256": sha256, "scale": float(scale), "format": adapter.format,
+            "targets": len(adapter.layers), "components": adapter.components}
+
+
 class ManifestError(ValueError):
     """A manifest that is missing, unreadable or not of this project's layout."""
 
@@ -109,10 +118,13 @@ class Manifest(Mapping):
                 return name, entry
         return None, {}
 
-    def adapters_of(self, component: str) -> list[dict]:
-        """The adapters baked into one component (as its entry lists them)."""
-        entry = self.components.get(component) or {}
-        return list(entry.get("adapters", self.adapters))
+    def record_adapters(self, records: list[dict]) -> None:
+        """Set the baked adapters (`adapter_record`s): all of them at the top, and in each component's
+        entry those with layers there ({name, path, sha256, scale})."""
+        self._data["adapters"] = [dict(r) for r in records]
+        for component, entry in self.components.items():
+            entry["adapters"] = [{k: r[k] for k in _COMPONENT_KEYS} for r in records
+                                 if component in r.get("components", ())]
 
     # -- files ---------------------------------------------------------------------------
     @classmethod

@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from lora_loaders import dtypes as dt
+
 MODEL_FILE = "model.onnx"
 _PROTO_LIMIT = 2_000_000_000  # protobuf's 2 GiB message limit, with a margin
 
@@ -28,39 +30,21 @@ def find_model(path) -> Path:
     return path
 
 
-def np_dtype(elem_type: int) -> np.dtype:
-    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+def initializer_view(t: TensorProto, base_dir: Path | None = None) -> np.ndarray:
+    """The value of an initializer; external data is a copy-on-write memory map (nothing is read
+    until used, and nothing written to it reaches the file)."""
+    if t.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    info = {e.key: e.value for e in t.external_data}
+    d = dt.dtype(t.data_type)
+    mm = np.memmap(Path(base_dir or ".") / info["location"], dtype=d.storage, mode="c",
+                   offset=int(info.get("offset", 0)), shape=tuple(t.dims))
+    return mm.view(d.numpy)
 
 
 def initializer_array(t: TensorProto, base_dir: Path | None = None) -> np.ndarray:
-    """The value of an initializer (external data read from base_dir), as a new array."""
-    if t.data_location == TensorProto.EXTERNAL:
-        return read_external(t, base_dir)
-    return numpy_helper.to_array(t).copy()
-
-
-def initializer_view(t: TensorProto, base_dir: Path | None = None) -> np.ndarray:
-    """The value of an initializer without copying external data (a read-only memory map)."""
-    if t.data_location == TensorProto.EXTERNAL:
-        info = {e.key: e.value for e in t.external_data}
-        dtype = np_dtype(t.data_type)
-        storage = np.uint16 if dtype.name == "bfloat16" else dtype
-        mm = np.memmap(Path(base_dir or ".") / info["location"], dtype=storage, mode="r",
-                       offset=int(info.get("offset", 0)), shape=tuple(t.dims))
-        return mm.view(dtype) if storage is not dtype else mm
-    return numpy_helper.to_array(t).copy()
-
-
-def read_external(t: TensorProto, base_dir: Path | None) -> np.ndarray:
-    info = {e.key: e.value for e in t.external_data}
-    location = Path(base_dir or ".") / info["location"]
-    offset = int(info.get("offset", 0))
-    dtype = np_dtype(t.data_type)
-    shape = tuple(t.dims)
-    count = int(np.prod(shape, dtype=np.int64))
-    storage = np.uint16 if dtype.name == "bfloat16" else dtype
-    arr = np.fromfile(location, dtype=storage, count=count, offset=offset).reshape(shape)
-    return arr.view(dtype) if storage is not dtype else arr
+    """The value of an initializer as a new, writable array."""
+    return np.array(initializer_view(t, base_dir))
 
 
 class InitializerReader:
@@ -84,18 +68,10 @@ class InitializerReader:
         return tuple(self._index[name].dims)
 
     def dtype(self, name: str) -> np.dtype:
-        return np_dtype(self._index[name].data_type)
+        return dt.numpy_dtype(self._index[name].data_type)
 
     def array(self, name: str) -> np.ndarray:
-        t = self._index[name]
-        if t.data_location == TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
-            dtype = np_dtype(t.data_type)
-            storage = np.uint16 if dtype.name == "bfloat16" else dtype
-            mm = np.memmap(self.model_path.parent / info["location"], dtype=storage, mode="r",
-                           offset=int(info.get("offset", 0)), shape=tuple(t.dims))
-            return mm.view(dtype) if storage is not dtype else mm
-        return numpy_helper.to_array(t)
+        return initializer_view(self._index[name], self.model_path.parent)
 
 
 def take_initializers(model: onnx.ModelProto, names, base_dir: Path | None = None) -> dict[str, np.ndarray]:
@@ -133,7 +109,7 @@ def stub_external(model: onnx.ModelProto, names, location: str = "__supplied_at_
     for t in model.graph.initializer:
         if t.name not in wanted:
             continue
-        nbytes = int(np.prod(t.dims, dtype=np.int64)) * np_dtype(t.data_type).itemsize
+        nbytes = int(np.prod(t.dims, dtype=np.int64)) * dt.numpy_dtype(t.data_type).itemsize
         for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
             t.ClearField(f)
         del t.external_data[:]
@@ -229,7 +205,7 @@ def _tensor_to_fp32(t: TensorProto, base_dir: Path | None) -> None:
     if t.data_location == TensorProto.EXTERNAL:
         if base_dir is None:
             raise ValueError(f"bfloat16 tensor {t.name!r} has external data and no base directory was given")
-        bits = read_external(t, base_dir).view(np.uint16)
+        bits = initializer_view(t, base_dir).view(np.uint16)
     else:
         bits = numpy_helper.to_array(t).view(np.uint16)
     values = (bits.reshape(-1).astype("<u4") << 16).view("<f4")

@@ -52,8 +52,10 @@ import onnx
 from onnx import TensorProto
 from onnx.external_data_helper import load_external_data_for_tensor
 
+from lora_loaders import dtypes as dt
+
 from . import onnx_utils as ou
-from .base import Engine, EngineError, InputInfo, WeightError, WeightInfo
+from .base import Engine, EngineError, InputInfo, WeightAccess, WeightInfo
 from .weights_map import load_weights_map
 
 log = logging.getLogger(__name__)
@@ -76,22 +78,12 @@ def _ort():
     return ort
 
 
-_ORT_TYPES = {  # ONNX Runtime's NodeArg.type strings -> numpy
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
-    "tensor(uint64)": np.uint64, "tensor(uint32)": np.uint32, "tensor(uint16)": np.uint16,
-    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
-}
-
-
 def numpy_dtype(ort_type: str) -> np.dtype | None:
     """The numpy dtype of an ONNX Runtime type string ('tensor(float)' -> float32); None if numpy has none."""
-    if ort_type == "tensor(bfloat16)":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    t = _ORT_TYPES.get(ort_type)
-    return np.dtype(t) if t is not None else None
+    try:
+        return dt.numpy_dtype(ort_type)
+    except ValueError:
+        return None
 
 
 def _ortvalue(arr: np.ndarray, device: str, device_id: int):
@@ -108,7 +100,7 @@ def _owned(arr: np.ndarray, copy: bool) -> np.ndarray:
 
 
 def _storage(arr: np.ndarray) -> np.ndarray:
-    return arr.view(np.uint16) if arr.dtype.name == "bfloat16" else arr
+    return arr.view(dt.dtype(arr.dtype).storage)
 
 
 def _cpu_only(providers) -> bool:
@@ -117,9 +109,7 @@ def _cpu_only(providers) -> bool:
 
 def _bf16(arr: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16, rounding to nearest even (as torch's .to(torch.bfloat16))."""
-    import ml_dtypes
-
-    return arr.astype(ml_dtypes.bfloat16)
+    return arr.astype(dt.numpy_dtype("bfloat16"))
 
 
 class OrtEngine(Engine):
@@ -293,11 +283,15 @@ class OrtEngine(Engine):
                         for n in names}
             return {n: self._arrays[n].copy() for n in names}
 
+    def weight_access(self) -> WeightAccess:
+        # in place: `inputs` mode on the CPU, where the bound OrtValues share the host arrays
+        return WeightAccess(in_place=self.mode == "inputs" and self.device == "cpu" and not self.fp32_copy)
+
     @contextlib.contextmanager
     def writable_weights(self):
         """`inputs` mode on the CPU: the host arrays the bound OrtValues share (those whose memory
         ONNX Runtime reads directly), under the engine's lock."""
-        if self.mode != "inputs" or self.device != "cpu" or self.fp32_copy:
+        if not self.weight_access().in_place:
             yield None
             return
         with self._lock:

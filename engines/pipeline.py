@@ -9,16 +9,18 @@ The pipeline is diffusers' own (its scheduler, tokenizers, guidance logic, image
 processing); each model it calls is an `EngineModel`: a module without parameters that
 maps the call's arguments onto the exported graph's inputs (the registry's TensorSpec
 `arg`s), runs the engine, and returns what the model would (`[0]`, `.sample`,
-`.hidden_states[-2]`, a latent distribution). The LoRA methods refit the engines through
-one `refit.Refitter` per LoRA-capable component, with diffusers' semantics.
+`.hidden_states[-2]`, a latent distribution). The LoRA methods are those of one
+`refit.Refitter` over the export's LoRA-capable engines (`pipe.refitter`): one adapter state,
+diffusers' semantics, per-component and per-block weights included.
 
 This module sits on top, beside the Triton deployment: it uses `refit`.
 """
 
 from __future__ import annotations
 
-import copy
+import importlib
 import inspect
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,12 +29,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from lora_loaders.adapter import adapter_name_list
+from lora_loaders.dtypes import from_numpy, to_numpy, torch_dtype
 from lora_loaders.families import ComponentSpec, FamilySpec, get_family
+from refit import Refitter
 
-from . import load_engine
+from .load import load_engine
 from .manifest import PIPELINE_STATE_FILE, Manifest
-from .weights_map import from_numpy, np_dtype
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,6 @@ class EngineModel(torch.nn.Module):
         self.config = config
         self._dtype = dtype
         first = next(iter(parts.values()))[0]
-        import importlib
-
         self._cls = getattr(importlib.import_module(first.library), first.class_name)
 
     dtype = property(lambda self: self._dtype)
@@ -138,17 +138,8 @@ def _feeds(spec: ComponentSpec, entry: dict, args: dict) -> dict[str, np.ndarray
             v = v.reshape(1).expand(batch)
         if v.dim() == rank + 1:  # per-sample position ids (FLUX.2): the same for every sample, as the model takes them
             v = v[0]
-        feeds[name] = np.ascontiguousarray(v.to(_torch_dtype(dtypes[name])).numpy()
-                                           if dtypes[name] != "bfloat16" else _bf16(v))
+        feeds[name] = to_numpy(v.to(torch_dtype(dtypes[name])))
     return feeds
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
-
-
-def _bf16(v: torch.Tensor) -> np.ndarray:
-    return v.to(torch.bfloat16).view(torch.int16).numpy().view(np_dtype("bfloat16"))
 
 
 def _result(spec: ComponentSpec, method: str, values: dict, args: dict, config):
@@ -188,117 +179,19 @@ def _result(spec: ComponentSpec, method: str, values: dict, args: dict, config):
 
 # -- LoRA switching over the engines ---------------------------------------------------------------
 
-
-class PipelineLoras:
-    """diffusers' pipeline LoRA API over one Refitter per LoRA-capable exported component."""
-
-    def __init__(self, refitters: dict):
-        self.refitters = refitters  # component -> Refitter
-
-    def _snapshot(self):
-        return {c: (r.get_active_adapters(), r.get_adapter_weights(), r.enabled) for c, r in self.refitters.items()}
-
-    def _restore(self, snap, drop: str | None = None):
-        for c, (active, weights, enabled) in snap.items():
-            r = self.refitters[c]
-            try:
-                if drop and drop in r.get_list_adapters().get(c, []):
-                    r.delete_adapters(drop)
-                r.set_adapters(active, [weights[n] for n in active])
-                (r.enable_lora if enabled else r.disable_lora)()
-            except Exception:  # noqa: BLE001 - best effort; the first error is what the caller sees
-                log.exception("%s: could not restore the adapters after a failed change", c)
-
-    def load_lora_weights(self, source, adapter_name: str | None = None, **kwargs):
-        from lora_loaders.reader import parse_file
-
-        if adapter_name is None:
-            adapter_name = f"default_{len(self.get_list_adapters_flat())}"
-        if adapter_name in self.get_list_adapters_flat():
-            raise ValueError(f"Adapter name {adapter_name!r} already in use")
-        parse_file(source, **{k: v for k, v in kwargs.items() if k in ("weight_name", "allow_pickle")})
-        snap, done = self._snapshot(), []
-        try:
-            for c, r in self.refitters.items():
-                try:
-                    r.load_lora(source, adapter_name=adapter_name, **kwargs)
-                    done.append(c)
-                except Exception as e:  # noqa: BLE001
-                    if "has no layers for component" not in str(e):
-                        raise
-            if not done:
-                raise ValueError(f"adapter {adapter_name!r} has no layers for the exported LoRA components "
-                                 f"{list(self.refitters)}")
-        except BaseException:
-            self._restore({c: snap[c] for c in done}, drop=adapter_name)
-            raise
-
-    def get_list_adapters(self) -> dict[str, list[str]]:
-        out = {}
-        for c, r in self.refitters.items():
-            out.update(r.get_list_adapters())
-        return out
-
-    def get_list_adapters_flat(self) -> list[str]:
-        return list(dict.fromkeys(n for names in self.get_list_adapters().values() for n in names))
-
-    def get_active_adapters(self) -> list[str]:
-        return list(dict.fromkeys(n for r in self.refitters.values() for n in r.get_active_adapters()))
-
-    def set_adapters(self, adapter_names, adapter_weights=None):
-        names = adapter_name_list(adapter_names, self.get_list_adapters_flat())
-        weights = copy.deepcopy(adapter_weights)
-        weights = weights if isinstance(weights, list) else [weights] * len(names)
-        if len(weights) != len(names):
-            raise ValueError(f"Length of adapter names {len(names)} is not equal to the length of the weights "
-                             f"{len(weights)}")
-        def change(c, r):
-            have = r.get_list_adapters().get(c, [])
-            pairs = [(n, w.get(c) if isinstance(w, Mapping) else w) for n, w in zip(names, weights) if n in have]
-            r.set_adapters([n for n, _ in pairs], [w for _, w in pairs])  # none of them here: this one's base
-
-        self._each(change)
-
-    def _each(self, change):
-        snap = self._snapshot()
-        try:
-            for c, r in self.refitters.items():
-                change(c, r)
-        except BaseException:
-            self._restore(snap)
-            raise
-
-    def disable_lora(self):
-        self._each(lambda c, r: r.disable_lora())
-
-    def enable_lora(self):
-        self._each(lambda c, r: r.enable_lora())
-
-    def delete_adapters(self, adapter_names):
-        names = adapter_name_list(adapter_names, self.get_list_adapters_flat())
-        self._each(lambda c, r: [r.delete_adapters(n) for n in names if n in r.get_list_adapters().get(c, [])])
-
-    def unload_lora_weights(self):
-        self._each(lambda c, r: r.unload_lora_weights())
-
-    def fuse_lora(self, *args, **kwargs):
-        """Engines always hold the effective weights: nothing to merge."""
-
-    def unfuse_lora(self, *args, **kwargs):
-        """Engines always hold the effective weights: nothing to unmerge (`set_adapters([])` gives base)."""
-
-
 _LORA_METHODS = ("load_lora_weights", "set_adapters", "disable_lora", "enable_lora", "delete_adapters",
-                 "unload_lora_weights", "get_active_adapters", "get_list_adapters", "fuse_lora", "unfuse_lora")
+                 "unload_lora_weights", "get_active_adapters", "get_list_adapters")
 
 
 def _engine_pipeline_class(cls):
-    """The diffusers pipeline class with its LoRA methods refitting the engines."""
+    """The diffusers pipeline class with its LoRA methods those of `self.refitter`."""
     def method(name):
         def call(self, *args, **kwargs):
-            return getattr(self._engine_loras, name)(*args, **kwargs)
+            if self.refitter is None:
+                raise PipelineError(f"{name}: this export has no LoRA-capable component")
+            return getattr(self.refitter, name)(*args, **kwargs)
         call.__name__ = name
-        call.__doc__ = getattr(PipelineLoras, name).__doc__
+        call.__doc__ = getattr(Refitter, name).__doc__
         return call
 
     def __call__(self, *args, **kwargs):
@@ -306,7 +199,15 @@ def _engine_pipeline_class(cls):
             kwargs.setdefault(k, v)
         return cls.__call__(self, *args, **kwargs)
 
-    return type(f"Engine{cls.__name__}", (cls,), {"__call__": __call__, **{n: method(n) for n in _LORA_METHODS}})
+    def fuse_lora(self, *args, **kwargs):
+        """Engines always hold the effective weights: nothing to merge."""
+
+    def unfuse_lora(self, *args, **kwargs):
+        """Engines always hold the effective weights: nothing to unmerge (`set_adapters([])` gives base)."""
+
+    return type(f"Engine{cls.__name__}", (cls,), {"__call__": __call__, "fuse_lora": fuse_lora,
+                                                 "unfuse_lora": unfuse_lora,
+                                                 **{n: method(n) for n in _LORA_METHODS}})
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -322,8 +223,6 @@ def load_pipeline(out_dir, backend: str | None = None, lora_dir=None, **engine_o
     """
     import diffusers
 
-    import refit
-
     out_dir = Path(out_dir)
     manifest = Manifest.read(out_dir)
     spec: FamilySpec = get_family(manifest.family)
@@ -336,27 +235,25 @@ def load_pipeline(out_dir, backend: str | None = None, lora_dir=None, **engine_o
     index = _model_index(out_dir)
     cls = _engine_pipeline_class(getattr(diffusers, spec.pipeline))
     params = inspect.signature(cls.__init__).parameters
-    kwargs, refitters = {}, {}
+    kwargs, lora_engines = {}, {}
     groups: dict[str, dict] = {}
     for comp, entry in manifest.components.items():
         cspec = spec.component(comp)
         engine = load_engine(out_dir / entry.get("dir", comp), backend=backend, **engine_opts)
         groups.setdefault(cspec.folder, {})[cspec.method] = (cspec, engine, entry)
         if cspec.lora:
-            refitters[comp] = refit.Refitter(engine, lora_dir=lora_dir)
+            lora_engines[comp] = engine
     for folder, parts in groups.items():
         cspec, _, entry = next(iter(parts.values()))
         comp_dir = out_dir / entry.get("dir", cspec.name)
         state = load_file(comp_dir / PIPELINE_STATE_FILE) if (comp_dir / PIPELINE_STATE_FILE).is_file() else None
-        kwargs[folder] = EngineModel(parts, _config(cspec, comp_dir), _torch_dtype(entry["dtype"]), state)
+        kwargs[folder] = EngineModel(parts, _config(cspec, comp_dir), torch_dtype(entry["dtype"]), state)
     for name in params:
         if name in kwargs or name == "self" or name not in index:
             continue
         library, class_name = index[name]
         if library is None or name in groups:
             continue
-        import importlib
-
         kwargs[name] = getattr(importlib.import_module(library), class_name).from_pretrained(out_dir / name)
     for name, p in params.items():
         if name not in kwargs and name != "self" and p.default is inspect.Parameter.empty \
@@ -366,7 +263,7 @@ def load_pipeline(out_dir, backend: str | None = None, lora_dir=None, **engine_o
         kwargs["requires_safety_checker"] = False
     missing = [n for n in params if n not in kwargs and n not in ("self", "kwargs")]
     pipe = cls(**{k: v for k, v in kwargs.items() if k in params})
-    pipe._engine_loras = PipelineLoras(refitters)
+    pipe.refitter = Refitter(lora_engines, lora_dir=lora_dir) if lora_engines else None
     pipe._engine_spec = spec
     if missing:
         log.debug("pipeline arguments left to their defaults: %s", missing)
@@ -374,8 +271,6 @@ def load_pipeline(out_dir, backend: str | None = None, lora_dir=None, **engine_o
 
 
 def _model_index(out_dir: Path) -> dict:
-    import json
-
     path = out_dir / "model_index.json"
     if not path.is_file():
         raise PipelineError(f"{out_dir}: no model_index.json")
@@ -384,8 +279,6 @@ def _model_index(out_dir: Path) -> dict:
 
 def _config(cspec: ComponentSpec, comp_dir: Path):
     """The component's config, as its model would have it (`model.config`)."""
-    import importlib
-
     cls = getattr(importlib.import_module(cspec.library), cspec.class_name)
     if cspec.library == "transformers":
         return cls.config_class.from_pretrained(comp_dir)

@@ -5,7 +5,7 @@
   `network.mark_weights_refittable(name)` for exactly the initializers of the weights map,
   so only LoRA-targetable weights pay for refittability. Flags are looked up by name
   (their integer values changed between TensorRT 10 and 11).
-- Refit (`TensorRTEngine.set_torch_weights`, what a Refitter calls: device tensors computed on
+- Refit (`TensorRTEngine.set_device_weights`, what a Refitter calls: device tensors computed on
   the GPU from base weights kept there; `set_weights` takes numpy and copies to the device):
   `trt.Refitter.set_named_weights` with the ONNX initializer names and
   `trt.Weights(dtype, ptr, count)` + `TensorLocation.DEVICE`, then `refit_cuda_engine_async`.
@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Engine, EngineError, InputInfo, WeightError, WeightInfo
+from lora_loaders import dtypes as dt
+
+from .base import Engine, EngineError, InputInfo, WeightAccess, WeightError, WeightInfo
 from .weights_map import load_weights_map
 
 PLAN_FILE = "model.plan"
@@ -64,20 +66,26 @@ def builder_flag(name: str):
         raise EngineError(f"TensorRT {trt.__version__} has no BuilderFlag.{name}") from None
 
 
-_NP = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
-       "BOOL": np.bool_, "UINT8": np.uint8}
+# trt.DataType member -> the project's dtype name (lora_loaders.dtypes)
+_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
+           "INT64": "int64", "BOOL": "bool", "UINT8": "uint8"}
 
 
 def np_dtype_of(trt_dtype) -> np.dtype:
     name = trt_dtype.name if hasattr(trt_dtype, "name") else str(trt_dtype).split(".")[-1]
-    if name == "BF16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
     try:
-        return np.dtype(_NP[name])
+        return dt.numpy_dtype(_DTYPES[name])
     except KeyError:
         raise EngineError(f"unsupported TensorRT weight dtype {name}") from None
+
+
+def _trt_dtype(dtype):
+    """The trt.DataType of any dtype spelling."""
+    name = dt.name(dtype)
+    member = next((k for k, v in _DTYPES.items() if v == name), None)
+    if member is None:
+        raise EngineError(f"no TensorRT dtype for {name}")
+    return getattr(_trt().DataType, member)
 
 
 def _logger():
@@ -277,51 +285,42 @@ class TensorRTEngine(Engine):
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from .weights_map import from_numpy, to_numpy
-
         feeds = self.check_inputs(feeds)
         with self._lock, torch.cuda.device(self.device):
             keep = []
             for n in self._inputs:
-                t = from_numpy(feeds[n]).to(self.device)
+                t = dt.from_numpy(feeds[n]).to(self.device)
                 keep.append(t)
                 self._context.set_input_shape(n, tuple(t.shape))
                 self._context.set_tensor_address(n, t.data_ptr())
             outs = {}
             for n in self._outputs:
                 shape = tuple(self._context.get_tensor_shape(n))
-                dtype = _torch_dtype(np_dtype_of(self._engine.get_tensor_dtype(n)))
+                dtype = dt.torch_dtype(np_dtype_of(self._engine.get_tensor_dtype(n)))
                 outs[n] = torch.empty(shape, dtype=dtype, device=self.device)
                 self._context.set_tensor_address(n, outs[n].data_ptr())
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
             if not self._context.execute_async_v3(self._stream.cuda_stream):
                 raise EngineError("TensorRT execution failed")
             self._stream.synchronize()
-            return {n: to_numpy(t) for n, t in outs.items()}
+            return {n: dt.to_numpy(t) for n, t in outs.items()}
 
     # -- weights -------------------------------------------------------------------------
     # The values the engine holds live on the device: the tensors handed to the last refit of
     # each weight (TensorRT reads them in place), or the plan's own (the ONNX initializers, read
     # when first needed for a rollback). No host copy is kept.
-    torch_weights_layout = "onnx"  # a Refitter hands device tensors in the initializers' layout
-
-    @property
-    def torch_weights_device(self):
-        return self.device
+    def weight_access(self) -> WeightAccess:
+        return WeightAccess(device=str(self.device), layout="initializer")
 
     def _device_value(self, name: str):
         t = self._device_values.get(name)
         if t is None:
-            from .weights_map import from_numpy
-
-            t = from_numpy(self._initial(name)).to(self.device)
+            t = dt.from_numpy(self._initial(name)).to(self.device)
         return t
 
     def _read_weights(self, names: list[str]) -> dict[str, np.ndarray]:
-        from .weights_map import to_numpy
-
         with self._lock:
-            return {n: to_numpy(self._device_value(n)).copy() for n in names}
+            return {n: dt.to_numpy(self._device_value(n)).copy() for n in names}
 
     def _initial(self, name: str) -> np.ndarray:
         """Value built into the plan: the ONNX initializer it was built from."""
@@ -333,7 +332,7 @@ class TensorRTEngine(Engine):
             self._reader = InitializerReader(self.model_path)
         return np.array(self._reader.array(name))
 
-    def check_torch_weights(self, values) -> None:
+    def check_device_weights(self, values) -> None:
         import torch
 
         problems = []
@@ -343,19 +342,19 @@ class TensorRTEngine(Engine):
                 problems.append(f"{n}: not a refittable weight of this engine")
             elif not isinstance(t, torch.Tensor):
                 problems.append(f"{n}: expected a torch tensor, got {type(t).__name__}")
-            elif tuple(t.shape) != info.shape or _np_of_torch(t.dtype) != info.dtype or t.device != self.device \
+            elif tuple(t.shape) != info.shape or dt.numpy_dtype(t.dtype) != info.dtype or t.device != self.device \
                     or not t.is_contiguous():
                 problems.append(f"{n}: {tuple(t.shape)} {t.dtype} on {t.device} != the engine's {info.shape} "
                                 f"{info.dtype} on {self.device} (contiguous)")
         if problems:
             raise WeightError(f"cannot set {len(problems)} weight(s): " + "; ".join(problems[:8]))
 
-    def set_torch_weights(self, values) -> None:
+    def set_device_weights(self, values) -> None:
         """Refit with device tensors in the initializers' layout, all or nothing: if the refit fails,
         the previous values are set again and refitted (the engine keeps its old weights)."""
         if not values:
             return
-        self.check_torch_weights(values)
+        self.check_device_weights(values)
         with self._lock:
             previous = {n: self._device_value(n) for n in values}
             try:
@@ -370,14 +369,12 @@ class TensorRTEngine(Engine):
             self._device_values.update(values)
 
     def _write_weights(self, weights: dict[str, np.ndarray], copy: bool = True) -> None:
-        from .weights_map import from_numpy
-
-        self.set_torch_weights({n: from_numpy(np.ascontiguousarray(a)).to(self.device) for n, a in weights.items()})
+        self.set_device_weights({n: dt.from_numpy(a).to(self.device) for n, a in weights.items()})
 
     def _refit(self, values) -> None:
         trt = _trt()
         for name, t in values.items():
-            w = trt.Weights(_trt_dtype(_np_of_torch(t.dtype)), t.data_ptr(), t.numel())
+            w = trt.Weights(_trt_dtype(t.dtype), t.data_ptr(), t.numel())
             if not self._refitter.set_named_weights(name, w, trt.TensorLocation.DEVICE):
                 raise EngineError(f"TensorRT rejected weights {name!r} ({t.dtype}, {tuple(t.shape)})")
         missing = list(self._refitter.get_missing_weights())
@@ -390,32 +387,3 @@ class TensorRTEngine(Engine):
         if not self._refitter.refit_cuda_engine_async(self._stream.cuda_stream):
             raise EngineError("refit_cuda_engine_async returned False")
         self._stream.synchronize()
-
-
-def _np_of_torch(dtype) -> np.dtype:
-    import torch
-
-    if dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(torch.empty(0, dtype=dtype).numpy().dtype)
-
-
-def _torch_dtype(np_dtype):
-    import torch
-
-    if np_dtype.name == "bfloat16":
-        return torch.bfloat16
-    return torch.from_numpy(np.zeros(0, np_dtype)).dtype
-
-
-def _trt_dtype(np_dtype):
-    trt = _trt()
-    name = np.dtype(np_dtype).name
-    table = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int8": "int8", "int32": "int32",
-             "int64": "int64", "bool": "bool", "uint8": "uint8"}
-    try:
-        return getattr(trt, table[name])
-    except (KeyError, AttributeError):
-        raise EngineError(f"no TensorRT dtype for {name}") from None

@@ -13,11 +13,12 @@ engines.
 
 Weights: the refittable weights are the weights map's (by initializer name, as for every
 engine, with the initializer's shape and dtype), and `set_weights` takes numpy arrays in that
-layout. A Refitter does better: the engine says where its weights live (`torch_weights_device`)
-and takes torch-layout tensors by parameter name (`set_torch_weights`), computed on that device
-from base weights kept there (on CUDA; on the CPU the base weights are read in place from the
-export's files unless `resident_bases=True`), with the adapters' factors copied there once: no
-host round-trip, no host copy of the weights. Both write the parameters IN PLACE (`copy_`): storage, shapes and
+layout. A Refitter does better: the engine declares (`weight_access()`) that it takes torch
+tensors on its device in the parameters' own layout, still keyed by initializer name
+(`set_device_weights`), computed on that device from base weights kept there (on CUDA; on the
+CPU the base weights are read in place from the export's files unless `resident_bases=True`),
+with the adapters' factors copied there once: no host round-trip, no host copy of the weights.
+Both write the parameters IN PLACE (`copy_`): storage, shapes and
 strides never change, so a `torch.compile`d module is not recompiled, and a CUDA graph keeps
 pointing at the live weights. Atomic: everything is checked before the first write; with
 `rollback=True` (default) the previous values of the weights being written are copied aside
@@ -37,16 +38,14 @@ import torch
 
 from lora_loaders.families.spec import select_output
 
-from .base import Engine, EngineError, InputInfo, WeightError, WeightInfo
+from lora_loaders.dtypes import from_numpy, numpy_dtype, to_numpy, torch_dtype
+
+from .base import Engine, EngineError, InputInfo, WeightAccess, WeightError, WeightInfo
 from .manifest import Manifest
-from .weights_map import from_numpy, load_weights_map, np_dtype, to_numpy, torch_dtype
+from .weights_map import load_weights_map
 
 TORCH_DIR = "torch"
 TORCH_META = "torch_model.json"
-
-
-def _np_of(dtype_name: str):
-    return np.dtype(np.float32) if dtype_name == "model" else np.dtype(dtype_name)
 
 
 def load_torch_component(torch_dir, dtype=None, device="cpu") -> torch.nn.Module:
@@ -71,7 +70,7 @@ class TorchEngine(Engine):
     def __init__(self, path, device="cpu", compile: bool | dict = False, rollback: bool = True, model=None,
                  family: str | None = None, component: str | None = None, resident_bases: bool | None = None):
         path = Path(path)
-        self.torch_weights_resident = resident_bases  # None: base weights kept on the device unless it is the CPU
+        self.resident_bases = resident_bases  # None: base weights kept on the device unless it is the CPU
         self.directory = path if path.is_dir() else path.parent
         self.model_path = None
         self.device = torch.device(device)
@@ -98,15 +97,15 @@ class TorchEngine(Engine):
             for p, e in wmap.entries.items():
                 if p not in self._params:
                     raise EngineError(f"{self.directory}: mapped parameter {p} is not in the torch module")
-                self._infos[e.initializer] = WeightInfo(e.initializer, e.shape, np_dtype(e.raw["dtype"]))
+                self._infos[e.initializer] = WeightInfo(e.initializer, e.shape, numpy_dtype(e.raw["dtype"]))
                 self._by_init[e.initializer] = p
         config = getattr(self.model, "config", None)
         self._tensor_inputs = self.spec.inputs_for(config)
         declared = {i["name"]: i.get("shape", []) for i in entry.get("inputs", [])}
-        dtype_name = str(next(iter(self._params.values())).dtype).removeprefix("torch.")
+        model_dtype = next(iter(self._params.values())).dtype
         self._input_infos = {}
         for t in self._tensor_inputs:
-            dt = np_dtype(dtype_name) if t.dtype == "model" else _np_of(t.dtype)
+            dt = numpy_dtype(model_dtype if t.dtype == "model" else t.dtype)
             shape = tuple(d if isinstance(d, int) else (d if isinstance(d, str) else None)
                           for d in declared.get(t.name, [None] * len(t.dims)))
             self._input_infos[t.name] = InputInfo(t.name, dt, shape)
@@ -149,21 +148,20 @@ class TorchEngine(Engine):
                     for n in names}
 
     def _write_weights(self, weights: dict[str, np.ndarray], copy: bool = True) -> None:
-        values = {self._by_init[n]: self.map[self._by_init[n]].to_torch(from_numpy(a)) for n, a in weights.items()}
-        self.set_torch_weights(values)
+        values = {n: self.map[self._by_init[n]].to_torch(from_numpy(a)).to(self.device) for n, a in weights.items()}
+        self.set_device_weights(values)
 
-    # -- weights: torch tensors by parameter name (what a Refitter hands this engine) ------------
-    @property
-    def torch_weights_device(self) -> torch.device:
-        """Where set_torch_weights wants its tensors (the module's device)."""
-        return self.device
+    # -- weights: torch tensors in the parameters' layout (what a Refitter hands this engine) ------
+    def weight_access(self) -> WeightAccess:
+        return WeightAccess(device=str(self.device), layout="parameter", resident_bases=self.resident_bases)
 
-    def check_torch_weights(self, values: Mapping[str, torch.Tensor]) -> None:
+    def check_device_weights(self, values: Mapping[str, torch.Tensor]) -> None:
         problems = []
-        for p, v in values.items():
-            param = self._params.get(p)
-            if param is None or (self.map is not None and p not in self.map):
-                problems.append(f"{p}: not a refittable parameter of this engine")
+        for n, v in values.items():
+            p = self._by_init.get(n)
+            param = self._params.get(p) if p is not None else None
+            if param is None:
+                problems.append(f"{n}: not a refittable weight of this engine")
             elif not isinstance(v, torch.Tensor):
                 problems.append(f"{p}: expected a torch tensor, got {type(v).__name__}")
             elif v.shape != param.shape or v.dtype != param.dtype or v.device != param.device:
@@ -172,11 +170,12 @@ class TorchEngine(Engine):
         if problems:
             raise WeightError(f"cannot set {len(problems)} weight(s): " + "; ".join(problems[:8]))
 
-    def set_torch_weights(self, values: Mapping[str, torch.Tensor]) -> None:
-        """Write torch-layout values into the parameters in place, all or nothing."""
+    def set_device_weights(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Write {initializer name: torch-layout value} into the parameters in place, all or nothing."""
         if not values:
             return
-        self.check_torch_weights(values)
+        self.check_device_weights(values)
+        values = {self._by_init[n]: v for n, v in values.items()}
         with self._lock, torch.no_grad():
             saved = {p: self._params[p].detach().clone() for p in values} if self.rollback else {}
             done = []

@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lora_loaders.dtypes import numpy_dtype, torch_dtype
 from lora_loaders.io import atomic_path
 
 FORMAT = "lora-engines.weights_map"
@@ -59,19 +60,6 @@ VERSION = 1
 WEIGHTS_MAP_FILE = "weights_map.json"
 BASE_WEIGHTS_FILE = "base_weights.safetensors"
 TRANSFORM_STEPS = ("transpose", "reshape", "cast")
-
-
-def np_dtype(name: str):
-    """numpy dtype for a dtype name ("bfloat16" via ml_dtypes)."""
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
-def torch_dtype(name: str):
-    return getattr(torch, name)
 
 
 def transform_steps(entry: dict) -> list[str]:
@@ -125,7 +113,7 @@ def to_initializer(tensor, entry: dict):
     if "reshape" in steps:
         x = x.reshape(entry["shape"])
     if "cast" in steps:
-        x = x.astype(np_dtype(entry["dtype"]))
+        x = x.astype(numpy_dtype(entry["dtype"]))
     return np.ascontiguousarray(x)
 
 
@@ -146,24 +134,12 @@ def from_initializer(value, entry: dict):
         return x.contiguous()
     x = np.asarray(x)
     if "cast" in steps:
-        x = x.astype(np_dtype(entry["param_dtype"]))
+        x = x.astype(numpy_dtype(entry["param_dtype"]))
     if "transpose" in steps:
         x = x.reshape([entry["param_shape"][i] for i in entry["perm"]]).transpose(inv)
     elif "reshape" in steps:
         x = x.reshape(entry["param_shape"])
     return np.ascontiguousarray(x)
-
-
-def load_base_weights(path: str | os.PathLike, device: str = "cpu") -> dict:
-    """{torch param name: base tensor} from a component dir or the safetensors file ({} if absent)."""
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / BASE_WEIGHTS_FILE
-        if not p.exists():
-            return {}
-    return load_file(str(p), device=device)
 
 
 # -- the typed map ------------------------------------------------------------------------------
@@ -287,20 +263,3 @@ def load_weights_map(path) -> WeightsMap | None:
     if not path.is_file():
         return None
     return WeightsMap.load(path)
-
-
-# -- numpy <-> torch, bfloat16 included ---------------------------------------------------
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def from_numpy(a: np.ndarray) -> torch.Tensor:
-    if a.dtype.name == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lora_loaders.dtypes import torch_dtype
 from lora_loaders.families import Cfg, ComponentSpec, FamilySpec, TensorSpec
 from lora_loaders.families.spec import select_output
 
 ROLES = ("example", "check")  # export trace sizes, validation sizes
-_DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
 
 
 class Wrapper(nn.Module):
@@ -113,7 +113,7 @@ def example_inputs(family: FamilySpec, spec: ComponentSpec, model: nn.Module, dt
     for i, t in enumerate(spec.inputs_for(model.config)):
         g = torch.Generator().manual_seed(seed * 1000 + i)
         shape = shape_of(t, model.config, sizes)
-        tdtype = dtype if t.dtype == "model" else _DTYPES[t.dtype]
+        tdtype = dtype if t.dtype == "model" else torch_dtype(t.dtype)
         if t.sample is not None:
             value = t.sample(shape, g, ctx)
         elif tdtype.is_floating_point:

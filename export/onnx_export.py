@@ -20,11 +20,12 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
 import torch
 
 from engines.weights_map import WEIGHTS_MAP_FILE, WeightsMap, make_transform, to_initializer
+from lora_loaders.dtypes import name as dtype_name
+from lora_loaders.dtypes import to_numpy
 from lora_loaders.families import ComponentSpec, FamilySpec
 from lora_loaders.index import targetable_parameters
 
@@ -44,19 +45,6 @@ _SHAPE_OPS = {"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
 
 class ExportError(RuntimeError):
     """An export that cannot be completed correctly."""
-
-
-def torch_to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def dtype_str(t: torch.dtype) -> str:
-    return str(t).removeprefix("torch.")
 
 
 def _param_chains(model: ir.Model, params: set[str]) -> dict[str, tuple[str, list]]:
@@ -85,14 +73,9 @@ def _transform_from_chain(steps: list, param: torch.Tensor, value: ir.Value) -> 
         raise ExportError(f"cannot express the op chain {[op for op, _ in steps]} as a weights-map transform")
     perm = next((p for op, p in steps if op == "Transpose"), None)
     return make_transform(
-        list(param.shape), dtype_str(param.dtype), [int(d) for d in value.shape],
-        _ir_dtype_name(value.dtype), perm,
+        list(param.shape), dtype_name(param.dtype), [int(d) for d in value.shape],
+        dtype_name(int(value.dtype)), perm,
     )
-
-
-def _ir_dtype_name(dt: ir.DataType) -> str:
-    return {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16",
-            ir.DataType.DOUBLE: "float64"}.get(dt, dt.name.lower())
 
 
 def _rename_initializer(graph: ir.Graph, old: str, new: str) -> None:
@@ -118,14 +101,14 @@ def build_weights_map(
     for name, value in list(graph.initializers.items()):
         if name in param_set:
             t = state[name]
-            found[name].append((name, make_transform(list(t.shape), dtype_str(t.dtype), list(t.shape),
-                                                     dtype_str(t.dtype))))
+            found[name].append((name, make_transform(list(t.shape), dtype_name(t.dtype), list(t.shape),
+                                                     dtype_name(t.dtype))))
             continue
         if name in folded:
             p, perm = folded[name]
             t = state[p]
-            found[p].append((name, make_transform(list(t.shape), dtype_str(t.dtype), [int(d) for d in value.shape],
-                                                  _ir_dtype_name(value.dtype), perm)))
+            found[p].append((name, make_transform(list(t.shape), dtype_name(t.dtype), [int(d) for d in value.shape],
+                                                  dtype_name(int(value.dtype)), perm)))
             continue
         sources = value.metadata_props.get(FOLDED_FROM)
         if not sources:
@@ -196,7 +179,7 @@ def _verify(value: ir.Value, param: torch.Tensor, entry: dict, pname: str) -> No
         if not _same_bits(got_t, expected_t):
             raise ExportError(f"initializer {value.name} does not hold the bits of {entry['transform']}({pname})")
         return
-    expected = to_initializer(torch_to_numpy(param), entry)
+    expected = to_initializer(to_numpy(param), entry)
     got = tensor.numpy()
     if tuple(got.shape) != tuple(expected.shape) or got.dtype != expected.dtype:
         raise ExportError(f"initializer {value.name} is {got.dtype}{list(got.shape)}, the map's transform of "
@@ -229,7 +212,7 @@ def io_description(model_ir: ir.Model, spec: ComponentSpec, axes_of: dict) -> tu
         for v in values:
             axes = axes_of.get(v.name, {})
             shape = [axes[i] if i in axes else (d if isinstance(d, int) else str(d)) for i, d in enumerate(v.shape)]
-            out.append({"name": v.name, "dtype": _ir_dtype_name(v.dtype), "shape": shape,
+            out.append({"name": v.name, "dtype": dtype_name(int(v.dtype)), "shape": shape,
                         "dynamic_axes": {str(k): n for k, n in axes.items()}, "doc": docs.get(v.name, "")})
         return out
 
@@ -350,7 +333,7 @@ def export_component(
     passes.bool_where_as_uint8(model_ir)
     _name_output_dims(model_ir, axes_of)
     step("optimize")
-    wmap = build_weights_map(model_ir, module, params, folded, chains, spec.name, family.name, dtype_str(dtype))
+    wmap = build_weights_map(model_ir, module, params, folded, chains, spec.name, family.name, dtype_name(dtype))
     step("weights map")
     nbytes = sum(_nbytes(v) for v in model_ir.graph.initializers.values())
     if external_data is None:
@@ -380,7 +363,7 @@ def export_component(
         "class": spec.class_name,
         "library": spec.library,
         "role": spec.role,
-        "dtype": dtype_str(dtype),
+        "dtype": dtype_name(dtype),
         "opset": opset_used,
         "initializer_bytes": nbytes,
         "mapped_initializers": len(wmap),

@@ -32,8 +32,10 @@ from pathlib import Path
 
 import torch
 
-from engines.manifest import MANIFEST_FILE, PIPELINE_STATE_FILE, Manifest
+from engines.manifest import MANIFEST_FILE, PIPELINE_STATE_FILE, Manifest, adapter_record
 from engines.weights_map import BASE_WEIGHTS_FILE
+from lora_loaders import dtypes, kernels
+from lora_loaders.adapter import unique_name
 from lora_loaders.families import ComponentSpec, FamilySpec, get_family
 from lora_loaders.io import parse_lora_arg
 from lora_loaders.serialization import save_state_dict
@@ -41,17 +43,11 @@ from lora_loaders.serialization import save_state_dict
 from .graph import example_inputs, run_torch
 from .models import ModelSource
 from .pipeline_files import write_pipeline_files
-from .onnx_export import ExportError, export_component, torch_to_numpy
+from .onnx_export import ExportError, export_component
 from .validate import ExportValidationError, validate_onnx
 
 log = logging.getLogger(__name__)
 
-DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
-_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _STEPS = ("load", "fuse", "reference", "trace", "optimize", "weights map", "save", "validate")  # progress steps
 _STEP_DONE = {  # what each step did, as `-v` logs it
     "load": "built or loaded the model", "fuse": "fused the LoRAs into its weights", "no fuse": "no LoRA touches it",
@@ -126,11 +122,7 @@ def read_adapters(loras, family: FamilySpec, index) -> list[dict]:
             for prefix in (str(p.resolve()), str(p), path):  # said once, here
                 msg = msg.removeprefix(prefix).removeprefix(":").strip()
             raise type(e)(f"cannot use LoRA {path} for family {family.name!r}: {msg}") from e
-        name = name or p.stem
-        base, i = name, 1
-        while name in names:
-            i += 1
-            name = f"{base}_{i}"
+        name = unique_name(name or p.stem, names)
         names.add(name)
         out.append({"adapter": adapter, "parsed": parsed, "scale": scale, "name": name, "path": str(p.resolve()),
                     "sha256": digest, "where": where, "remap": remap})
@@ -222,6 +214,17 @@ def commit_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _export_dtype(dtype) -> torch.dtype:
+    """fp32 | fp16 | bf16 (or their full names, or the torch dtype) -> the torch dtype."""
+    try:
+        d = dtypes.dtype(dtype)
+    except ValueError:
+        d = None
+    if d is None or d.name not in dtypes.FLOATS:
+        raise ValueError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
+    return d.torch
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -294,9 +297,7 @@ def export_pipeline(
     from tqdm.auto import tqdm
 
     spec = get_family(family)
-    if str(dtype) not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use fp32, fp16 or bf16")
-    tdtype = DTYPES[str(dtype)]
+    tdtype = _export_dtype(dtype)
     wanted = _components(spec, components)
     lora_list = _normalize_loras(loras)
     source = ModelSource(model, spec, wanted, seed=seed, hub_kwargs=hub_kwargs)
@@ -314,11 +315,9 @@ def export_pipeline(
     bar = tqdm(total=len(present) * len(_STEPS), desc=f"export {family}", disable=not progress, unit="step")
     try:
         manifest = Manifest.new(
-            family=family, dtype=_SHORT[tdtype], model=source.describe(),
+            family=family, dtype=dtypes.name(tdtype), model=source.describe(),
             axes={n: {"min": a.min, "opt": a.opt, "max": a.max} for n, a in spec.axes.items()},
-            adapters=[{"name": a["name"], "path": a["path"], "sha256": a["sha256"], "scale": a["scale"],
-                       "format": a["adapter"].format, "targets": len(a["adapter"].layers),
-                       "components": a["adapter"].components} for a in adapters],
+            effective_weights=kernels.describe(),
             validation_errors={}, versions=versions(),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
@@ -329,6 +328,8 @@ def export_pipeline(
             val = entry.get("validation")
             if val:
                 manifest["validation_errors"][component] = {k: v.get("rel_err") for k, v in val["outputs"].items()}
+        manifest.record_adapters([adapter_record(a["name"], a["path"], a["sha256"], a["scale"], a["adapter"])
+                                  for a in adapters])
         if tensorrt:
             from .tensorrt import build_engines
 
@@ -369,7 +370,7 @@ def _export_one(source, spec: FamilySpec, component, tdtype, adapters, tmp, opse
     feeds = ref = None
     if validate:
         inputs = example_inputs(spec, cspec, module, tdtype, "check", seed=1234)
-        feeds = {k: torch_to_numpy(v) for k, v in inputs.items()}
+        feeds = {k: dtypes.to_numpy(v) for k, v in inputs.items()}
         if tdtype != torch.bfloat16:  # bf16: reference in float32 after the export (see validate.py)
             ref = run_torch(cspec, module, inputs)
     step("reference")
@@ -382,8 +383,6 @@ def _export_one(source, spec: FamilySpec, component, tdtype, adapters, tmp, opse
     if widened:  # a Control LoRA's wider input: engines refit only adapters of this width
         entry["widened"] = widened
     entry["baked_params"] = baked
-    entry["adapters"] = [{"name": a["name"], "path": a["path"], "sha256": a["sha256"], "scale": a["scale"]}
-                         for a in adapters if a["adapter"].for_component(component)]
     if validate and tdtype == torch.bfloat16:
         module.float()
         ref = run_torch(cspec, module, {k: (v.float() if v.is_floating_point() else v) for k, v in inputs.items()})

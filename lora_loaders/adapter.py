@@ -80,12 +80,6 @@ class LoraLayer:
         """True when the effective weight is base + a delta that does not depend on base."""
         return self.magnitude is None and self.dora_scale is None and self.kind not in ("ia3", "replace")
 
-    def tensors_all(self):
-        yield from self.tensors.values()
-        for t in (self.bias, self.magnitude, self.dora_scale):
-            if t is not None:
-                yield t
-
     def delta_shape(self) -> tuple[int, ...]:
         """Shape of the delta this layer produces (2-D except for full deltas, IA3 and replacements)."""
         if self.kind == "full":
@@ -193,6 +187,16 @@ def adapter_name_list(adapter_names, present) -> list[str]:
     if missing:
         raise ValueError(f"Adapter name(s) {missing} not in the list of present adapters: {sorted(present)}")
     return names
+
+
+def unique_name(name: str, taken) -> str:
+    """`name`, or `name_2`, `name_3`, ... : the first not in `taken` (how export and refit name the
+    adapters of one command line, e.g. the same file given twice)."""
+    out, i = name, 1
+    while out in taken:
+        i += 1
+        out = f"{name}_{i}"
+    return out
 
 
 @dataclass

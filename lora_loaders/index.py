@@ -91,6 +91,16 @@ class TargetIndex:
                    {(component, m): int(w) for m, w in (widened or {}).items()},
                    {(component, p.rpartition(".")[0]) for p in inert} - {(component, m) for m in weights})
 
+    @classmethod
+    def combine(cls, indexes) -> TargetIndex:
+        """One index over the components of several (an export's components, each from its weights map)."""
+        out = cls({})
+        for ix in indexes:
+            out._modules.update(ix._modules)
+            out.widened.update(ix.widened)
+            out.inert |= ix.inert
+        return out
+
     def components(self) -> list[str]:
         return list(self._modules)
 

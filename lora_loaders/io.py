@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import struct
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -94,39 +94,26 @@ def load_state_dict(
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a .safetensors file after checking its header against the file size."""
-    from safetensors.torch import load_file
+    """(tensors, metadata) of a .safetensors file (`safe_open`: memory-mapped, read on use); a
+    truncated or corrupt file raises LoraFileError saying which and why."""
+    from safetensors import safe_open
 
-    header = safetensors_header(path)
-    metadata = header.pop("__metadata__", None) or {}
     try:
-        tensors = load_file(str(path))
-    except Exception as e:  # noqa: BLE001
-        raise LoraFileError(f"corrupt safetensors file {path}: {e}") from e
-    return tensors, metadata
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type; said in our words
+        raise LoraFileError(f"{path} {_safetensors_problem(e, Path(path))}") from e
 
 
-def safetensors_header(path: Path) -> dict:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise LoraFileError(f"{path} is not a safetensors file: {size} bytes, too short for a header")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
-            raise LoraFileError(f"{path} is truncated or corrupt: header length {n} exceeds file size {size}")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise LoraFileError(f"{path} has a corrupt safetensors header: {e}") from e
-    if not isinstance(header, dict):
-        raise LoraFileError(f"{path} has a corrupt safetensors header: not a JSON object")
-    data_len = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + data_len > size:
-        raise LoraFileError(
-            f"{path} is truncated: its header describes {8 + n + data_len} bytes but the file has {size}"
-        )
-    return header
+def _safetensors_problem(e: Exception, path: Path) -> str:
+    msg = str(e)
+    if "header too small" in msg:
+        return f"is not a safetensors file: {path.stat().st_size} bytes, too short for a header"
+    if "not fully covered" in msg or "incomplete" in msg:
+        return f"is truncated: {msg}"
+    if "header" in msg.lower() or "utf-8" in msg.lower() or "json" in msg.lower():
+        return f"has a corrupt safetensors header: {msg}"
+    return f"is a corrupt safetensors file: {msg}"
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:
@@ -157,3 +144,51 @@ def atomic_path(path: str | os.PathLike):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def new_dir_beside(path: str | os.PathLike) -> Path:
+    """An empty temporary directory next to `path` (same file system: it can be renamed into place),
+    with the mode a plain `mkdir` gets under the user's umask (not mkdtemp's 0700)."""
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
+
+
+def commit_dirs(moves) -> None:
+    """Move finished temporary directories into place, [(tmp, target)], replacing the targets: all
+    of them or, if a move fails, none (the old targets are put back)."""
+    moves = [(Path(t), Path(d)) for t, d in moves]
+    aside, placed = [], []
+    try:
+        for tmp, target in moves:
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}-{threading.get_ident()}")
+                os.replace(target, old)
+                aside.append((old, target))
+            os.replace(tmp, target)
+            placed.append((tmp, target))
+    except BaseException:
+        for tmp, target in reversed(placed):
+            os.replace(target, tmp)
+        for old, target in reversed(aside):
+            os.replace(old, target)
+        raise
+    for old, _ in aside:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """A temporary directory to fill (`new_dir_beside`): it becomes `path` (replacing what was
+    there) when the block succeeds, and is removed when it fails or is interrupted, so a reader
+    never sees a half-written directory."""
+    tmp = new_dir_beside(path)
+    try:
+        yield tmp
+        commit_dirs([(tmp, Path(path).absolute())])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -283,6 +283,16 @@ def backend() -> str:
     return "c" if library() is not None else "torch"
 
 
+def describe(device=None) -> dict:
+    """What computes effective weights on this device, as manifests record it: the C kernels (and
+    their source's version) or torch (its version and the device type). Exports and refits with
+    equal records give the same bits; with different ones each is exact, but the bits may differ."""
+    dev = torch.device(device if device is not None else "cpu")
+    if dev.type == "cpu" and library() is not None:
+        return {"backend": "c", "version": hashlib.sha256(_SRC.read_bytes()).hexdigest()[:12]}
+    return {"backend": "torch", "version": torch.__version__.split("+")[0], "device": dev.type}
+
+
 def _fast(*tensors) -> bool:
     return all(t.device.type == "cpu" for t in tensors) and tensors[0].dtype in _SUFFIX and library() is not None
 

@@ -222,7 +222,8 @@ class LoraBaseMixin:
             index = index or self._index()
             return cspec.block_weights(scales, index.modules(component) or {})
 
-        self._refresh(self._lora.set_adapters(adapter_names, adapter_weights, components, expand))
+        self._refresh(self._lora.set_adapters(adapter_names, adapter_weights, components, expand,
+                                              self._lora_loadable_modules))
 
     def disable_lora(self):
         self._refresh(self._lora.set_enabled(False))

@@ -96,9 +96,6 @@ class LoraState:
             out.update(adapter.layers)
         return out
 
-    def weight_of(self, name: str, component: str) -> object:
-        return self.weights.get(name, {}).get(component, 1.0)
-
     # -- transitions ---------------------------------------------------------------------
     def add(self, name: str, adapter: LoraAdapter, hotswap: bool = False) -> set[Target]:
         if hotswap and name not in self.adapters:
@@ -117,8 +114,12 @@ class LoraState:
         return set(old.layers) | set(adapter.layers)
 
     def set_adapters(self, adapter_names, adapter_weights, components: Iterable[str],
-                     expand: Callable[[str, dict], dict] | None = None) -> set[Target]:
-        """diffusers' `set_adapters`: a float, a {component: float | per-block dict}, or one per adapter."""
+                     expand: Callable[[str, dict], dict] | None = None, known: Iterable[str] = ()) -> set[Target]:
+        """diffusers' `set_adapters`: a float, a {component: float | per-block dict}, or one per adapter.
+
+        components: those present here; known: every LoRA component of the family. A weight for a
+        known component that is absent is ignored (as diffusers does for a pipeline without it);
+        one for a name that is no component at all is an error, never silently weight 1."""
         names = adapter_name_list(adapter_names, self.adapters)
         weights = copy.deepcopy(adapter_weights)
         if not isinstance(weights, list):
@@ -140,9 +141,15 @@ class LoraState:
                     cw = _number(cw, f"weight of adapter {name!r}")
                 per_component[component] = 1.0 if cw is None else cw
             if isinstance(w, Mapping):
-                unknown = set(w) - set(components)
+                unknown = sorted(set(w) - set(components) - set(known))
                 if unknown:
-                    log.warning("set_adapters: ignoring weights for unknown components %s", sorted(unknown))
+                    raise ValueError(
+                        f"set_adapters: weights of adapter {name!r} name {unknown}, which are not components here "
+                        f"({sorted(set(components) | set(known))}); per-block weights go under their component, "
+                        f"e.g. {{{next(iter(components), 'unet')!r}: {{'down': 0.5, 'up': 1.0}}}}")
+                absent = sorted(set(w) - set(components))
+                if absent:
+                    log.debug("set_adapters: no %s here; its weights are ignored", absent)
             new[name] = per_component
         touched = self.active_targets() | self.touched(names)
         self.active = {c: list(names) for c in components}

@@ -18,7 +18,8 @@ import torch
 
 from engines.manifest import Manifest
 from engines.onnx_utils import InitializerReader, find_model
-from engines.weights_map import BASE_WEIGHTS_FILE, WeightsMap, from_numpy, load_weights_map
+from engines.weights_map import BASE_WEIGHTS_FILE, WeightsMap, load_weights_map
+from lora_loaders.dtypes import from_numpy
 from lora_loaders.index import TargetIndex
 
 
@@ -82,7 +83,8 @@ class ComponentFiles:
             self._base_keys = set(f.keys()) if f is not None else set()
         return self._base_keys
 
-    def _reader(self) -> InitializerReader:
+    def reader(self) -> InitializerReader:
+        """The exported model.onnx's initializers (the export's values, never an engine's current ones)."""
         if self._onnx is None:
             self._onnx = InitializerReader(self.model_path)
         return self._onnx
@@ -93,7 +95,7 @@ class ComponentFiles:
         if param in self.baked_params():
             t = self._safetensors().get_tensor(param)
         else:
-            t = from_numpy(np.array(entry.to_torch(self._reader().array(entry.initializer))))
+            t = from_numpy(np.array(entry.to_torch(self.reader().array(entry.initializer))))
         if tuple(t.shape) != entry.param_shape or t.dtype != entry.param_dtype:
             raise RefitError(f"{self.directory}: base value of {param} has shape {tuple(t.shape)} {t.dtype}, "
                              f"the weights map says {entry.param_shape} {entry.param_dtype}")
@@ -102,13 +104,26 @@ class ComponentFiles:
     def prepare(self) -> None:
         """Open the lazy readers now (before using them from several threads)."""
         self.baked_params()
-        self._reader()
+        self.reader()
 
     def baked_adapters(self) -> list[dict]:
-        """The adapters baked into this component at export, as the manifest lists them."""
+        """The adapters baked into this component at export, as the manifest lists them; RefitError
+        for a manifest that names two of them alike (which state would the engine be in?)."""
         if self.component_manifest:
-            return list(self.component_manifest.get("adapters", []))
-        return self.manifest.adapters if self.manifest is not None else []
+            records = list(self.component_manifest.get("adapters", []))
+        else:
+            records = self.manifest.adapters if self.manifest is not None else []
+        names = [r.get("name") for r in records]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise RefitError(f"{self.manifest.path if self.manifest else self.directory} lists the baked adapter(s) "
+                             f"{twice} twice; re-export or refit it with distinct names")
+        return records
+
+    @property
+    def effective_weights(self) -> dict:
+        """What computed the exported weights (`kernels.describe()`, recorded by export and refit)."""
+        return dict((self.manifest or {}).get("effective_weights") or {})
 
     def close(self):
         self._safe = None

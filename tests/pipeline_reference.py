@@ -3,6 +3,7 @@ export's tokenizer and scheduler files and the LoRAs loaded and fused by diffuse
 
 from __future__ import annotations
 
+import copy
 import inspect
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def reference_pipeline(family: str, out: Path, loras=()):
     for i, (path, scale) in enumerate(loras):
         pipe.load_lora_weights(str(path), adapter_name=f"r{i}")
     if loras:
-        pipe.set_adapters([f"r{i}" for i in range(len(loras))], [s for _, s in loras])
+        pipe.set_adapters([f"r{i}" for i in range(len(loras))], [copy.deepcopy(s) for _, s in loras])  # it pops keys
         pipe.fuse_lora()
     # Components diffusers' mixin does not load LoRAs into (Lumina2's Gemma) while the files have
     # layers for them: fused by our loader (each family's tests check it against the formula).

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -87,13 +86,13 @@ def test_triton_write_failure_leaves_repo_and_lora_dir_as_they_were(sd_x, tmp_pa
     (repo / "other" / "1").mkdir(parents=True)
     (repo / "other" / "config.pbtxt").write_text('name: "other"\n')
     before = snapshot(repo)
-    real = repository._write_denoiser
+    real = repository._Writer._denoiser
 
     def fail_late(*args, **kwargs):
         real(*args, **kwargs)
         raise OSError("disk full")
 
-    monkeypatch.setattr(repository, "_write_denoiser", fail_late)
+    monkeypatch.setattr(repository._Writer, "_denoiser", fail_late)
     with pytest.raises(OSError, match="disk full"):
         write_repository(export_dir, repo, lora_dir=ldir, loras=[loras["y"]])
     assert snapshot(repo) == before and not ldir.exists() and hidden(tmp_path) == []

@@ -553,6 +553,6 @@ def test_verify_catches_one_flipped_bit(dtype):
 
 
 def torch_to_np(t):
-    from export.onnx_export import torch_to_numpy
+    from lora_loaders.dtypes import to_numpy
 
-    return torch_to_numpy(t)
+    return to_numpy(t)

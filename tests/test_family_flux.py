@@ -38,6 +38,7 @@ import lora_loaders as L
 from export.tiny import build_tiny
 from family_files import fused_kohya
 from lora_files import lycoris, peft_lora
+from lora_loaders.dtypes import to_numpy
 from reference import assert_close, assert_differs, diffusers_loader, outputs
 
 FAMILY = "flux"
@@ -643,11 +644,11 @@ def test_refit_between_kohya_xlabs_and_peft_is_a_fresh_export(flux_exports):
                                                         engine.weight_names())) == []
     r.load_lora(f["peft"], adapter_name="peft")
     params = _fused_params([f["peft"]], dtype=torch.float16)
-    want = {e.initializer: engines.weights_map.to_numpy(e.to_onnx(params[p])) for p, e in r.files.map.entries.items()}
+    want = {e.initializer: to_numpy(e.to_onnx(params[p])) for p, e in r.files.map.entries.items()}
     assert differing(engine.get_weights(), want) == []
     r.set_adapters([])  # back to base: the exact base bits, whatever was baked and refitted before
     base = _fused_params([], dtype=torch.float16)
-    want = {e.initializer: engines.weights_map.to_numpy(e.to_onnx(base[p])) for p, e in r.files.map.entries.items()}
+    want = {e.initializer: to_numpy(e.to_onnx(base[p])) for p, e in r.files.map.entries.items()}
     assert differing(engine.get_weights(), want) == []
     other = refit.Refitter(engines.load_engine(out["xlabs"] / "transformer"))
     other.load_lora(f["kohya"], adapter_name="kohya")
@@ -697,7 +698,7 @@ def test_control_and_fused_dora_bake_and_refit_exactly(flux_exports, tmp_path):
     assert differing(engine.get_weights(), baked) == []
     wide.load_lora(peft, adapter_name="peft")  # its x_embedder LoRA is zero-padded
     params = _fused_params([ctrl, peft], overrides=SCHNELL)
-    want = {e.initializer: engines.weights_map.to_numpy(e.to_onnx(params[p])) for p, e in wide.files.map.entries.items()}
+    want = {e.initializer: to_numpy(e.to_onnx(params[p])) for p, e in wide.files.map.entries.items()}
     assert differing(engine.get_weights(), want) == []
 
 

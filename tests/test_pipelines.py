@@ -74,6 +74,23 @@ def test_pipeline_lora_errors_leave_the_engines_alone(exported):
     assert pipe.get_active_adapters() == ["x"]
 
 
+def test_per_block_weights_give_the_diffusers_image(exported):
+    """Per-component and per-block weights through `engines.load_pipeline` are diffusers' (a UNet's
+    down / mid / up), and all-zero blocks are not weight 1."""
+    family, out, files = exported
+    if family not in ("sd", "sdxl"):
+        pytest.skip("per-block weights are a UNet's")
+    te = "text_encoder_2" if family == "sdxl" else "text_encoder"
+    pipe = engines.load_pipeline(out)
+    full = image(pipe, 4)
+    for weights in ({"unet": {"down": 0.5, "mid": 0.0, "up": 1.5}, te: 0.7}, {"unet": {"down": 0, "mid": 0, "up": 0}}):
+        pipe.set_adapters(["x"], [weights])
+        ref = reference_pipeline(family, out, [(files["x"], weights)])
+        got = image(pipe, 4)
+        np.testing.assert_allclose(got, image(ref, 4), atol=1e-3, rtol=0, err_msg=str(weights))
+        assert np.abs(got - full).max() > 1e-3, weights  # not what weight 1 gives
+
+
 def _generate(*args):
     return subprocess.run([sys.executable, "-m", "engines.generate", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"))

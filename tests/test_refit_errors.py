@@ -125,7 +125,7 @@ def test_first_refit_failure_restores_the_exported_values(tmp_path_factory):
     from lora_loaders import kernels
 
     root = tmp_path_factory.getbasetemp()
-    files = lora_files(root, FAMILY)
+    lora_files(root, FAMILY)
     engine = engines.load_engine(exported(root, FAMILY, "x", [COMPONENT]) / COMPONENT)
     r = refit.Refitter(engine)
     feeds = inputs_for(engine, seed=7)

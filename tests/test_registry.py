@@ -1,9 +1,8 @@
-"""The family registry and the shared machinery: layering, norm / IA3 targets through loaders,
+"""The family registry and the shared machinery: norm / IA3 targets through loaders,
 export and refit, per-block weights in the Refitter, strict keyword arguments, hostile input."""
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
@@ -20,48 +19,10 @@ import refit
 from export.graph import example_inputs, run_torch
 from export.tiny import build_tiny
 from lora_files import peft_lora
+from lora_loaders.dtypes import to_numpy
 from refit_helpers import differing, initializers
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("lora_loaders", "engines", "export", "refit")
-BELOW = {"lora_loaders": set(), "engines": {"lora_loaders"}, "export": {"lora_loaders", "engines"},
-         "refit": {"lora_loaders", "engines"}}
-
-
-def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    out = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            out.add(node.module.split(".")[0])
-    return out
-
-
-TOP = ("engines/triton", "engines/pipeline.py", "engines/generate.py")  # deployment: pipelines, Triton
-
-
-def test_layers_import_downward_only():
-    """lora_loaders < engines < export, refit; the deployment (pipelines, generate, Triton) on top."""
-    assert not (ROOT / "triton").exists()  # torch's GPU builds depend on the `triton` compiler package
-    for pkg in PACKAGES:
-        for path in (ROOT / pkg).rglob("*.py"):
-            if str(path.relative_to(ROOT)).startswith(TOP):
-                continue
-            if path.name == "__main__.py":  # command lines compose the layers
-                continue
-            bad = (_imports(path) & set(PACKAGES)) - BELOW[pkg] - {pkg}
-            assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
-    for top in TOP:
-        for path in (ROOT / top).rglob("*.py") if (ROOT / top).is_dir() else [ROOT / top]:
-            assert "export" not in _imports(path), path  # the deployment reads exports, never makes them
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "-c", "import engines, sys; print(sorted(m for m in sys.modules "
-                        "if m.split('.')[0] in ('refit', 'export')))"], capture_output=True, text=True, cwd=ROOT)
-    assert r.stdout.strip() == "[]", r.stdout  # importing the runtimes pulls in no upper layer
 
 
 def test_every_family_is_one_registry_entry():
@@ -159,7 +120,7 @@ def test_ia3_and_norm_targets_through_export_and_refit(tmp_path):
     r = refit.Refitter(engine)
     r.set_adapters([])  # base: every mapped initializer is its base parameter, transformed as the map says
     base = dict(build_tiny("sd", ["unet"])["unet"].named_parameters())
-    want = {e.initializer: engines.weights_map.to_numpy(e.to_onnx(base[p].detach())) for p, e in wmap.entries.items()}
+    want = {e.initializer: to_numpy(e.to_onnx(base[p].detach())) for p, e in wmap.entries.items()}
     assert differing(engine.get_weights(), want) == []
     r.set_adapters([r.get_list_adapters()["unet"][0]])  # back to the baked adapter: the export's bits
     assert differing(engine.get_weights(), baked) == []
@@ -185,7 +146,7 @@ def test_refitter_takes_per_block_weights_like_the_mixin(tmp_path):
     r.set_adapters(["x"], [{"unet": blocks}])
     wmap = r.files.map
     params = dict(fused.named_parameters())
-    want = {e.initializer: engines.weights_map.to_numpy(e.to_onnx(params[p].detach())) for p, e in wmap.entries.items()}
+    want = {e.initializer: to_numpy(e.to_onnx(params[p].detach())) for p, e in wmap.entries.items()}
     assert differing(engine.get_weights(), want) == []
     with pytest.raises(ValueError, match="block_7"):
         r.set_adapters(["x"], [{"unet": {"up": {"block_7": 1.0}}}])

@@ -32,7 +32,8 @@ class FakeTensorRT(types.ModuleType):
         self.BuilderFlag = types.SimpleNamespace(**{f: f for f in flags})
         self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED="STRONGLY_TYPED")
         self.TensorLocation = types.SimpleNamespace(DEVICE="DEVICE", HOST="HOST")
-        self.float16, self.float32, self.bfloat16 = "HALF", "FLOAT", "BF16"
+        self.DataType = types.SimpleNamespace(**{n: n for n in ("FLOAT", "HALF", "BF16", "INT8", "INT32", "INT64",
+                                                                 "BOOL", "UINT8")})
         self.calls: list = []
 
     def Weights(self, dtype, ptr, count):
@@ -133,14 +134,14 @@ def test_refit_failure_sets_the_previous_values_again(monkeypatch):
     old_a, old_b = e._device_values["a"], e._device_values["b"]
     new = {"a": torch.ones(2, 3, dtype=torch.float16), "b": torch.ones(4, dtype=torch.float16)}
     with pytest.raises(EngineError, match="previous weights restored"):
-        e.set_torch_weights(new)
+        e.set_device_weights(new)
     # rollback order: the new values, a refit (fails), the previous values, a refit
     assert [c[0] for c in log] == ["set", "set", "refit", "set", "set", "refit"]
     assert [c[1] for c in log if c[0] == "set"] == ["a", "b", "a", "b"]
     assert all(c[2] == "DEVICE" for c in log if c[0] == "set")
     assert e._device_values["a"] is old_a and e._device_values["b"] is old_b  # still the old ones
     log.clear()
-    e.set_torch_weights(new)
+    e.set_device_weights(new)
     assert [c[0] for c in log] == ["set", "set", "refit"] and e._device_values["a"] is new["a"]
 
 
@@ -148,11 +149,11 @@ def test_rejected_weights_and_wrong_dtypes_leave_the_engine_unchanged(monkeypatc
     log = []
     e = _engine(monkeypatch, FakeRefitter(log, reject={"b"}))
     with pytest.raises(WeightError, match="float32"):
-        e.set_torch_weights({"a": torch.ones(2, 3)})  # float32 for a float16 weight: refused before any call
+        e.set_device_weights({"a": torch.ones(2, 3)})  # float32 for a float16 weight: refused before any call
     assert log == []
     new = {"a": torch.ones(2, 3, dtype=torch.float16), "b": torch.ones(4, dtype=torch.float16)}
     with pytest.raises(EngineError, match="restored"):
-        e.set_torch_weights(new)
+        e.set_device_weights(new)
     # b rejected: no refit with the new values; the previous ones are set again and refitted
     assert [c[:2] for c in log] == [("set", "a"), ("set", "b"), ("set", "a"), ("set", "b"), ("refit",)]
     assert e._device_values["a"] is not new["a"]

@@ -124,10 +124,11 @@ def test_numpy_set_weights_is_atomic_and_in_the_initializer_layout(torch_export)
 def test_rollback_on_a_failing_write(torch_export, monkeypatch):
     out, _ = torch_export
     engine = engines.load_engine(out / COMPONENT, backend="torch")
-    names = [engine._by_init[n] for n in engine.weight_names()[:3]]
+    inits = engine.weight_names()[:3]
+    names = [engine._by_init[n] for n in inits]
     params = dict(engine.model.named_parameters())
     before = {p: params[p].detach().clone() for p in names}
-    values = {p: before[p] + 1 for p in names}
+    values = {n: before[p] + 1 for n, p in zip(inits, names)}  # by initializer name, in the parameter's layout
     calls = {"n": 0}
     real_copy = torch.Tensor.copy_
 
@@ -139,7 +140,7 @@ def test_rollback_on_a_failing_write(torch_export, monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "copy_", flaky)
     with pytest.raises(engines.EngineError, match="restored"):
-        engine.set_torch_weights(values)
+        engine.set_device_weights(values)
     monkeypatch.undo()
     assert all(torch.equal(params[p], before[p]) for p in names)
 
@@ -206,13 +207,14 @@ def test_device_resident_path_on_cpu(torch_export):
     out, loras = torch_export
     engine = engines.load_engine(out / COMPONENT, backend="torch", resident_bases=True)
     handed = []
-    write = engine.set_torch_weights
+    write = engine.set_device_weights
+    assert engine.weight_access() == engines.WeightAccess(device="cpu", layout="parameter", resident_bases=True)
 
     def spy(values):
         handed.extend((type(v).__name__, v.device) for v in values.values())
         return write(values)
 
-    engine.set_torch_weights = spy
+    engine.set_device_weights = spy
     r = refit.Refitter(engine)
     r.load_lora(str(loras["y"]), adapter_name="y")
     assert _mapped_differences(engine, _fresh(loras, [("y", 1.0)])) == []

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from engines.triton import write_repository
-from engines.triton.repository import ONNX_TO_TRITON
+from engines.triton.layout import ONNX_TO_TRITON
 from refit_helpers import exported, lora_files
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
@@ -83,7 +83,9 @@ def test_configs_cpu_python_text_encoders(export_x, tmp_path):
     out = cfg.output[-1]
     assert out.name == "applied_loras" and out.data_type == DT.Value("TYPE_STRING") and list(out.dims) == [1]
     params = {k: v.string_value for k, v in cfg.parameters.items()}
-    assert params["lora_dir"] == "loras" and json.loads(params["baked_loras"]) == [["x", 1.0]]
+    assert params["lora_dir"] == "loras"  # what a request without `loras` gets: the shipped manifest's baked set
+    shipped = json.loads((repo / "unet" / "1" / "manifest.json").read_text())
+    assert [(a["name"], a["scale"]) for a in shipped["components"]["unet"]["adapters"]] == [("x", 1.0)]
     shipped = sorted(p.name for p in (repo / "unet" / "loras").iterdir())
     assert shipped == ["x.safetensors", "y.safetensors"]
     assert (repo / "unet" / "1" / "manifest.json").is_file()

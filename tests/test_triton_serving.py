@@ -12,8 +12,8 @@ import pytest
 
 import engines
 import refit
-from engines.triton.serving import (LoraDirectory, LoraRequestError, LoraSwitcher, check_adapter_name,
-                                    parse_loras)
+from engines.triton.requests import (LoraDirectory, LoraRequestError, LoraSwitcher, check_adapter_name,
+                                     parse_loras, run_batched)
 from refit_helpers import exported, inputs_for, lora_files
 
 # -- parsing (no engine) --------------------------------------------------------------------
@@ -95,52 +95,61 @@ def setup(tmp_path_factory):
     return dict(unet=unet, lora_dir=lora_dir, feeds=feeds, refs=refs, baked_out=baked_out, root=root)
 
 
-class SpyRefitter:
-    """Counts the Refitter calls that change engine weights and records the files opened."""
+class Counted:
+    """Counts an engine's weight writes (each refit of a component enters writable_weights once) and
+    the LoRA files hashed (each read of a file hashes it)."""
 
-    def __init__(self, inner):
-        self.inner = inner
-        self.calls = []
+    def __init__(self, engine, monkeypatch):
+        self.writes, self.hashed = 0, []
+        real_writable = engine.writable_weights
 
-    def load_lora(self, path, adapter_name=None, **kw):
-        self.calls.append(("load", adapter_name, path))
-        return self.inner.load_lora(path, adapter_name=adapter_name, **kw)
+        def writable():
+            self.writes += 1
+            return real_writable()
 
-    def set_adapters(self, names, weights=None):
-        self.calls.append(("set", tuple(names), tuple(weights or ())))
-        return self.inner.set_adapters(names, weights)
+        engine.writable_weights = writable
+        import lora_loaders.reader as reader
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+        real_hash = reader.file_sha256
+
+        def hashed(path):
+            self.hashed.append(str(path))
+            return real_hash(path)
+
+        monkeypatch.setattr(reader, "file_sha256", hashed)
 
 
-def _switcher(setup, **kw):
+def _switcher(setup, monkeypatch, **kw):
+    refit.clear_cache()  # every file is read here, not found parsed by an earlier test
     eng = engines.load_engine(setup["unet"])
-    spy = SpyRefitter(refit.Refitter(eng))
-    return LoraSwitcher(eng, spy, setup["lora_dir"], baked=[("x", 1.0)], **kw), spy
+    counted = Counted(eng, monkeypatch)
+    return LoraSwitcher(refit.Refitter(eng), setup["lora_dir"], **kw), counted
 
 
-def test_baked_state_is_the_export(setup):
-    sw, spy = _switcher(setup, preload="none")
-    assert sw.current == (("x", 1.0),) and spy.calls == []  # the Refitter knows the baked x: no refit
-    (out, key), = sw.run([(setup["feeds"][0], None)])
-    assert key == (("x", 1.0),)
+def test_baked_state_is_the_export(setup, monkeypatch):
+    sw, counted = _switcher(setup, monkeypatch, preload="none")
+    assert sw.current == sw.baked_key == (("x", 1.0),) and counted.writes == 0  # the export's x: no refit
+    (out, key), = sw.run([(setup["feeds"][0], None)], lambda feeds: run_batched(sw.refitter.engine, feeds))
+    assert key == (("x", 1.0),) and counted.writes == 0
     np.testing.assert_array_equal(out["out_sample"], setup["baked_out"][0])
 
 
-def test_groups_refit_only_on_change_and_match_reference(setup):
-    sw, spy = _switcher(setup)
-    assert sw.current == (("x", 1.0),)  # baked adapters preloaded
+def _run(sw, items):
+    return sw.run(items, lambda feeds: run_batched(sw.refitter.engine, feeds))
+
+
+def test_groups_refit_once_per_set_and_match_reference(setup, monkeypatch):
+    sw, counted = _switcher(setup, monkeypatch)
+    assert sw.current == (("x", 1.0),)  # baked adapters known
     f0, f1 = setup["feeds"]
     sets = ['{}', '{"x": 1}', '{"y": 0.5}', '{"x": 1, "y": 0.5}', None]
     items = [(f0 if i % 2 else f1, sets[i % len(sets)]) for i in range(20)]
-    before = sw.refits
-    calls_before = len(spy.calls)
-    res = sw.run(items)
-    # groups: {x:1} (== current, == absent) first, no refit; then 3 other sets: 3 set_adapters + 1 load (y)
-    sets_called = [c for c in spy.calls[calls_before:] if c[0] == "set"]
-    assert len(sets_called) == 3, spy.calls[calls_before:]
-    assert sw.refits - before == 4
+    hashed = len(counted.hashed)
+    res = _run(sw, items)
+    # groups: {x: 1} (== current, == absent) first, no refit; then 3 other sets: one refit each, y read once
+    assert sw.refits == counted.writes == 3
+    assert [p for p in counted.hashed[hashed:] if p.endswith("y.safetensors")] == [
+        str((setup["lora_dir"] / "y.safetensors").resolve())]
     for (feeds, loras), r in zip(items, res):
         out, key = r
         expect = parse_loras(loras) if loras is not None else (("x", 1.0),)
@@ -149,26 +158,25 @@ def test_groups_refit_only_on_change_and_match_reference(setup):
         np.testing.assert_allclose(out["out_sample"], ref, rtol=1e-5, atol=1e-5)
     # the same set again: no refit at all; the last group's set stays current
     last = sw.current
-    n = len(spy.calls)
-    res = sw.run([(f0, json.dumps(dict(last)))] * 3)
-    assert len(spy.calls) == n and all(not isinstance(r, Exception) for r in res)
+    res = _run(sw, [(f0, json.dumps(dict(last)))] * 3)
+    assert counted.writes == 3 and all(not isinstance(r, Exception) for r in res)
 
 
-def test_bad_requests_fail_alone(setup):
-    sw, spy = _switcher(setup)
+def test_bad_requests_fail_alone(setup, monkeypatch):
+    sw, counted = _switcher(setup, monkeypatch)
     f0 = setup["feeds"][0]
     bad = ['{"../x": 1}', '{"a/b": 1}', '{"a\\\\b": 1}', '{"escape": 1}', '{"outside": 1}', '{"zz": 1}', "{x: 1}",
            '{"x": NaN}', '{"x": "1"}', '{"x": Infinity}', "[]"]
     items = [(f0, '{"y": 0.5}')] + [(f0, b) for b in bad] + [(f0, "{}"), (LoraRequestError("missing input"), "{}")]
-    n = len(spy.calls)
-    res = sw.run(items)
+    n = len(counted.hashed)
+    res = _run(sw, items)
     assert not isinstance(res[0], Exception) and res[0][1] == (("y", 0.5),)
     for b, r in zip(bad, res[1:-2]):
         assert isinstance(r, LoraRequestError), (b, r)
     assert not isinstance(res[-2], Exception) and res[-2][1] == ()
     assert isinstance(res[-1], LoraRequestError)
-    opened = [c[2] for c in spy.calls[n:] if c[0] == "load"]
-    assert all(os.path.dirname(p) == str(setup["lora_dir"].resolve()) for p in opened), opened
+    opened = counted.hashed[n:]
+    assert opened and all(os.path.dirname(p) == str(setup["lora_dir"].resolve()) for p in opened), opened
     assert all("outside" not in p and "escape" not in p for p in opened)
     np.testing.assert_allclose(res[0][0]["out_sample"], setup["refs"][(("y", 0.5),)][0], rtol=1e-5, atol=1e-5)
 
@@ -178,12 +186,12 @@ def test_adapter_that_fails_to_load_fails_its_group_only(setup, tmp_path):
     d = tmp_path / "loras"
     shutil.copytree(setup["lora_dir"], d, symlinks=True)
     (d / "broken.safetensors").write_bytes(b"not a safetensors file")
-    sw = LoraSwitcher(eng, refit.Refitter(eng), d, baked=[("x", 1.0)])
+    sw = LoraSwitcher(refit.Refitter(eng), d)
     f0 = setup["feeds"][0]
-    res = sw.run([(f0, '{"broken": 1}'), (f0, "{}"), (f0, '{"broken": 1, "x": 1}')])
+    res = _run(sw, [(f0, '{"broken": 1}'), (f0, "{}"), (f0, '{"broken": 1, "x": 1}')])
     assert isinstance(res[0], Exception) and isinstance(res[2], Exception)
     np.testing.assert_allclose(res[1][0]["out_sample"], setup["refs"][()][0], rtol=1e-5, atol=1e-5)
-    (out, key), = sw.run([(f0, '{"x": 1}')])
+    (out, key), = _run(sw, [(f0, '{"x": 1}')])
     np.testing.assert_allclose(out["out_sample"], setup["refs"][(("x", 1.0),)][0], rtol=1e-5, atol=1e-5)
 
 
@@ -201,10 +209,10 @@ def test_baked_files_missing(setup, tmp_path):
     shutil.copy(setup["lora_dir"] / "y.safetensors", d / "y.safetensors")
     r = refit.Refitter(eng, lora_dir=d)
     assert r.get_active_adapters() == ["x"] and list(r.missing_adapters) == ["x"]
-    sw = LoraSwitcher(eng, r, d, baked=[("x", 1.0)])
+    sw = LoraSwitcher(r, d)
     f0 = setup["feeds"][0]
-    (out, key), = sw.run([(f0, None)])
+    (out, key), = _run(sw, [(f0, None)])
     np.testing.assert_array_equal(out["out_sample"], setup["baked_out"][0])
-    assert sw.run([(f0, "{}")])[0][1] == ()
-    assert isinstance(sw.run([(f0, None)])[0], LoraRequestError)
-    assert math.isfinite(float(sw.run([(f0, '{"y": 0.5}')])[0][0]["out_sample"].sum()))
+    assert _run(sw, [(f0, "{}")])[0][1] == ()
+    assert isinstance(_run(sw, [(f0, None)])[0], LoraRequestError)
+    assert math.isfinite(float(_run(sw, [(f0, '{"y": 0.5}')])[0][0]["out_sample"].sum()))

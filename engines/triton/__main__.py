@@ -60,7 +60,7 @@ def _write(args) -> int:
 
     try:
         written = write_repository(
-            args.export_dir, args.repo_dir, args.lora_dir, loras=args.lora, copy_baked=not args.no_baked,
+            args.export_dir, args.repo_dir, lora_dir=args.lora_dir, loras=args.lora, copy_baked=not args.no_baked,
             text_encoder_backend=args.text_encoders, device=args.device, engine=args.engine,
             max_batch_size=args.max_batch_size, instance_count=args.instances, components=args.components,
             prefix=args.prefix, preload=args.preload,

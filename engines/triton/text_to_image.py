@@ -14,10 +14,11 @@ denoiser model (absent: what the export baked; `{}`: base). Output `image`: UINT
 `[H, W, 3]` (video families: `frames`, `[F, H, W, 3]`). Limits (`max_steps`,
 `max_height`, `max_width`) are config parameters; requests beyond them get an error.
 
-`TextToImageSwitcher` is the server-independent core: it validates requests, groups them
-by adapter set (the set the pipeline holds first, then one refit per other set), and runs
-the requests of a group with equal settings as one pipeline batch (one generator each, so
-every image is the one a lone request would get).
+`TextToImageSwitcher` is the server-independent core: it validates requests, and over
+`requests.LoraSwitcher` (grouping by adapter set over the pipeline's one Refitter: the set the
+engines hold first, then one refit per other set) runs the requests of a group with equal
+settings as one pipeline batch (one generator each, so every image is the one a lone request
+would get).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import json
 import logging
 import math
 import sys
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -34,8 +34,10 @@ import numpy as np
 
 from lora_loaders.families import get_family
 
-from .serving import (LoraDirectory, LoraRequestError, _error, _param, _pb, key_json, request_items,
-                      request_key)
+from ..manifest import Manifest
+from .layout import MODEL_PY, copy_dir, make_config
+from .requests import LoraRequestError, LoraSwitcher
+from .serving import _error, _param, _pb, request_items
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +48,18 @@ LIMITS = {"max_steps": 100, "max_height": 2048, "max_width": 2048}
 
 
 class TextToImageSwitcher:
-    """Adapter sets and request batches over one engine-backed pipeline (see module doc)."""
+    """Requests -> pictures over one engine-backed pipeline, adapters per request (see module doc)."""
 
     def __init__(self, pipe, lora_dir, limits: Mapping[str, int] | None = None, default_steps: int = 30):
         self.pipe = pipe
-        self.lora_dir = LoraDirectory(lora_dir)
+        self.switcher = LoraSwitcher(pipe.refitter, lora_dir)
         self.limits = {**LIMITS, **(limits or {})}
         self.default_steps = default_steps
         self.factor = getattr(pipe, "vae_scale_factor", 8)
-        self.baked_key = self._held()
-        self.current = self.baked_key
-        self.refits = 0
-        self._lock = threading.RLock()
 
-    def _held(self):
-        active = self.pipe.get_active_adapters()
-        weights = {}
-        for r in self.pipe._engine_loras.refitters.values():
-            weights.update(r.get_adapter_weights())
-        return tuple(sorted((n, float(weights.get(n, 1.0))) for n in active))
+    current = property(lambda self: self.switcher.current)
+    baked_key = property(lambda self: self.switcher.baked_key)
+    refits = property(lambda self: self.switcher.refits)
 
     # -- requests ---------------------------------------------------------------------
     def settings(self, values: Mapping) -> dict:
@@ -96,79 +91,47 @@ class TextToImageSwitcher:
             out[name] = v
         return out
 
-    def request_key(self, loras_value):
-        return request_key(loras_value, self.baked_key, self.lora_dir)
-
-    # -- refit ------------------------------------------------------------------------
-    def activate(self, key) -> bool:
-        with self._lock:
-            if key == self.current:
-                return False
-            known = set(self.pipe._engine_loras.get_list_adapters_flat())
-            for name, _ in key:
-                if name not in known:
-                    self.pipe.load_lora_weights(str(self.lora_dir.resolve(name)), adapter_name=name)
-            try:
-                self.pipe.set_adapters([n for n, _ in key], [w for _, w in key])
-            finally:
-                self.current = self._held()
-            self.refits += 1
-            return True
+    def _settings_or_error(self, values):
+        if isinstance(values, Exception):
+            return values
+        try:
+            return self.settings(values)
+        except LoraRequestError as e:
+            return e
 
     # -- a batch of requests ----------------------------------------------------------------
     def run(self, items: Sequence[tuple[Mapping | Exception, object]]) -> list:
         """items: [(input values or an Exception, loras value)] -> [(image uint8, key) or Exception]."""
+        return self.switcher.run([(self._settings_or_error(v), loras) for v, loras in items], self._generate)
+
+    def _generate(self, settings: list[dict]) -> list:
+        """Images for one adapter set's requests: those with equal settings as one pipeline batch."""
         import torch
 
-        results: list = [None] * len(items)
-        groups: dict = {}
-        for i, (values, loras) in enumerate(items):
+        batches: dict = {}
+        for i, s in enumerate(settings):
+            same = tuple(sorted((k, v) for k, v in s.items() if k not in ("prompt", "seed", "negative_prompt")))
+            batches.setdefault((same, s["negative_prompt"] is None), []).append(i)
+        results: list = [None] * len(settings)
+        for (same, no_negative), idx in batches.items():
+            group = [settings[i] for i in idx]
+            kw = dict(same)
+            if not no_negative:
+                kw["negative_prompt"] = [s["negative_prompt"] for s in group]
             try:
-                if isinstance(values, Exception):
-                    raise values
-                s = self.settings(values)
-                key = self.request_key(loras)
-            except LoraRequestError as e:
-                results[i] = e
-                continue
-            results[i] = s
-            batch = tuple(sorted((k, v) for k, v in s.items() if k not in ("prompt", "seed", "negative_prompt")))
-            groups.setdefault(key, {}).setdefault((batch, s["negative_prompt"] is None), []).append(i)
-        with self._lock:
-            for key in sorted(groups, key=lambda k: k != self.current):
-                try:
-                    self.activate(key)
-                except Exception as e:  # noqa: BLE001 - the group's requests get the error
-                    err = e if isinstance(e, LoraRequestError) else LoraRequestError(
-                        f"cannot apply adapters {key_json(key)}: {e}")
-                    for idx in groups[key].values():
-                        for i in idx:
-                            results[i] = err
-                    continue
-                for (batch, no_negative), idx in groups[key].items():
-                    settings = [results[i] for i in idx]
-                    kw = dict(batch)
-                    if not no_negative:
-                        kw["negative_prompt"] = [s["negative_prompt"] for s in settings]
-                    try:
-                        out = self.pipe(prompt=[s["prompt"] for s in settings], output_type="np",
-                                        generator=[torch.Generator().manual_seed(s["seed"]) for s in settings], **kw)
-                        images = _frames_or_images(out)
-                        for i, img in zip(idx, images):
-                            results[i] = (to_uint8(img), key)
-                    except Exception as e:  # noqa: BLE001
-                        for i in idx:
-                            results[i] = RuntimeError(f"generation failed: {e}")
+                out = self.pipe(prompt=[s["prompt"] for s in group], output_type="np",
+                                generator=[torch.Generator().manual_seed(s["seed"]) for s in group], **kw)
+                for i, img in zip(idx, out.frames if hasattr(out, "frames") else out.images):
+                    results[i] = to_uint8(img)
+            except Exception as e:  # noqa: BLE001
+                for i in idx:
+                    results[i] = RuntimeError(f"generation failed: {e}")
         return results
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """[H, W, 3] floats in [0, 1] -> uint8, as diffusers' numpy_to_pil rounds them."""
     return (np.asarray(image) * 255).round().clip(0, 255).astype(np.uint8)
-
-
-def _frames_or_images(out):
-    return out.frames if hasattr(out, "frames") else out.images
 
 
 def _text(value, name: str) -> str:
@@ -239,15 +202,11 @@ class TextToImageModel:
 def text_to_image_config(name: str, *, max_batch_size: int = 8, kind: str = "KIND_CPU", count: int = 1,
                          parameters: Mapping[str, str], video: bool = False, queue_delay_us: int = 5000) -> str:
     """config.pbtxt of the text-to-image model (every input `[1]` per request, all but the prompt optional)."""
-    from .repository import make_config
-
     out = ("frames", _UINT8, [None] * 4 + [3]) if video else ("image", _UINT8, [None] * 3 + [3])
     # every input is [1] per request, so the model keeps a batch dimension even without batching
     return make_config(name, inputs=[(n, t, [None, 1]) for n, t in INPUTS.items()], outputs=[out],
                        max_batch_size=max(1, int(max_batch_size)), backend="python", kind=kind, count=count,
                        parameters=dict(parameters), queue_delay_us=queue_delay_us, optional=set(INPUTS) - {"prompt"})
-
-
 
 
 def write_text_to_image_model(export_dir, model_dir, *, lora_dir: str = "loras", limits: Mapping[str, int] | None = None,
@@ -257,13 +216,10 @@ def write_text_to_image_model(export_dir, model_dir, *, lora_dir: str = "loras",
     where possible) and return its config.pbtxt text. The adapter directory (``lora_dir``,
     relative to the model directory or absolute) is the caller's to fill: `write_repository`
     ships the same adapters there as to the denoiser."""
-    from ..manifest import Manifest
-    from .repository import MODEL_PY, _copy_dir
-
     export_dir, model_dir = Path(export_dir).resolve(), Path(model_dir)
     manifest = Manifest.read(export_dir)
     for src in [export_dir, *sorted(p for p in export_dir.rglob("*") if p.is_dir())]:
-        _copy_dir(src, model_dir / "1" / "export" / src.relative_to(export_dir), link)
+        copy_dir(src, model_dir / "1" / "export" / src.relative_to(export_dir), link)
     (model_dir / "1" / "model.py").write_text(MODEL_PY.format(
         what="text-to-image with per-request LoRAs", module="text_to_image", cls="TextToImageModel"))
     params = {"family": manifest.family or "", "lora_dir": str(lora_dir),
