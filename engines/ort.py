@@ -148,56 +148,7 @@ class OrtEngine(Engine):
         self.fp32_copy = ou.computes_in_bf16(model) and _cpu_only(self.providers)
         bf16_io = {v.name for v in [*model.graph.input, *model.graph.output]
                    if v.type.tensor_type.elem_type == TensorProto.BFLOAT16} if self.fp32_copy else set()
-        if weights is None or isinstance(weights, str):
-            wmap = load_weights_map(self.directory) if Path(path).is_dir() or self.model_path.name == ou.MODEL_FILE \
-                else None
-            names = select_weights(wmap, weights or "all") if wmap is not None else []
-        else:
-            names = list(weights)
-        present = {t.name for t in model.graph.initializer}
-        missing = [n for n in names if n not in present]
-        if missing:
-            raise EngineError(f"{self.model_path}: refittable weights not among the graph's initializers: "
-                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        order = {t.name: i for i, t in enumerate(model.graph.initializer)}
-        names = sorted(set(names), key=order.__getitem__)
-        elem_types = ou.onnx_elem_type(model, names)
-        # Values of the refittable weights, read straight from the file (no full in-memory copy).
-        if mode == "inputs":  # owned, writable buffers: the bound OrtValues share them
-            self._arrays: dict[str, np.ndarray] = ou.take_initializers(model, names, self.directory)
-            self._arrays = {n: a if a.flags.writeable and a.flags.c_contiguous else a.copy()
-                            for n, a in self._arrays.items()}
-        else:  # read-only views (external data memory-mapped): only changed weights take new memory
-            wanted = set(names)
-            self._arrays = {t.name: ou.initializer_view(t, self.directory)
-                            for t in model.graph.initializer if t.name in wanted}
-        self._infos = {n: WeightInfo(n, tuple(a.shape), a.dtype) for n, a in self._arrays.items()}
-        if self.fp32_copy:  # held (and bound) as the float32 the session runs; bfloat16 to callers
-            self._arrays = {n: a.astype(np.float32) if a.dtype.name == "bfloat16" else a
-                            for n, a in self._arrays.items()}
-            elem_types = {n: TensorProto.FLOAT if t == TensorProto.BFLOAT16 else t for n, t in elem_types.items()}
-        # Remaining external initializers are loaded into the proto (small: norms, embeddings).
-        for t in model.graph.initializer:
-            if t.data_location == TensorProto.EXTERNAL and t.name not in self._infos:
-                load_external_data_for_tensor(t, str(self.directory))
-                t.data_location = TensorProto.DEFAULT
-                del t.external_data[:]
-        if self.fp32_copy:
-            ou.bf16_to_fp32(model, base_dir=self.directory, supplied=names)
-            log.info("%s: bfloat16 graph runs as an exact float32 copy on ONNX Runtime's CPU provider (it has no "
-                     "bfloat16 kernels); inputs, outputs and weights stay bfloat16", self.model_path)
-        if mode == "inputs":
-            ou.add_inputs(model, self._arrays, elem_types)
-        else:
-            ou.stub_external(model, names)
-        self._tmpdir = None
-        if ou.fits_in_memory_proto(model):
-            self._model_source = ou.serialize(model)
-        else:  # too big for one protobuf message: a private temporary copy, never the original
-            self._tmpdir = tempfile.TemporaryDirectory(prefix="ortengine-")
-            p = Path(self._tmpdir.name) / "model.onnx"
-            ou.save_with_external(model, p)
-            self._model_source = str(p)
+        self._model_source = self._prepare(model, self._weight_names(model, path, weights))
         del model
         self.timings["prepare_s"] = time.perf_counter() - t0
 
@@ -219,6 +170,62 @@ class OrtEngine(Engine):
         self._outputs = [o.name for o in self._session.get_outputs()]
         self._cast_inputs = [n for n in self._inputs if n in bf16_io]  # fp32 copy: bf16 -> fp32 before the session
         self._round_outputs = {n for n in self._outputs if n in bf16_io}  # and fp32 -> bf16 after it
+
+    def _weight_names(self, model: onnx.ModelProto, path, weights) -> list[str]:
+        """The refittable initializers, in graph order (the weights map's, or those asked for)."""
+        if weights is None or isinstance(weights, str):
+            wmap = load_weights_map(self.directory) if Path(path).is_dir() or self.model_path.name == ou.MODEL_FILE \
+                else None
+            names = select_weights(wmap, weights or "all") if wmap is not None else []
+        else:
+            names = list(weights)
+        order = {t.name: i for i, t in enumerate(model.graph.initializer)}
+        missing = [n for n in names if n not in order]
+        if missing:
+            raise EngineError(f"{self.model_path}: refittable weights not among the graph's initializers: "
+                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        return sorted(set(names), key=order.__getitem__)
+
+    def _prepare(self, model: onnx.ModelProto, names: list[str]):
+        """Take the refittable weights out of the graph (held in `_arrays`), turn them into graph
+        inputs (`inputs` mode) or supplied initializers (`session`), and return what a session loads:
+        the serialized graph, or a private temporary copy when it is too big for one protobuf message."""
+        elem_types = ou.onnx_elem_type(model, names)
+        # Values of the refittable weights, read straight from the file (no full in-memory copy).
+        if self.mode == "inputs":  # owned, writable buffers: the bound OrtValues share them
+            self._arrays: dict[str, np.ndarray] = ou.take_initializers(model, names, self.directory)
+            self._arrays = {n: a if a.flags.writeable and a.flags.c_contiguous else a.copy()
+                            for n, a in self._arrays.items()}
+        else:  # views (external data memory-mapped): only changed weights take new memory
+            wanted = set(names)
+            self._arrays = {t.name: ou.initializer_view(t, self.directory)
+                            for t in model.graph.initializer if t.name in wanted}
+        self._infos = {n: WeightInfo(n, tuple(a.shape), a.dtype) for n, a in self._arrays.items()}
+        if self.fp32_copy:  # held (and bound) as the float32 the session runs; bfloat16 to callers
+            self._arrays = {n: a.astype(np.float32) if a.dtype.name == "bfloat16" else a
+                            for n, a in self._arrays.items()}
+            elem_types = {n: TensorProto.FLOAT if t == TensorProto.BFLOAT16 else t for n, t in elem_types.items()}
+        # Remaining external initializers are loaded into the proto (small: norms, embeddings).
+        for t in model.graph.initializer:
+            if t.data_location == TensorProto.EXTERNAL and t.name not in self._infos:
+                load_external_data_for_tensor(t, str(self.directory))
+                t.data_location = TensorProto.DEFAULT
+                del t.external_data[:]
+        if self.fp32_copy:
+            ou.bf16_to_fp32(model, base_dir=self.directory, supplied=names)
+            log.info("%s: bfloat16 graph runs as an exact float32 copy on ONNX Runtime's CPU provider (it has no "
+                     "bfloat16 kernels); inputs, outputs and weights stay bfloat16", self.model_path)
+        if self.mode == "inputs":
+            ou.add_inputs(model, self._arrays, elem_types)
+        else:
+            ou.stub_external(model, names)
+        self._tmpdir = None
+        if ou.fits_in_memory_proto(model):
+            return ou.serialize(model)
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="ortengine-")
+        p = Path(self._tmpdir.name) / "model.onnx"
+        ou.save_with_external(model, p)
+        return str(p)
 
     # -- sessions ------------------------------------------------------------------------
     def _options(self):

@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 
-from engines.cli import sigterm_exits
+from engines.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, sigterm_exits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,21 +72,21 @@ def main(argv=None) -> int:
                 write_repository(args.out, args.triton_repo)
         except KeyboardInterrupt:
             print("error: interrupted; nothing was written", file=sys.stderr)
-            return 130
+            return EXIT_INTERRUPTED
         except OutputExistsError as e:
             what = "holds a previous export" if e.previous else "is not empty"
             print(f"error: output directory {e.path} {what}; pass --overwrite to replace it", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
             print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         except (ExportError, OSError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
-            return 1
+            return EXIT_FAILED
     summary = {c: {"validation": (v.get("validation") or {}).get("outputs"), "dir": v["dir"]}
                for c, v in manifest["components"].items()}
     print(json.dumps({"out": args.out, "components": summary}, indent=1))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from lora_loaders.dtypes import torch_dtype
 from lora_loaders.families import Cfg, ComponentSpec, FamilySpec, TensorSpec
 from lora_loaders.families.spec import select_output
 
-ROLES = ("example", "check")  # export trace sizes, validation sizes
 
 
 class Wrapper(nn.Module):

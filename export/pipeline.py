@@ -21,11 +21,9 @@ import ctypes
 import datetime
 import gc
 import logging
-import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,8 +35,9 @@ from engines.weights_map import BASE_WEIGHTS_FILE
 from lora_loaders import dtypes, kernels
 from lora_loaders.adapter import unique_name
 from lora_loaders.families import ComponentSpec, FamilySpec, get_family
-from lora_loaders.io import parse_lora_arg
+from lora_loaders.io import commit_dirs, new_dir_beside, parse_lora_arg
 from lora_loaders.serialization import save_state_dict
+from lora_loaders.state import finite_number
 
 from .graph import example_inputs, run_torch
 from .models import ModelSource
@@ -86,13 +85,7 @@ def _normalize_loras(loras) -> list[tuple[str, float, str | None, str | None]]:
             path, scale, *rest = item
             name = rest[0] if rest else None
             into = rest[1] if len(rest) > 1 else None
-        try:
-            scale = float(scale)
-        except (TypeError, ValueError):
-            raise ValueError(f"LoRA {path}: scale {scale!r} is not a number") from None
-        if not math.isfinite(scale):
-            raise ValueError(f"LoRA {path}: scale {scale!r} is not a finite number")
-        out.append((str(path), scale, name, into))
+        out.append((str(path), finite_number(scale, f"LoRA {path}: its scale"), name, into))
     return out
 
 
@@ -145,7 +138,7 @@ def _bake(module: torch.nn.Module, component: str, family: FamilySpec, adapters:
     from lora_loaders.reader import bind_parsed
     from lora_loaders.targets import contributions_by_module, params_of
     from lora_loaders.weights import effective_bias, effective_weight
-    from lora_loaders.widen import wanted, widen
+    from lora_loaders.widen import wanted, widen_modules
 
     index = TargetIndex.from_models({component: module})
     bound_adapters = []
@@ -154,16 +147,14 @@ def _bake(module: torch.nn.Module, component: str, family: FamilySpec, adapters:
         if not bound:  # no module index before the models existed (factories): bind now
             adapter = bind_parsed(a["parsed"], family, index, remap=a["remap"], where=a["where"], widen=True)
         bound_adapters.append(adapter)
-    widths = {m: cols for (c, m), cols in wanted(bound_adapters, family, index).items() if c == component}
+    widths = {k: cols for k, cols in wanted(bound_adapters, family, index).items() if k[0] == component}
     if widths:
-        cspec = family.component(component)
-        records = [widen(module, cspec, m, cols) for m, cols in widths.items()]
-        log.info("%s: widened %s for the LoRA(s) baked", component, {r.module: f"{r.original_width} -> {widths[r.module]}" for r in records})
+        records, index = widen_modules({component: module}, family, widths)
+        done = {r.module: {"from": r.original_width, "to": widths[(component, r.module)], "config": r.field}
+                for r in records}
+        log.info("%s: widened %s for the LoRA(s) baked", component, {m: f"{d['from']} -> {d['to']}" for m, d in done.items()})
         if widened is not None:
-            widened.update({r.module: {"from": r.original_width, "to": widths[r.module], "config": r.field}
-                            for r in records})
-        index = TargetIndex.from_models({component: module},
-                                        widened={(component, r.module): r.original_width for r in records})
+            widened.update(done)
         bound_adapters = [align(adapter, family, index) for adapter in bound_adapters]
     state = dict(module.named_parameters())
     pairs = [(resolve_fused(adapter, lambda c, p: state[p].detach()), a["scale"])
@@ -186,6 +177,7 @@ def _bake(module: torch.nn.Module, component: str, family: FamilySpec, adapters:
 
 
 def _prepare_out(out_dir, overwrite: bool) -> tuple[Path, Path]:
+    """(the output directory, a new temporary one beside it to write into)."""
     out = Path(out_dir).absolute()
     if out.exists():
         if not out.is_dir():
@@ -193,25 +185,13 @@ def _prepare_out(out_dir, overwrite: bool) -> tuple[Path, Path]:
         if any(out.iterdir()) and not overwrite:
             raise OutputExistsError(out, (out / MANIFEST_FILE).is_file())
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = new_dir_beside(out)
     except OSError as e:
         raise ExportError(f"output directory {out} is not writable: {e.strerror or e}") from e
     if not os.access(tmp, os.W_OK):
         shutil.rmtree(tmp, ignore_errors=True)
         raise ExportError(f"output directory {out} is not writable")
     return out, tmp
-
-
-def commit_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temporary directory into place (replacing `out` if it exists)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _export_dtype(dtype) -> torch.dtype:
@@ -336,7 +316,7 @@ def export_pipeline(
             build_engines(tmp, manifest, spec, strip_plan=strip_plan)
         manifest["pipeline"] = write_pipeline_files(source, spec, tmp, present)
         manifest.write(tmp)
-        commit_dir(tmp, out)
+        commit_dirs([(tmp, out)])
         manifest.path = out / MANIFEST_FILE
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

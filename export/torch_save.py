@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from engines.torch_engine import TORCH_DIR, TORCH_META
+from lora_loaders import dtypes
 
 
 def save_torch_component(module, comp_dir) -> dict:
@@ -18,7 +19,7 @@ def save_torch_component(module, comp_dir) -> dict:
     out = Path(comp_dir) / TORCH_DIR
     module.save_pretrained(str(out), safe_serialization=True)
     library = type(module).__module__.split(".")[0]
-    dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
+    dtype = dtypes.name(next(module.parameters()).dtype)
     meta = {"library": library, "class": type(module).__name__, "dtype": dtype}
     (out / TORCH_META).write_text(json.dumps(meta, indent=1) + "\n")
     return {"dir": TORCH_DIR, **meta}

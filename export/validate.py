@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_loaders import dtypes
+
 log = logging.getLogger(__name__)
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-2}
@@ -48,7 +50,7 @@ def float_types(model_path: Path) -> dict:
     import onnx
 
     m = onnx.load(str(model_path), load_external_data=False)
-    name = lambda t: onnx.helper.tensor_dtype_to_np_dtype(t).name if t != onnx.TensorProto.BFLOAT16 else "bfloat16"  # noqa: E731
+    name = dtypes.name
     inits: dict[str, int] = {}
     for t in m.graph.initializer:
         if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):

@@ -26,7 +26,7 @@ from .state import LoraState, _Fused
 from .store import ParamStore
 from .targets import param_contributions
 from .weights import map_items, weight_delta
-from .widen import Widened, restore, wanted, widen
+from .widen import Widened, restore, wanted, widen_modules
 
 logger = logging.getLogger(__name__)
 
@@ -78,17 +78,16 @@ class LoraBaseMixin:
     def _widen(self, widths: dict, state: LoraState) -> tuple[LoraState, list]:
         """Widen these modules (zero input columns, as diffusers does); returns the state with the
         loaded adapters' layers on them padded, and the new records (for `_unwiden`)."""
-        new_records = []
-        for (component, module), cols in widths.items():
+        for component, module in widths:
             store = self._store(component)
-            name = f"{module}.weight"
-            if name in store.modified():
-                store.write(name, [])  # back to base first: its residuals are for the old width
-            record = widen(getattr(self, component), self._spec.component(component), module, cols)
-            if (component, module) not in self._widened:
-                self._widened[(component, module)] = record
+            if f"{module}.weight" in store.modified():
+                store.write(f"{module}.weight", [])  # back to base first: its residuals are for the old width
+        records, index = widen_modules(self._lora_components(), self._spec, widths, self._widened)
+        new_records = []
+        for record in records:
+            if (record.component, record.module) not in self._widened:  # the first width is the original
+                self._widened[(record.component, record.module)] = record
                 new_records.append(record)
-        index = self._index()
         padded = state.copy()
         for name, adapter in state.adapters.items():
             layers = fit_widened(adapter.layers, index)

@@ -138,7 +138,7 @@ class LoraState:
                         raise ValueError(f"per-block weights are not supported for {component!r}")
                     cw = expand(component, dict(cw))
                 elif cw is not None:
-                    cw = _number(cw, f"weight of adapter {name!r}")
+                    cw = finite_number(cw, f"weight of adapter {name!r}")
                 per_component[component] = 1.0 if cw is None else cw
             if isinstance(w, Mapping):
                 unknown = sorted(set(w) - set(components) - set(known))
@@ -218,7 +218,8 @@ class LoraState:
         return {f.adapter for entries in self.fused.values() for f in entries}
 
 
-def _number(value, what: str) -> float:
+def finite_number(value, what: str) -> float:
+    """`value` as a float; ValueError naming `what` for anything else, NaN and infinities included."""
     import math
 
     try:

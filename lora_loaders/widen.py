@@ -9,7 +9,7 @@ bit for bit, and `restore` puts it back.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +45,18 @@ def wanted(adapters: Iterable[LoraAdapter], spec: FamilySpec, index: TargetIndex
             if target is not None and not layer.fits(target.weight) and widens(spec, c, m, layer, target):
                 out[(c, m)] = max(out.get((c, m), 0), int(layer.delta_shape()[1]))
     return out
+
+
+def widen_modules(models: Mapping[str, nn.Module], spec: FamilySpec, widths: Mapping[tuple[str, str], int],
+                  widened: Mapping[tuple[str, str], Widened] | None = None) -> tuple[list[Widened], TargetIndex]:
+    """Widen each (component, module) of `widths` (`wanted`) in `models`, and return the new records
+    with the index over the widened models (which knows every module's width before widening, these
+    and the already `widened` ones: narrower adapters are padded to fit, `bind.fit_widened`)."""
+    records = [widen(models[c], spec.component(c), m, cols) for (c, m), cols in widths.items()]
+    before = {k: r.original_width for k, r in (widened or {}).items()}
+    for r in records:
+        before.setdefault((r.component, r.module), r.original_width)
+    return records, TargetIndex.from_models(models, widened=before)
 
 
 def original(config, field: str):

@@ -18,6 +18,7 @@ import torch
 
 from lora_loaders.adapter import LoraAdapter
 from lora_loaders.dtypes import from_numpy, to_numpy, torch_dtype
+from lora_loaders.dtypes import name as dtype_name
 from lora_loaders.index import TargetIndex
 from lora_loaders.reader import LruCache
 from lora_loaders.targets import params_of
@@ -316,7 +317,7 @@ def _to_initializer(entry, v: torch.Tensor, as_numpy: bool = True):
 
 
 def _check_initializer(entry, arr):
-    dtype = arr.dtype.name if isinstance(arr, np.ndarray) else str(arr.dtype).removeprefix("torch.")
+    dtype = dtype_name(arr.dtype)
     if tuple(arr.shape) != entry.shape or dtype != entry.raw["dtype"]:
         raise RefitError(f"{entry.param} -> {entry.initializer}: got {tuple(arr.shape)} {dtype}, the weights "
                          f"map says {entry.shape} {entry.raw['dtype']}")

@@ -271,8 +271,7 @@ class Refitter:
     def set_adapters(self, adapter_names, adapter_weights=None) -> None:
         """Activate these adapters with weights: a float, one per adapter, {component: float | per-block
         dict} dicts (diffusers' per-block weights for a UNet). `set_adapters([])` returns to base."""
-        with self._lock:
-            self._transition(self._with_adapters(self._state.copy(), adapter_names, adapter_weights))
+        self._change(lambda s: self._with_adapters(s, adapter_names, adapter_weights))
 
     def _with_adapters(self, new: LoraState, names, weights) -> LoraState:
         new.set_adapters(names, weights, self.components, lambda c, s: self.units[c].expand(s),
@@ -324,27 +323,24 @@ class Refitter:
 
     def disable_lora(self) -> None:
         """Run the base weights, keeping the adapters and their settings."""
-        with self._lock:
-            new = self._state.copy()
-            new.set_enabled(False)
-            self._transition(new)
+        self._change(lambda s: s.set_enabled(False))
 
     def enable_lora(self) -> None:
-        with self._lock:
-            new = self._state.copy()
-            new.set_enabled(True)
-            self._transition(new)
+        self._change(lambda s: s.set_enabled(True))
 
     def delete_adapters(self, adapter_names) -> None:
-        with self._lock:
-            new = self._state.copy()
-            new.delete(adapter_names)
-            self._transition(new)
+        self._change(lambda s: s.delete(adapter_names))
 
     def unload_lora_weights(self) -> None:
         """Drop every adapter and return the engines to their base weights."""
+        self._change(lambda s: s.unload())
+
+    def _change(self, change) -> bool:
+        """Apply `change` to a copy of the state, then make the engines hold it (or raise, unchanged)."""
         with self._lock:
-            self._transition(LoraState())
+            new = self._state.copy()
+            change(new)
+            return self._transition(new)
 
     def get_active_adapters(self) -> list[str]:
         return self._state.active_names()

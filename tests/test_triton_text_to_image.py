@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import engines
 import export
-from engines.triton.serving import LoraRequestError
+from engines.triton.requests import LoraRequestError
 from engines.triton import write_repository
 from engines.triton.text_to_image import TextToImageSwitcher, to_uint8
 from export.tiny import build_tiny
@@ -83,6 +83,28 @@ def test_switcher_groups_batches_and_keeps_errors_apart(setup):
     assert [type(r) for r in res[10:]] == [LoraRequestError] * 4
     assert [w in str(r) for w, r in zip(("empty", "steps", "nope", "height"), res[10:])] == [True] * 4
     assert sw.refits <= len(SETS)  # one refit per adapter set that differed
+
+
+def test_a_new_adapter_set_refits_each_component_once(setup):
+    """A request whose adapters differ from what the engines hold: one refit of each component (its
+    engine's weights written once), the new file read once; the same set again: none."""
+    pipe = engines.load_pipeline(setup["out"], lora_dir=setup["lora_dir"])
+    pipe.set_progress_bar_config(disable=True)
+    sw = TextToImageSwitcher(pipe, setup["lora_dir"], {"max_steps": 4})
+    writes = {c: 0 for c in pipe.refitter.components}
+    for c, engine in pipe.refitter.engines.items():
+        def counted(real=engine.writable_weights, c=c):
+            writes[c] += 1
+            return real()
+        engine.writable_weights = counted
+    assert set(writes) == {"unet", "text_encoder"}
+    (img, key), = sw.run([(_values(1), '{"y": 0.5}')])
+    assert key == (("y", 0.5),) and writes == {"unet": 1, "text_encoder": 1}
+    assert _close(img, setup["refs"][(key, 1)])
+    sw.run([(_values(2), '{"y": 0.5}'), (_values(0), '{"y": 0.5}')])
+    assert writes == {"unet": 1, "text_encoder": 1}
+    (img, key), = sw.run([(_values(0), "{}")])
+    assert writes == {"unet": 2, "text_encoder": 2} and _close(img, setup["refs"][((), 0)])
 
 
 def test_real_tritonserver_serves_pictures_with_per_request_loras(setup):
