@@ -23,18 +23,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engines.generate", description=__doc__.split("\n\n")[1],
                                 epilog=__doc__.split("\n\n")[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", metavar="OUT_DIR", help="an export directory (python -m export ...)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--prompt", required=True, help="what to picture")
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="refit to these adapters first (repeat to stack); without: what the export baked")
-    p.add_argument("--steps", type=int, default=30)
+                   help="refit to these adapters first, each at SCALE (default 1.0); repeat to stack; "
+                        "without: what the export baked")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=None, help="pixels (default: the pipeline's)")
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
+    p.add_argument("--height", type=int, default=None,
+                   help="pixels, up to what the export takes (default: the pipeline's)")
+    p.add_argument("--width", type=int, default=None, help="pixels, as --height (default: the pipeline's)")
     p.add_argument("--backend", default=None, help="onnxruntime | tensorrt | torch (default: what the export has)")
-    p.add_argument("--out", required=True, help="image file to write (.png, .jpg); video families: frames")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--out", required=True, help="image file to write: .png, .jpg or .webp")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
     return p
 
 
@@ -52,6 +54,9 @@ def check_args(args, pipe) -> None:
         v = getattr(args, name)
         if v is not None and (v <= 0 or v % factor):
             raise UsageError(f"--{name} {v} is not a positive multiple of {factor} (the VAE factor x the patch size)")
+    from .pipeline import check_size
+
+    check_size(pipe, args.height, args.width, what="--")
     if not args.prompt.strip():
         raise UsageError("--prompt is empty")
 
@@ -65,9 +70,10 @@ def _patch(pipe) -> int:
 def generate(args) -> Path:
     import torch
 
+    from lora_loaders.adapter import unique_name
     from lora_loaders.io import parse_lora_arg
 
-    from . import load_pipeline
+    from .pipeline import load_pipeline
 
     loras = [parse_lora_arg(s) for s in args.lora]
     for path, _ in loras:
@@ -82,8 +88,9 @@ def generate(args) -> Path:
     check_args(args, pipe)
     if loras:
         names = []
-        for i, (path, _) in enumerate(loras):
-            name = f"cli_{i}"
+        for path, _ in loras:  # named as export names them: the file's stem (x, x_2, ...)
+            taken = set(names) | {n for ns in pipe.get_list_adapters().values() for n in ns}
+            name = unique_name(Path(path).stem, taken)
             pipe.load_lora_weights(path, adapter_name=name)
             names.append(name)
         pipe.set_adapters(names, [s for _, s in loras])

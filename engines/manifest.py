@@ -141,6 +141,15 @@ class Manifest(Mapping):
         return cls(data, path)
 
     @classmethod
+    def holds(cls, directory) -> bool:
+        """Whether a directory is an export (or a refit output): a manifest of this project in it."""
+        try:
+            cls.read(directory)
+            return True
+        except ManifestError:
+            return False
+
+    @classmethod
     def find(cls, component_dir) -> Manifest | None:
         """The manifest describing a component directory: its own, or its export directory's."""
         d = Path(component_dir)

@@ -47,14 +47,19 @@ class PipelineError(RuntimeError):
     """An export that cannot back a pipeline (files missing), or a call the engines cannot serve."""
 
 
+class SizeError(PipelineError, ValueError):
+    """A size (height, width, frames, text length) beyond what the export's axes take: bad input."""
+
+
 class EngineModel(torch.nn.Module):
     """Stands in for one model of a pipeline (both VAE halves: one `vae`) over exported engines."""
 
     def __init__(self, parts: dict[str, tuple[ComponentSpec, object, dict]], config, dtype: torch.dtype,
-                 state: dict | None = None):
+                 state: dict | None = None, axes: dict | None = None):
         super().__init__()
         self._parts = parts  # method -> (component spec, engine, manifest entry)
         self._state = state or {}  # tensors outside the graphs that the pipeline reads (ComponentSpec.pipeline_state)
+        self._axes = axes or {}  # the manifest's: the largest size of each named dimension
         self.config = config
         self._dtype = dtype
         first = next(iter(parts.values()))[0]
@@ -102,9 +107,42 @@ class EngineModel(torch.nn.Module):
             if p.kind is inspect.Parameter.VAR_KEYWORD:
                 bound.update(bound.pop(name, {}))
         feeds = _feeds(spec, entry, bound)
+        if engine.backend == "tensorrt":  # its profile is the axes' range (ONNX Runtime runs what the pipeline
+            _check_sizes(spec, entry, feeds, self._axes)  # chose within the pixel limits, e.g. Sana's size bins)
         out = engine.infer(feeds)
         values = {o.name: from_numpy(out[o.name]) for o in spec.outputs}
         return _result(spec, method, values, bound, self.config)
+
+
+def _check_sizes(spec: ComponentSpec, entry: dict, feeds: dict, axes: dict) -> None:
+    """SizeError, before the engine runs, for a named dimension beyond the manifest's axis (a TensorRT
+    engine's profile is that range: a clear error instead of TensorRT's)."""
+    for i in entry["inputs"]:
+        for dim, n in zip(i["shape"], feeds[i["name"]].shape):
+            if isinstance(dim, str) and dim in axes and n > int(axes[dim]["max"]):
+                raise SizeError(f"{spec.name}: {i['name']} has {dim} {n}, beyond the export's largest "
+                                f"{axes[dim]['max']} (the manifest's axes; export with a larger range)")
+
+
+def size_limits(pipe) -> dict[str, int]:
+    """{"height", "width": the largest size in pixels} the export's engines take: its latent axes
+    times the pipeline's VAE factor, and the VAE's own pixel axes."""
+    axes, factor = pipe.manifest.axes, int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    out = {}
+    for name in ("height", "width"):
+        limits = [int(axes[name]["max"]) * factor] if name in axes else []
+        limits += [int(axes[f"image_{name}"]["max"])] if f"image_{name}" in axes else []
+        if limits:
+            out[name] = min(limits)
+    return out
+
+
+def check_size(pipe, height: int | None, width: int | None, what: str = "") -> None:
+    """SizeError for a height or width (pixels) beyond `size_limits`."""
+    for name, value in (("height", height), ("width", width)):
+        limit = size_limits(pipe).get(name)
+        if value is not None and limit is not None and value > limit:
+            raise SizeError(f"{what}{name} {value} is above the export's largest {limit} pixels")
 
 
 def _feeds(spec: ComponentSpec, entry: dict, args: dict) -> dict[str, np.ndarray]:
@@ -197,6 +235,7 @@ def _engine_pipeline_class(cls):
     def __call__(self, *args, **kwargs):
         for k, v in (self._engine_spec.pipeline_kwargs(self) if self._engine_spec.pipeline_kwargs else {}).items():
             kwargs.setdefault(k, v)
+        check_size(self, kwargs.get("height"), kwargs.get("width"))  # before any work
         return cls.__call__(self, *args, **kwargs)
 
     def fuse_lora(self, *args, **kwargs):
@@ -247,7 +286,7 @@ def load_pipeline(out_dir, backend: str | None = None, lora_dir=None, **engine_o
         cspec, _, entry = next(iter(parts.values()))
         comp_dir = out_dir / entry.get("dir", cspec.name)
         state = load_file(comp_dir / PIPELINE_STATE_FILE) if (comp_dir / PIPELINE_STATE_FILE).is_file() else None
-        kwargs[folder] = EngineModel(parts, _config(cspec, comp_dir), torch_dtype(entry["dtype"]), state)
+        kwargs[folder] = EngineModel(parts, _config(cspec, comp_dir), torch_dtype(entry["dtype"]), state, manifest.axes)
     for name in params:
         if name in kwargs or name == "self" or name not in index:
             continue
@@ -265,6 +304,7 @@ def load_pipeline(out_dir, backend: str | None = None, lora_dir=None, **engine_o
     pipe = cls(**{k: v for k, v in kwargs.items() if k in params})
     pipe.refitter = Refitter(lora_engines, lora_dir=lora_dir) if lora_engines else None
     pipe._engine_spec = spec
+    pipe.manifest = manifest
     if missing:
         log.debug("pipeline arguments left to their defaults: %s", missing)
     return pipe

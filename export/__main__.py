@@ -1,7 +1,8 @@
 """`python -m export`: export a family's components to ONNX with LoRAs baked in.
 
     python -m export --family sdxl --model tiny --lora x.safetensors[:SCALE] [--lora ...] --out out/sdxl
-           [--dtype fp16|bf16|fp32] [--components unet,text_encoder] [--tensorrt] [--triton-repo DIR]
+           [--dtype fp16|bf16|fp32] [--components unet,text_encoder] [--tensorrt [--strip-plan]] [--torch]
+           [--triton-repo DIR] [--overwrite]
 
 Exit codes: 0 done, 2 bad usage or input (unknown family, missing or unusable LoRA, bad
 scale, existing output without --overwrite), 1 a failure while working (validation past
@@ -25,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description="Export a family's components to ONNX with LoRAs baked in.",
                                 epilog=__doc__.split("\n\n")[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", required=True, help="model family: " + " | ".join(exportable))
-    p.add_argument("--model", default="tiny",
-                   help="'tiny' (built-in small random model), a local diffusers directory, or a hub repo id")
+    p.add_argument("--model", required=True,
+                   help="'tiny' (the built-in small model with random weights), a local diffusers directory, or a "
+                        "hub repo id")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA file to bake in, optionally with a scale; repeat to stack adapters")
     p.add_argument("--out", required=True, help="output directory")
@@ -74,8 +76,7 @@ def main(argv=None) -> int:
             print("error: interrupted; nothing was written", file=sys.stderr)
             return EXIT_INTERRUPTED
         except OutputExistsError as e:
-            what = "holds a previous export" if e.previous else "is not empty"
-            print(f"error: output directory {e.path} {what}; pass --overwrite to replace it", file=sys.stderr)
+            print(f"error: {e.describe('--overwrite')}", file=sys.stderr)
             return EXIT_USAGE
         except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
             print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)

@@ -35,7 +35,7 @@ from engines.weights_map import BASE_WEIGHTS_FILE
 from lora_loaders import dtypes, kernels
 from lora_loaders.adapter import unique_name
 from lora_loaders.families import ComponentSpec, FamilySpec, get_family
-from lora_loaders.io import commit_dirs, new_dir_beside, parse_lora_arg
+from lora_loaders.io import commit_dirs, listing, new_dir_beside, parse_lora_arg
 from lora_loaders.serialization import save_state_dict
 from lora_loaders.state import finite_number
 
@@ -57,12 +57,18 @@ _STEP_DONE = {  # what each step did, as `-v` logs it
 
 
 class OutputExistsError(ExportError):
-    """The output directory is not empty and overwriting was not asked for."""
+    """The output directory holds something: a previous export is replaced only when asked
+    (`overwrite`), anything else never (an `--overwrite` that deletes a folder of notes is a bug)."""
 
-    def __init__(self, path: Path, previous: bool):
-        self.path, self.previous = path, previous
-        what = "holds a previous export" if previous else "is not empty"
-        super().__init__(f"output directory {path} {what}; pass overwrite=True to replace it")
+    def __init__(self, path: Path, previous: bool, holds: str = "", flag: str = "overwrite=True"):
+        self.path, self.previous, self.holds = path, previous, holds
+        super().__init__(self.describe(flag))
+
+    def describe(self, flag: str) -> str:
+        if self.previous:
+            return f"output directory {self.path} holds a previous export; pass {flag} to replace it"
+        return (f"output directory {self.path} is not empty and holds no export ({self.holds}); {flag} replaces "
+                "only a previous export: choose another directory, or empty this one")
 
 
 def _normalize_loras(loras) -> list[tuple[str, float, str | None, str | None]]:
@@ -182,8 +188,8 @@ def _prepare_out(out_dir, overwrite: bool) -> tuple[Path, Path]:
     if out.exists():
         if not out.is_dir():
             raise ExportError(f"output path {out} exists and is not a directory")
-        if any(out.iterdir()) and not overwrite:
-            raise OutputExistsError(out, (out / MANIFEST_FILE).is_file())
+        if any(out.iterdir()) and not (overwrite and Manifest.holds(out)):
+            raise OutputExistsError(out, Manifest.holds(out), listing(out))
     try:
         tmp = new_dir_beside(out)
     except OSError as e:

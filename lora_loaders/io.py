@@ -146,6 +146,14 @@ def atomic_path(path: str | os.PathLike):
         tmp.unlink(missing_ok=True)
 
 
+def listing(path: str | os.PathLike, limit: int = 5) -> str:
+    """What a directory holds, for an error message: "notes.txt, a/, ... (7 entries)"."""
+    entries = sorted(Path(path).iterdir())
+    names = [e.name + ("/" if e.is_dir() else "") for e in entries[:limit]]
+    more = f", ... ({len(entries)} entries)" if len(entries) > limit else ""
+    return ", ".join(names) + more
+
+
 def new_dir_beside(path: str | os.PathLike) -> Path:
     """An empty temporary directory next to `path` (same file system: it can be renamed into place),
     with the mode a plain `mkdir` gets under the user's umask (not mkdtemp's 0700)."""

@@ -119,8 +119,9 @@ def bind_parsed(parsed: ParsedLora, spec: FamilySpec, index: TargetIndex | None 
         # Markers are a guess; a file that fits every module of the model it is given is for that model.
         if other and not _fits(adapter, spec, index, widen):
             keys = [adapter.origin.get(k, "") for k in list(adapter.layers)[:3]]
+            source = f", from {keys}" if keys != names[:3] else ""  # the file's keys, where they differ
             raise LoraFamilyError(f"{where} looks like a LoRA for {other}, not for {spec.name!r} "
-                             f"(targets such as {names[:3]}, from {keys})")
+                                  f"(targets such as {names[:3]}{source})")
         check(adapter.layers, index, where, adapter.origin, spec=spec, widen=widen)
     except LoraWidthError:
         raise  # the file is this family's: it needs a wider model (its message says which input)

@@ -7,8 +7,8 @@
 `python -m refit DIR --lora y.safetensors:0.8 --out DIR2` writes a new engine directory.
 """
 
-from .core import clear_cache, read_adapter
+from .core import check_adapter, clear_cache, read_adapter
 from .refitter import Refitter
-from .store import ComponentFiles, RefitError
+from .store import AdapterError, ComponentFiles, RefitError
 
-__all__ = ["ComponentFiles", "RefitError", "Refitter", "clear_cache", "read_adapter"]
+__all__ = ["AdapterError", "ComponentFiles", "RefitError", "Refitter", "check_adapter", "clear_cache", "read_adapter"]

@@ -24,7 +24,7 @@ from lora_loaders.reader import LruCache
 from lora_loaders.targets import params_of
 from lora_loaders.weights import Contribution, effective_bias, effective_weight, map_items
 
-from .store import ComponentFiles, RefitError
+from .store import AdapterError, ComponentFiles, RefitError
 
 # -- adapters, bound to an export's weights maps and cached -----------------------------------
 
@@ -79,14 +79,14 @@ def read_adapter(source, files_list: Sequence[ComponentFiles], name: str = "adap
             if fallback:  # a file for the family's first denoiser refits another one
                 adapter = bind_parsed(parsed, spec, index, remap=fallback, where=where, sha256=digest)
     except LoraKeyError as e:
-        raise RefitError(f"adapter {name!r} touches modules the {'/'.join(components)} engine{'s' * (len(components) > 1)}"
+        raise AdapterError(f"adapter {name!r} touches modules the {'/'.join(components)} engine{'s' * (len(components) > 1)}"
                          f" of this export does not map (no such Linear/Conv/norm in the exported graph): {e}") from e
     except FileNotFoundError:
         raise  # as the mixins raise it: the message names the file
     except (OSError, ValueError) as e:
         if "shape mismatch" in str(e):
-            raise RefitError(f"adapter {name!r} has shapes that need a different graph: {e}") from e
-        raise RefitError(f"cannot read LoRA {name!r} for {family} {', '.join(components)}: {e}") from e
+            raise AdapterError(f"adapter {name!r} has shapes that need a different graph: {e}") from e
+        raise AdapterError(f"cannot read LoRA {name!r} for {family} {', '.join(components)}: {e}") from e
     if digest is not None:
         _CACHE.put(key, adapter)
     return adapter, digest
@@ -102,11 +102,11 @@ def clear_cache():
 def check_adapter(adapter: LoraAdapter, family: str | None, components: Sequence[str], name: str) -> LoraAdapter:
     """The adapter's layers for these components; raises unless it is for this family and has some."""
     if adapter.family and family and adapter.family != family:
-        raise RefitError(f"adapter {name!r} was read for family {adapter.family!r}; this export is {family!r}")
+        raise AdapterError(f"adapter {name!r} was read for family {adapter.family!r}; this export is {family!r}")
     layers = {k: v for k, v in adapter.layers.items() if k[0] in components}
     if not layers:
         which = ", ".join(repr(c) for c in components)
-        raise RefitError(f"adapter {name!r} has no layers for component{'s' if len(components) > 1 else ''} {which} "
+        raise AdapterError(f"adapter {name!r} has no layers for component{'s' if len(components) > 1 else ''} {which} "
                          f"(it targets {', '.join(adapter.components) or 'nothing'}); it cannot be applied here")
     return adapter if len(layers) == len(adapter.layers) else adapter.with_layers(layers)
 
@@ -176,7 +176,7 @@ def compute(files: ComponentFiles, by_module: Mapping[str, list[Contribution]], 
             raise RefitError(f"effective value of {param} has shape {tuple(new.shape)} {new.dtype}, "
                              f"expected {entry.param_shape} {entry.param_dtype}")
         if cs and not finite:
-            raise RefitError(f"effective value of {param} has NaN or Inf values (from {_culprits(cs, owners)}); "
+            raise AdapterError(f"effective value of {param} has NaN or Inf values (from {_culprits(cs, owners)}); "
                              "the engine keeps its previous weights")
         if new is None:
             return _WRITTEN if held is not None else _check_initializer(entry, to_numpy(out) if numpy_out else out)

@@ -61,7 +61,7 @@ from lora_loaders.state import LoraState
 from lora_loaders.targets import params_of
 
 from . import core
-from .store import ComponentFiles, RefitError
+from .store import AdapterError, ComponentFiles, RefitError
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class _Unit:
                for kind in (("weight", "bias") if layer.bias is not None else ("weight",))]
         bad = [b for b in bad if b in self.not_refittable]
         if bad:
-            raise RefitError(f"adapter {name!r} touches {len(bad)} weight(s) the {self.component} engine was built "
+            raise AdapterError(f"adapter {name!r} touches {len(bad)} weight(s) the {self.component} engine was built "
                              f"without as refittable: {bad[:5]}")
 
     def expand(self, scales: dict) -> dict:

@@ -27,6 +27,11 @@ class RefitError(RuntimeError):
     """A refit that cannot be done; the engine keeps its previous weights."""
 
 
+class AdapterError(RefitError, ValueError):
+    """An adapter that does not fit the export (another family or component, modules or shapes it
+    does not have, weights it keeps constant, NaN or Inf values): bad input, not a failure of the engine."""
+
+
 class ComponentFiles:
     """Lazy reader of one exported component directory (see module doc)."""
 

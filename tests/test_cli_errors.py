@@ -22,32 +22,11 @@ from safetensors.torch import load_file, save_file
 import export
 from engines.manifest import Manifest
 from lora_loaders.io import parse_lora_arg
+from cli_helpers import hidden, one_error_line, run, snapshot
 from refit_helpers import exported, lora_files
 
 ROOT = Path(__file__).resolve().parents[1]
 SD_LORA = ROOT / "examples" / "sd_tiny_lora.safetensors"
-
-
-def run(*args, timeout=600):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-def one_error_line(stderr: str) -> str:
-    """The single `error:` line of a failed command (detail lines may follow it, indented); no traceback."""
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, stderr
-    return errors[0]
-
-
-def snapshot(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()} if d.exists() else {}
-
-
-def hidden(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
 @pytest.fixture(scope="module")
@@ -232,13 +211,17 @@ def test_interrupted_export_leaves_nothing(tmp_path, sig, code, message):
     out = tmp_path / "o"
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     p = subprocess.Popen([sys.executable, "-m", "export", "--family", "sd", "--model", "tiny", "--lora", str(SD_LORA),
-                          "--out", str(out), "--no-progress"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          "--out", str(out), "-v"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not [d for d in tmp_path.glob(".o.tmp-*") if (d / "unet").exists()]:  # mid-export
-            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-            time.sleep(0.1)
+        # Interrupt at a known point, never after a guessed delay: when the export says it has built the
+        # first component's model (its trace, two more components and the pipeline files are still ahead)
+        seen = []
+        for line in p.stderr:
+            seen.append(line)
+            if "unet: built or loaded the model" in line:
+                break
+        assert p.poll() is None, "".join(seen)
         p.send_signal(sig)
         _, err = p.communicate(timeout=120)
     finally:

@@ -8,6 +8,7 @@ adapter, steps out of range, empty prompt) get their own errors and later reques
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -132,7 +133,10 @@ def test_real_tritonserver_serves_pictures_with_per_request_loras(setup):
             t.set_data_from_numpy(arr.astype(object if dtype == "BYTES" else {"INT64": np.int64}.get(dtype, np.int32)))
             ins.append(t)
         params = {} if loras is None else {"loras": loras}
-        return client.infer("text_to_image", ins, parameters=params, client_timeout=300).as_numpy("image")[0]
+        result = client.infer("text_to_image", ins, parameters=params, client_timeout=300)
+        applied = json.loads(result.as_numpy("applied_loras").reshape(-1)[0])
+        assert loras not in SETS or applied == dict(SETS[loras]), (loras, applied)  # what it ran with
+        return result.as_numpy("image")[0]
 
     try:
         results, errors = [], []

@@ -24,29 +24,44 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("write", help="write a Triton model repository from an export directory")
     w.add_argument("export_dir", metavar="EXPORT", help="export directory (manifest.json + components)")
-    w.add_argument("repo_dir", metavar="REPO", help="model repository to write (models of the same name are replaced)")
-    w.add_argument("--lora-dir", default=None, help="server-side adapter directory (default: inside the repo)")
-    w.add_argument("--lora", action="append", default=[], metavar="PATH", help="adapter file to ship (repeatable)")
+    w.add_argument("repo_dir", metavar="REPO",
+                   help="model repository to write: new, empty, or a model repository whose models of the same "
+                        "names are replaced (the others kept)")
+    w.add_argument("--lora-dir", default=None,
+                   help="server-side adapter directory, used as is (default: <model>/loras inside the repository)")
+    w.add_argument("--lora", action="append", default=[], metavar="PATH",
+                   help="adapter file to ship into the adapter directory, checked against the export (repeatable)")
     w.add_argument("--no-baked", action="store_true", help="do not copy the baked adapters into the adapter dir")
-    w.add_argument("--text-encoders", default="auto", choices=["auto", "onnxruntime", "tensorrt", "python"])
-    w.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
-    w.add_argument("--engine", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
-    w.add_argument("--max-batch-size", type=int, default=8)
-    w.add_argument("--instances", type=int, default=1)
-    w.add_argument("--components", default=None, help="comma-separated subset of the export's components")
-    w.add_argument("--prefix", default="", help="prefix of the model names")
-    w.add_argument("--preload", default="baked", choices=["baked", "all", "none"])
+    w.add_argument("--text-encoders", default="auto", choices=["auto", "onnxruntime", "tensorrt", "python"],
+                   help="how text encoders and the VAE are served: Triton's onnxruntime or tensorrt_plan backend, "
+                        "or a Python-backend model (servers without those backends, e.g. the PyPI one); "
+                        "auto: tensorrt when the export has plans, else onnxruntime (default: auto)")
+    w.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="instance kind; auto: gpu when the export has TensorRT plans (default: auto)")
+    w.add_argument("--engine", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
+                   help="the denoiser's engine; auto: TensorRT on a GPU instance with a plan, else ONNX Runtime "
+                        "(default: auto)")
+    w.add_argument("--max-batch-size", type=int, default=8,
+                   help="Triton's max_batch_size; 0 disables dynamic batching (default: 8)")
+    w.add_argument("--instances", type=int, default=1,
+                   help="instances per model, each with its own engine and weights (default: 1)")
+    w.add_argument("--components", default=None,
+                   help="comma-separated subset of the export's components (default: all)")
+    w.add_argument("--prefix", default="", help="prefix of the model names, e.g. sdxl_ (default: none)")
+    w.add_argument("--preload", default="baked", choices=["baked", "all", "none"],
+                   help="adapters a denoiser reads at start: the baked ones, every file in the adapter directory, or "
+                        "none (read when first named) (default: baked)")
     w.add_argument("--text-to-image", default="auto", choices=["auto", "yes", "no"],
-                   help="also write the text-to-image model (auto: when the export can generate)")
-    for limit in ("steps", "height", "width"):
+                   help="also write the text-to-image model; auto: when the export can generate (default: auto)")
+    for limit, default in (("steps", "100"), ("height", "the export's"), ("width", "the export's")):
         w.add_argument(f"--max-{limit}", type=int, default=None, metavar="N",
-                       help=f"the text-to-image model's largest {limit} per request")
+                       help=f"the text-to-image model's largest {limit} per request (default: {default})")
     s = sub.add_parser("serve", help="run the nvidia-pytriton tritonserver on a repository (loopback)")
-    s.add_argument("repo_dir", metavar="REPO")
-    s.add_argument("--model", action="append", default=None, help="model to load (default: all)")
-    s.add_argument("--http-port", type=int, default=None)
-    s.add_argument("--grpc-port", type=int, default=None)
-    s.add_argument("--timeout", type=float, default=600, help="start timeout, seconds")
+    s.add_argument("repo_dir", metavar="REPO", help="a model repository (python -m engines.triton write ...)")
+    s.add_argument("--model", action="append", default=None, help="model to load; repeatable (default: all)")
+    s.add_argument("--http-port", type=int, default=None, help="HTTP port on 127.0.0.1 (default: a free one)")
+    s.add_argument("--grpc-port", type=int, default=None, help="gRPC port on 127.0.0.1 (default: a free one)")
+    s.add_argument("--timeout", type=float, default=600, help="seconds to wait for the models to load (default: 600)")
     return p
 
 
@@ -78,13 +93,6 @@ def _write(args) -> int:
     return EXIT_OK
 
 
-def _server_error(e: Exception, log: str = "") -> str:
-    """One line: the error's first line and the server log's last error line (Triton's `E...` lines)."""
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    errors = [line.strip() for line in (log or str(e)).splitlines() if line.startswith("E")]
-    return f"{first.rstrip(':')}: {errors[-1]}" if errors else first
-
-
 def _serve(args) -> int:
     from pathlib import Path
 
@@ -102,13 +110,14 @@ def _serve(args) -> int:
         print(f"serving {repo}: HTTP {server.http_url}  gRPC {server.grpc_url}  (Ctrl-C stops)", flush=True)
         while server.is_alive():
             time.sleep(1)
-        _error(_server_error(TritonServerError("tritonserver exited"), server.log_tail()))
+        _error("tritonserver exited: " + ("; ".join(server.failures()) or "(nothing in its log)"))
         return EXIT_FAILED
     except (TritonServerError, TritonUnavailable) as e:
-        _error(_server_error(e))
+        _error(str(e).splitlines()[0])  # the server log's reason (which model did not load, and why)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        return EXIT_OK
+        print("stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         server.stop()
 
@@ -118,7 +127,7 @@ def main(argv=None) -> int:
     try:
         with sigterm_exits():  # unwinds: temporary files removed, server stopped
             return _write(args) if args.cmd == "write" else _serve(args)
-    except KeyboardInterrupt:  # during write (serve stops on Ctrl-C by design)
+    except KeyboardInterrupt:  # during write
         _error("interrupted; nothing was written")
         return EXIT_INTERRUPTED
 

@@ -34,7 +34,7 @@ import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lora_loaders.io import commit_dirs, new_dir_beside
+from lora_loaders.io import commit_dirs, listing, new_dir_beside
 from lora_loaders.reader import file_sha256
 
 from ..manifest import MANIFEST_FILE, Manifest
@@ -139,9 +139,10 @@ def _read_export(export_dir: Path, components) -> tuple[Manifest, dict]:
 
 
 def _generates(manifest: Manifest) -> bool:
-    """Whether the export holds what the family's diffusers pipeline needs to make pictures."""
+    """Whether the export holds what the family's diffusers pipeline needs to make pictures (the
+    files its manifest lists, there on disk)."""
     info = manifest.get("pipeline") or {}
-    return bool(info) and not info.get("missing")
+    return bool(info) and not info.get("missing") and all((manifest.root / f).is_file() for f in info.get("files", []))
 
 
 # -- adapters ------------------------------------------------------------------------------------
@@ -199,6 +200,23 @@ def _plan_adapters(manifest: Manifest, opts: RepositoryOptions, lora_dir: Path |
     return list(unique.values())
 
 
+def _check_fit(manifest: Manifest, comps: dict, loras) -> None:
+    """Every adapter to ship, read and bound against the export's weights maps now (as export does),
+    so one of another family or shape fails here, not in every request that names it."""
+    import refit
+    from lora_loaders.families import get_family
+
+    spec = get_family(manifest.family)
+    files = [refit.ComponentFiles(manifest.component_dir(c)) for c in comps
+             if c in spec.components and spec.components[c].lora and (manifest.component_dir(c) / "weights_map.json").is_file()]
+    for path in loras if files else ():
+        try:
+            adapter, _ = refit.read_adapter(str(path), files, Path(path).name)
+            refit.check_adapter(adapter, manifest.family, [f.component for f in files], Path(path).name)
+        except refit.RefitError as e:
+            raise ValueError(f"adapter {path} does not fit this export: {e}") from e
+
+
 def _copy_adapters(ships: list[_Shipment], lora_dir: Path) -> list[Path]:
     """Copy into lora_dir (each file under a temporary name, then renamed); returns the files added.
     On failure the files added so far are removed again."""
@@ -247,14 +265,14 @@ def write_repository(export_dir, repo_dir, options: RepositoryOptions | None = N
     if text_to_image is None:
         text_to_image = opts.components is None and _generates(manifest)
     elif text_to_image and not _generates(manifest):
+        info = manifest.get("pipeline") or {}
+        gone = info.get("missing") or [f for f in info.get("files", []) if not (export_dir / f).is_file()]
         raise ValueError(f"{export_dir}: the export lacks what a text-to-image model needs "
-                         f"({(manifest.get('pipeline') or {}).get('missing') or 'its pipeline files'})")
+                         f"({', '.join(gone[:5]) if gone else 'its pipeline files'})")
     ships = _plan_adapters(manifest, opts, external) if denoisers else []
+    _check_fit(manifest, comps, opts.loras)
     writer = _Writer(manifest, export_dir, opts, external, ships)
-    if repo.exists() and not repo.is_dir():
-        raise FileExistsError(f"{repo} exists and is not a directory")
-    if repo.is_dir() and not opts.overwrite and any(repo.iterdir()):
-        raise FileExistsError(f"{repo} is not empty")
+    _check_repo(repo, opts.overwrite, [f"{opts.prefix}{c}" for c in comps] + [f"{opts.prefix}text_to_image"] * text_to_image)
     tmp = new_dir_beside(repo)
     added: list[Path] = []
     try:
@@ -272,6 +290,22 @@ def write_repository(export_dir, repo_dir, options: RepositoryOptions | None = N
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %s (%s) from %s", repo, ", ".join(names), export_dir)
     return {name: repo / name / "config.pbtxt" for name in names}
+
+
+def _check_repo(repo: Path, overwrite: bool, names: list[str]) -> None:
+    """A repository is written into only when absent, empty, or (with `overwrite`) a model
+    repository: every entry a model directory (its config.pbtxt) or one of the models written
+    (`names`, replaced; the other models are kept). Anything else is refused, naming what is there."""
+    if repo.exists() and not repo.is_dir():
+        raise FileExistsError(f"{repo} exists and is not a directory")
+    if not repo.is_dir() or not any(repo.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{repo} is not empty ({listing(repo)}); pass overwrite=True to add to it")
+    foreign = [p for p in sorted(repo.iterdir()) if p.name not in names and not (p / "config.pbtxt").is_file()]
+    if foreign:
+        raise FileExistsError(f"{repo} is not a model repository: {', '.join(p.name for p in foreign[:5])} "
+                              "is not a model directory (no config.pbtxt); choose another directory")
 
 
 class _Writer:

@@ -21,6 +21,7 @@ is ready, and stops it (terminate, then kill) on `stop()` or when the `with` blo
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -45,6 +46,10 @@ INSTALL_HINT = "pip install nvidia-pytriton==0.7.0 'numpy<2'"
 
 class TritonServerError(RuntimeError):
     """tritonserver did not start, or died."""
+
+
+# tritonserver's line for a model that did not load: failed to load 'unet' version 1: Internal: <why>\n<traceback>
+_FAILED = re.compile(r"failed to load '([^']+)' version \d+: (?:Internal: )?(.+?)(?:\\n|\"$)", re.M)
 
 
 def pytriton_server_dir(python: str | os.PathLike | None = None) -> Path:
@@ -222,13 +227,24 @@ class TritonServer:
         except (OSError, AttributeError):
             return ""
 
+    def failures(self) -> list[str]:
+        """Why models did not load, one line each ("model 'unet': FileNotFoundError: ..."), from the
+        server's own log; else its last error line."""
+        log = self.log_tail(200000)
+        found = [f"model '{m}': {why.split(chr(92) + 'n')[0]}" for m, why in _FAILED.findall(log)]
+        if found:
+            return list(dict.fromkeys(found))
+        errors = [line.strip() for line in log.splitlines() if line.startswith(("E", "error:"))]
+        return errors[-1:]
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise TritonServerError(
-                    f"tritonserver exited with code {self.proc.returncode}:\n{self.log_tail()}")
+                raise TritonServerError(f"tritonserver exited with code {self.proc.returncode}: "
+                                        + ("; ".join(self.failures()) or "(nothing in its log)")
+                                        + f"\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:
                     if r.status == 200:
@@ -236,7 +252,9 @@ class TritonServer:
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
             time.sleep(0.5)
-        raise TritonServerError(f"tritonserver not ready after {self.start_timeout:.0f} s:\n{self.log_tail()}")
+        raise TritonServerError(f"tritonserver not ready after {self.start_timeout:.0f} s: "
+                                + ("; ".join(self.failures()) or "no model failed (raise --timeout?)")
+                                + f"\n{self.log_tail()}")
 
     def is_alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -10,9 +10,10 @@ model holds its own copy of the weights).
 Inputs (each `[1]` per request, `max_batch_size` > 0): `prompt` (BYTES), and optional
 `negative_prompt` (BYTES), `seed` (INT64, default 0), `steps` (INT32), `guidance_scale`
 (FP32), `height`, `width` (INT32, pixels); the request parameter `loras` as for the
-denoiser model (absent: what the export baked; `{}`: base). Output `image`: UINT8
-`[H, W, 3]` (video families: `frames`, `[F, H, W, 3]`). Limits (`max_steps`,
-`max_height`, `max_width`) are config parameters; requests beyond them get an error.
+denoiser model (absent: what the export baked; `{}`: base). Outputs `image`: UINT8
+`[H, W, 3]`, and `applied_loras` (the JSON of the adapters it ran with) (video families: `frames`, `[F, H, W, 3]`). Limits: `max_steps` (config, default 100);
+`max_height`, `max_width` are the export's (its axes times the VAE factor), or smaller ones given
+in the config; requests beyond them get an error before any work.
 
 `TextToImageSwitcher` is the server-independent core: it validates requests, and over
 `requests.LoraSwitcher` (grouping by adapter set over the pipeline's one Refitter: the set the
@@ -35,16 +36,17 @@ import numpy as np
 from lora_loaders.families import get_family
 
 from ..manifest import Manifest
+from ..pipeline import size_limits
 from .layout import MODEL_PY, copy_dir, make_config
-from .requests import LoraRequestError, LoraSwitcher
-from .serving import _error, _param, _pb, request_items
+from .requests import LoraRequestError, LoraSwitcher, key_json
+from .serving import APPLIED_OUTPUT, _error, _param, _pb, request_items
 
 log = logging.getLogger(__name__)
 
 _STRING, _INT64, _INT32, _FP32, _UINT8 = 8, 7, 6, 1, 2  # ONNX element types, as make_config takes them
 INPUTS = {"prompt": _STRING, "negative_prompt": _STRING, "seed": _INT64, "steps": _INT32, "guidance_scale": _FP32,
           "height": _INT32, "width": _INT32}
-LIMITS = {"max_steps": 100, "max_height": 2048, "max_width": 2048}
+LIMITS = {"max_steps": 100}  # max_height and max_width: the export's (`pipeline.size_limits`), or smaller
 
 
 class TextToImageSwitcher:
@@ -53,7 +55,10 @@ class TextToImageSwitcher:
     def __init__(self, pipe, lora_dir, limits: Mapping[str, int] | None = None, default_steps: int = 30):
         self.pipe = pipe
         self.switcher = LoraSwitcher(pipe.refitter, lora_dir)
-        self.limits = {**LIMITS, **(limits or {})}
+        exported = {f"max_{k}": v for k, v in size_limits(pipe).items()}
+        given = dict(limits or {})
+        self.limits = {**LIMITS, **exported,
+                       **{k: min(v, exported.get(k, v)) for k, v in given.items()}}  # never past the export
         self.default_steps = default_steps
         self.factor = getattr(pipe, "vae_scale_factor", 8)
 
@@ -85,7 +90,7 @@ class TextToImageSwitcher:
             if v is None:
                 continue
             v = int(_scalar(values, name, 0))
-            limit = self.limits[f"max_{name}"]
+            limit = self.limits.get(f"max_{name}", v)
             if v <= 0 or v % self.factor or v > limit:
                 raise LoraRequestError(f"{name} must be a positive multiple of {self.factor} up to {limit}, got {v}")
             out[name] = v
@@ -172,7 +177,8 @@ class TextToImageModel:
         lora_dir = Path(_param(self.config, "lora_dir") or "loras")
         if not lora_dir.is_absolute():
             lora_dir = model_dir / lora_dir
-        limits = {k: int(_param(self.config, k, v) or v) for k, v in LIMITS.items()}
+        limits = {k: int(_param(self.config, k)) for k in ("max_steps", "max_height", "max_width")
+                  if _param(self.config, k)}
         backend = _param(self.config, "engine", "auto") or "auto"
         self.pipe = engines.load_pipeline(export_dir, backend=None if backend == "auto" else backend,
                                           lora_dir=lora_dir)  # where the baked adapters' files are
@@ -191,8 +197,10 @@ class TextToImageModel:
             if isinstance(res, Exception):
                 responses.append(_error(pb_utils, str(res), isinstance(res, LoraRequestError)))
                 continue
-            image, _ = res
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output, image[None])]))
+            image, key = res
+            applied = np.array([[key_json(key).encode()]], dtype=np.object_)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output, image[None]),
+                                                                        pb_utils.Tensor(APPLIED_OUTPUT, applied)]))
         return responses
 
     def finalize(self):
@@ -206,7 +214,8 @@ def text_to_image_config(name: str, *, max_batch_size: int = 8, kind: str = "KIN
     # every input is [1] per request, so the model keeps a batch dimension even without batching
     return make_config(name, inputs=[(n, t, [None, 1]) for n, t in INPUTS.items()], outputs=[out],
                        max_batch_size=max(1, int(max_batch_size)), backend="python", kind=kind, count=count,
-                       parameters=dict(parameters), queue_delay_us=queue_delay_us, optional=set(INPUTS) - {"prompt"})
+                       parameters=dict(parameters), queue_delay_us=queue_delay_us, optional=set(INPUTS) - {"prompt"},
+                       extra_outputs=[(APPLIED_OUTPUT, "TYPE_STRING", [1])])
 
 
 def write_text_to_image_model(export_dir, model_dir, *, lora_dir: str = "loras", limits: Mapping[str, int] | None = None,
@@ -223,7 +232,7 @@ def write_text_to_image_model(export_dir, model_dir, *, lora_dir: str = "loras",
     (model_dir / "1" / "model.py").write_text(MODEL_PY.format(
         what="text-to-image with per-request LoRAs", module="text_to_image", cls="TextToImageModel"))
     params = {"family": manifest.family or "", "lora_dir": str(lora_dir),
-              **{k: str(v) for k, v in {**LIMITS, **(limits or {})}.items()}}
+              **{k: str(v) for k, v in {**LIMITS, **(limits or {})}.items()}}  # sizes: the export's unless given
     if python_path:
         params["python_path"] = python_path
     return text_to_image_config(model_dir.name, max_batch_size=max_batch_size, kind=kind, count=instance_count,

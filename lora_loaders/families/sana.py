@@ -37,7 +37,7 @@ SANA = FamilySpec(
     components={
         "transformer": TRANSFORMER,
         "text_encoder": hf_encoder("text_encoder", "Gemma2Model", "Gemma2Config",
-                                   {**GEMMA2_TINY, "num_hidden_layers": 1}, mask=True),
+                                   {**GEMMA2_TINY, "num_hidden_layers": 1}, seq="prompt", mask=True),
         **image_vae(DC_AE_TINY, "AutoencoderDC", encoder=False,
                     image=("batch", Cfg("in_channels"), "image_height", "image_width")),
     },
@@ -48,7 +48,9 @@ SANA = FamilySpec(
         "batch": BATCH,
         "height": Axis(8, 32, 128, example=6, check=12),  # latents (pixels / 32)
         "width": Axis(8, 32, 128, example=4, check=10),
-        "text": Axis(1, 300, 300, example=8, check=12),  # Gemma tokens
+        "text": Axis(1, 300, 300, example=8, check=12),  # Gemma tokens the transformer reads
+        # what the text encoder reads: the pipeline's complex human instruction, then up to 300 prompt tokens
+        "prompt": Axis(1, 300, 2048, example=8, check=12),
     },
     markers=(r"^transformer\.caption_projection", r"\.ff\.conv_(inverted|depth|point)", r"^transformer\.caption_norm"),
 )
