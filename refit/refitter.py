@@ -102,7 +102,7 @@ class _Unit:
         bad = [b for b in bad if b in self.not_refittable]
         if bad:
             raise AdapterError(f"adapter {name!r} touches {len(bad)} weight(s) the {self.component} engine was built "
-                             f"without as refittable: {bad[:5]}")
+                               f"without as refittable: {bad[:5]}")
 
     def expand(self, scales: dict) -> dict:
         cspec = get_family(self.files.family).components.get(self.component)
