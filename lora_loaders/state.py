@@ -113,6 +113,10 @@ class LoraState:
             return before | set(adapter.layers) | set(self.fused)
         return set(old.layers) | set(adapter.layers)
 
+    def register(self, name: str, adapter: LoraAdapter) -> None:
+        """Know an adapter (or replace one known by name) without activating it: `set_adapters` does."""
+        self.adapters[name] = adapter
+
     def set_adapters(self, adapter_names, adapter_weights, components: Iterable[str],
                      expand: Callable[[str, dict], dict] | None = None, known: Iterable[str] = ()) -> set[Target]:
         """diffusers' `set_adapters`: a float, a {component: float | per-block dict}, or one per adapter.

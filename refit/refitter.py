@@ -319,7 +319,7 @@ class Refitter:
         if expected and digest != expected:
             raise RefitError(f"{source} is not the adapter {name!r} baked at export "
                              f"(sha256 {str(digest)[:12]} != {expected[:12]})")
-        state.adapters[name] = adapter
+        state.register(name, adapter)
 
     def disable_lora(self) -> None:
         """Run the base weights, keeping the adapters and their settings."""
