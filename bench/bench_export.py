@@ -100,7 +100,10 @@ def run(dtype: str = "fp16", rank: int = 16, lora: bool = True, out: Path | None
     entry = manifest["components"]["unet"]
     weights = entry["initializer_bytes"]
     peak = peak_rss_bytes()
+    from lora_loaders import kernels
+
     result = {
+        "host": kernels.describe_host(),
         "config": config, "dtype": dtype, "wall_s": round(wall, 1), "peak_rss_gb": round(peak / 1e9, 2),
         "rss_before_gb": round(rss0 / 1e9, 2), "weights_gb": round(weights / 1e9, 2),
         "peak_over_weights": round(peak / weights, 2), "lora_modules": n_modules, "lora_rank": rank if lora else 0,

@@ -100,7 +100,7 @@ def run_side(side: str, smoke: bool, lora: Path, dtype) -> dict:
         loader.load_lora_weights(str(lora), adapter_name="x")
         loader.fuse_lora(components=["unet"])
         seconds, cpu_s = time.perf_counter() - t, time.process_time() - c
-        extra = {"kernels": kernels.backend(), "residual_bytes": loader._stores["unet"].residual_bytes()}
+        extra = {"host": kernels.describe_host(), "residual_bytes": loader._stores["unet"].residual_bytes()}
         t = time.perf_counter()
         loader.unfuse_lora(components=["unet"])
         loader.set_adapters(["x"], 0.0)  # the exact base weights again
@@ -167,12 +167,17 @@ def main(argv=None):
 def _report(results, n, args, dtype, i):
     fl, ours, ref = results["floor"], results["ours"], results["diffusers"]
     gb = 1 << 30
+    if i == 0:
+        print(f"# {ours['host']}")
     print(f"run {i + 1}: load + fuse of a rank-{args.rank} kohya LoRA over {n} Linear modules "
           f"({'tiny' if args.smoke else 'real SDXL'} UNet, {str(dtype).removeprefix('torch.')}, "
           f"{ours['model_bytes'] / gb:.2f} GiB of weights)")
     print(f"  floor      {fl['floor_s']:8.2f} s   = float32 rank-{args.rank} products {fl['gemm_s']:.2f} s "
           f"({fl['gflop']:.0f} GFLOP, {fl['gflop'] / fl['gemm_s']:.0f} GFLOP/s) + copy of the targeted weights "
           f"{fl['copy_s']:.2f} s ({fl['bytes'] / fl['copy_s'] / 1e9:.0f} GB/s); CPU time {fl['floor_cpu_s']:.2f} s")
+    if fl.get("c_product_s"):
+        print(f"             (the same products by our C kernels: {fl['c_product_s']:.2f} s, "
+              f"{fl['gflop'] / fl['c_product_s']:.0f} GFLOP/s)")
     for r in (ours, ref):
         over = (r["peak"] - r["rss_before"]) / r["model_bytes"]
         print(f"  {r['side']:10s} {r['seconds']:8.2f} s = {r['seconds'] / fl['floor_s']:5.2f}x the floor "
@@ -180,7 +185,7 @@ def _report(results, n, args, dtype, i):
               f"peak RSS {r['peak'] / gb:6.2f} GiB (+{100 * over:5.1f}% of the model over the RSS before loading; "
               f"limit +10%: {'ok' if over <= 0.10 else 'OVER'})   load average {r['load_avg']:.1f}")
     if "residual_bytes" in ours:
-        print(f"  ours: kernels {ours['kernels']}, exact-restore residual {ours['residual_bytes'] / 2**20:.0f} MiB "
+        print(f"  ours: exact-restore residual {ours['residual_bytes'] / 2**20:.0f} MiB "
               f"({100 * ours['residual_bytes'] / ours['model_bytes']:.1f}% of the model), "
               f"unfuse (exact restore) {ours['restore_s']:.2f} s")
     print(f"  speed-up: {ref['seconds'] / ours['seconds']:.2f}x")

@@ -253,8 +253,10 @@ def main(argv=None) -> dict:
     # Each phase in its own process: clean memory, and peak RSS per phase.
     import subprocess
 
+    from lora_loaders import kernels
+
     res: dict = {"model": "tiny sd unet" if args.smoke else "SD 1.5 UNet (real config, random weights)",
-                 "rank": rank, "threads": torch.get_num_threads()}
+                 "rank": rank, "threads": torch.get_num_threads(), "host": kernels.describe_host()}
     try:
         for phase in PHASES:
             if args.in_process:  # the smoke: no interpreter start-up per phase (seconds each); RSS not separated
@@ -292,11 +294,14 @@ def main(argv=None) -> dict:
 def _print(res):
     print(f"# {res['model']}: {res['params'] / 1e6:.0f} M params, LoRA rank {res['rank']} on "
           f"{res['lora_modules']} Linear modules, {res['threads']} threads")
+    print(f"# {res['host']}")
     if res.get("floor_s"):
         print(f"floor                            {res['floor_s']:8.3f} s   (float32 rank-{res['rank']} products "
               f"{res['floor_gemm_s']:.3f} s, {res['floor_gflop']:.1f} GFLOP + copy of the targeted weights "
               f"{res['floor_copy_s']:.3f} s, {res['floor_bytes'] / 1e9:.2f} GB moved)")
         print(f"floor in CPU time                {res['floor_cpu_s']:8.3f} s")
+        if res.get("floor_c_product_s"):
+            print(f"  (the same products by our C kernels: {res['floor_c_product_s']:.3f} s)")
     x = (lambda s: f" = {s / res['floor_s']:.2f}x the floor") if res.get("floor_s") else (lambda s: "")
     print(f"re-export (fuse + export)        {res['reexport_s']:8.2f} s{x(res['reexport_s'])}")
     print(f"new ORT session                  {res['new_session_s']:8.2f} s")

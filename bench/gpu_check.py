@@ -292,6 +292,10 @@ def main(argv=None) -> dict:
     ROWS.clear()
     t0 = time.perf_counter()
     out: dict = {}
+    from lora_loaders import kernels
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    row("host", f"{kernels.describe_host()} (the CPU side); GPU {gpu}")
     if not args.cpu and not torch.cuda.is_available():
         why = f"no CUDA device (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})"
         row("(a) effective weights on the GPU (real SDXL UNet, rank 32)", f"not run: {why}", "skip")

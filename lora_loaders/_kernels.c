@@ -3,15 +3,15 @@
    Every kernel computes exactly what the torch reference path in kernels.py computes, element
    by element: float32 arithmetic (one add or one subtract), then one IEEE round-to-nearest-even
    cast to the weight's dtype. Only NaN payloads may differ (any NaN stays a NaN). Built with the
-   machine's C compiler on first use; vector paths for AVX-512 (16 lanes) or AVX2 + F16C (8 lanes)
-   when the compiler targets them, written once over a few per-ISA primitives; the portable scalar
+   machine's C compiler on first use; vector paths for AVX-512 (16 lanes) or AVX2 (8 lanes), each
+   with F16C and FMA, when the compiler targets them, written once over a few per-ISA primitives; the portable scalar
    paths otherwise (kernels.py then prefers torch). */
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define LE_ISA 512
-#elif defined(__AVX2__) && defined(__F16C__)
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define LE_ISA 256
 #else
@@ -59,6 +59,7 @@ typedef __m256i VH;
 #define vaddf _mm512_add_ps
 #define vsubf _mm512_sub_ps
 #define vmulf _mm512_mul_ps
+#define vfmaf _mm512_fmadd_ps /* a * b + c, rounded once */
 #define vset1f _mm512_set1_ps
 #define vstf(p, v) _mm512_storeu_ps((p), (v))
 #define vldh(p) _mm256_loadu_si256((const __m256i *)(p))
@@ -97,6 +98,7 @@ typedef __m128i VH;
 #define vaddf _mm256_add_ps
 #define vsubf _mm256_sub_ps
 #define vmulf _mm256_mul_ps
+#define vfmaf _mm256_fmadd_ps
 #define vset1f _mm256_set1_ps
 #define vstf(p, v) _mm256_storeu_ps((p), (v))
 #define vldh(p) _mm_loadu_si128((const __m128i *)(p))
@@ -288,16 +290,23 @@ TRANSPOSE(le_transpose_16, uint16_t, 16)
 TRANSPOSE(le_transpose_32, uint32_t, 32)
 
 /* ---- the low-rank product, and the operations above fused with it ----
-   product: out[i, j] = sum over k = 0 .. R-1, in that order, of up[i, k] * down[k, j], each product
-   and each sum rounded to float32 (no fused multiply-add; built with -ffp-contract=off): the
-   definition tests/test_weights_perf.py reproduces with torch, element by element. Every element
-   is computed the same way whatever the tile, lane or row block it falls in, so the bits do not
-   depend on blocking or threads.
-   Tiles of up to LE_GROUP rows x 2 vectors keep their accumulators in registers while the rank
-   runs; down is read from panels (le_lora_pack: R x 2 vectors of columns, contiguous), so each
-   tile streams one small contiguous panel; columns past the last whole panel are scalar. */
+   product: out[i, j] = up[i, 0] * down[0, j] rounded to float32, then for k = 1 .. R-1 in that
+   order acc = fma(up[i, k], down[k, j], acc): each step one fused multiply-add, rounded once (as
+   IEEE fusedMultiplyAdd). tests/test_weights_perf.py reproduces it with torch, element by
+   element. Every element is computed the same way whatever the ISA (AVX-512, AVX2, scalar fmaf),
+   tile, lane or row block it falls in, so the bits depend on neither blocking nor threads nor the
+   vector width; -ffp-contract=off keeps the compiler from fusing anything else.
+   Tiles of up to LE_GROUP rows x LE_VN vectors keep their accumulators in registers while the rank
+   runs (AVX-512: 6 x 4 of its 32 registers; AVX2: 6 x 2 of 16); down is read from panels
+   (le_lora_pack: R x LE_VN vectors of columns, contiguous), so each tile streams one small
+   contiguous panel; columns past the last whole panel are scalar. */
+#if LE_ISA == 512
+#define LE_VN 4
+#elif LE_ISA == 256
+#define LE_VN 2
+#endif
 #if LE_ISA
-#define LE_PANEL (2 * LE_W)
+#define LE_PANEL (LE_VN * LE_W)
 #else
 #define LE_PANEL 1
 #endif
@@ -316,7 +325,7 @@ void le_lora_pack(const float *dn, int64_t ldd, int64_t R, int64_t cols, float *
 
 static inline float dot1(const float *u, const float *dn, int64_t ldd, int64_t R, int64_t j) {
     float acc = u[0] * dn[j];
-    for (int64_t k = 1; k < R; k++) acc = acc + u[k] * dn[k * ldd + j];
+    for (int64_t k = 1; k < R; k++) acc = __builtin_fmaf(u[k], dn[k * ldd + j], acc);
     return acc;
 }
 
@@ -324,22 +333,21 @@ static inline float dot1(const float *u, const float *dn, int64_t ldd, int64_t R
 #define TILE(NR)                                                                                     \
     static inline void tile##NR(const float *up, int64_t ldu, const float *pp, int64_t R, float *out, \
                                 int64_t ldo) {                                                       \
-        VF a[NR][2];                                                                                 \
-        VF d0 = vldf(pp), d1 = vldf(pp + LE_W);                                                      \
+        VF a[NR][LE_VN], d[LE_VN];                                                                   \
+        _Pragma("GCC unroll 8") for (int v = 0; v < LE_VN; v++) d[v] = vldf(pp + v * LE_W);          \
         _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++) {                                       \
             const VF b = vset1f(up[i * ldu]);                                                        \
-            a[i][0] = vmulf(b, d0); a[i][1] = vmulf(b, d1);                                          \
+            _Pragma("GCC unroll 8") for (int v = 0; v < LE_VN; v++) a[i][v] = vmulf(b, d[v]);         \
         }                                                                                            \
         for (int64_t k = 1; k < R; k++) {                                                            \
-            d0 = vldf(pp + k * LE_PANEL); d1 = vldf(pp + k * LE_PANEL + LE_W);                       \
+            _Pragma("GCC unroll 8") for (int v = 0; v < LE_VN; v++) d[v] = vldf(pp + k * LE_PANEL + v * LE_W); \
             _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++) {                                   \
                 const VF b = vset1f(up[i * ldu + k]);                                                \
-                a[i][0] = vaddf(a[i][0], vmulf(b, d0)); a[i][1] = vaddf(a[i][1], vmulf(b, d1));      \
+                _Pragma("GCC unroll 8") for (int v = 0; v < LE_VN; v++) a[i][v] = vfmaf(b, d[v], a[i][v]); \
             }                                                                                        \
         }                                                                                            \
-        _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++) {                                       \
-            vstf(out + i * ldo, a[i][0]); vstf(out + i * ldo + LE_W, a[i][1]);                       \
-        }                                                                                            \
+        _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++)                                         \
+            _Pragma("GCC unroll 8") for (int v = 0; v < LE_VN; v++) vstf(out + i * ldo + v * LE_W, a[i][v]); \
     }
 TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
 #endif

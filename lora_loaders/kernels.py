@@ -12,19 +12,26 @@ Two implementations with the same bits (IEEE float32 add or subtract, then one
 round-to-nearest-even cast; only NaN payloads may differ): torch ops, used on every device
 and as the reference, and `_kernels.c`, one pass per block instead of the several casts,
 adds, copies and compares torch needs. The C file is built with the machine's C compiler on
-first use (a second, about) into a per-user cache and used on CPUs with AVX-512 or AVX2 + F16C
-(x86-64 since about 2013); without a compiler, or with `LORA_ENGINES_KERNELS=torch`, everything runs the torch path. The build is
+first use (a second, about) into a per-user cache and used on CPUs with AVX-512 or AVX2, each
+with F16C and FMA (x86-64 since about 2013); without a compiler, or with
+`LORA_ENGINES_KERNELS=torch`, everything runs the torch path. The build is
 atomic (a temporary name, then a rename) under a lock file, so processes that start together
 (pytest-xdist workers) compile once; any failure to build or load it logs why and falls back to
 torch, never an error.
 tests/test_weights_perf.py checks the two paths against each other bit for bit.
 
-The C library also computes the low-rank product itself (`lora_product`): the sum over the rank
-in order, each multiply and add rounded to float32, with no FMA. Fused with the operations above
+The C library also computes the low-rank product itself (`lora_product`): the first product
+rounded to float32, then one fused multiply-add per rank step, in order (FMA: the host's full
+multiply-add rate, as a vendor BLAS runs). Fused with the operations above
 (`apply_op(...).fused` and the others), it works 6 rows at a time, so a block's float32 delta
 never leaves L1 / L2. Its bits are its own definition (torch.mm's summation differs), the same in
-every thread, tile and block; the torch path keeps torch.mm. Every consumer on a machine uses the
-same backend, so exports, refits and in-place writes still agree bit for bit.
+every thread, tile, block and vector width (AVX-512, AVX2 and the scalar edges compute each
+element alike); the torch path keeps torch.mm. Every consumer on a machine uses the same
+backend, so exports, refits and in-place writes still agree bit for bit.
+
+`LORA_ENGINES_ISA=avx2` builds the AVX2 paths on a CPU with AVX-512 (same bits; for comparing
+the two); `describe_host()` names the CPU, the instruction set and the path in use, which the
+benchmarks print beside their figures.
 """
 
 from __future__ import annotations
@@ -54,9 +61,12 @@ _LIB_TRIED = False
 _LIB_LOCK = threading.Lock()
 _SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 _VP, _I64 = ctypes.c_void_p, ctypes.c_int64
-# -ffp-contract=off: the low-rank product is defined with separately rounded multiplies and adds;
-# a compiler fusing them into FMAs would change its bits.
+# -ffp-contract=off: the low-rank product says where it fuses a multiply and an add (explicit FMA);
+# a compiler contracting other expressions would change their bits.
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=gnu11"]
+# LORA_ENGINES_ISA: the vector paths to build ("native": the best the CPU has)
+ISAS = {"native": [], "avx2": ["-mno-avx512f"]}
+_ISA_NAMES = {512: "AVX-512", 256: "AVX2"}
 
 
 class Scratch:
@@ -116,14 +126,28 @@ def _compiler() -> list[str] | None:
     return [cc] if cc else None
 
 
-def _compile(cc: list[str], out: Path) -> None:
+def _isa() -> str:
+    """The LORA_ENGINES_ISA choice (unknown values: native, with a warning; the kernels never raise)."""
+    isa = os.environ.get("LORA_ENGINES_ISA", "native").strip().lower() or "native"
+    if isa not in ISAS:
+        logger.warning("effective-weight kernels: LORA_ENGINES_ISA=%s is not one of %s; using native", isa,
+                       ", ".join(ISAS))
+        return "native"
+    return isa
+
+
+def _flags(isa: str) -> list[str]:
+    return [*_FLAGS, *ISAS[isa]]
+
+
+def _compile(cc: list[str], out: Path, isa: str = "native") -> None:
     """Build the library into `out` atomically: compile to a unique temporary name in the same
     directory, then rename over `out` (readers see the old file, no file, or the whole new one)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [*cc, *_FLAGS, "-o", tmp, str(_SRC)]
+        cmd = [*cc, *_flags(isa), "-o", tmp, str(_SRC)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:
             raise OSError(f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -196,15 +220,15 @@ def _open(path: Path):
     return lib
 
 
-def _library_path(cc: list[str]) -> Path:
+def _library_path(cc: list[str], isa: str = "native") -> Path:
     """The cached library for this source, CPU, compiler and flags."""
-    key = hashlib.sha256(_SRC.read_bytes() + _cpu_key().encode() + " ".join(cc + _FLAGS).encode()).hexdigest()[:20]
-    return _cache_dir() / f"kernels-{key}.so"
+    key = hashlib.sha256(_SRC.read_bytes() + _cpu_key().encode() + " ".join(cc + _flags(isa)).encode()).hexdigest()
+    return _cache_dir() / f"kernels-{key[:20]}.so"
 
 
-def _build_and_open(cc: list[str]):
-    """Compile (at most once per source, CPU and compiler) and open the library; raises on failure."""
-    path = _library_path(cc)
+def _build_and_open(cc: list[str], isa: str = "native"):
+    """Compile (at most once per source, CPU, compiler and ISA) and open the library; raises on failure."""
+    path = _library_path(cc, isa)
     if path.is_file():
         try:
             return _open(path)
@@ -216,11 +240,11 @@ def _build_and_open(cc: list[str]):
                 return _open(path)
             except (OSError, AttributeError):
                 pass
-        _compile(cc, path)
+        _compile(cc, path, isa)
         return _open(path)
 
 
-def _load():
+def _load(isa: str | None = None):
     """The C library, or None with the reason logged. Never raises: any failure means the torch path."""
     mode = os.environ.get("LORA_ENGINES_KERNELS", "auto").lower()
     if mode in ("0", "torch", "off", "no"):
@@ -234,17 +258,19 @@ def _load():
     if cc is None:
         logger.info("effective-weight kernels: torch (no C compiler found: set CC or install cc / gcc / clang)")
         return None
+    isa = isa or _isa()
     try:
-        lib = _build_and_open(cc)
-        isa = lib.le_isa()
+        lib = _build_and_open(cc, isa)
+        width = lib.le_isa()
     except Exception as e:  # noqa: BLE001 - a missing source, an unwritable cache, a broken compiler...
         logger.warning("effective-weight kernels: torch (could not build or load %s with %s: %s: %s)",
                        _SRC.name, " ".join(cc), type(e).__name__, e)
         return None
-    if isa not in (512, 256):
-        logger.info("effective-weight kernels: torch (this CPU or compiler has neither AVX-512 nor AVX2 + F16C)")
+    if width not in _ISA_NAMES:
+        logger.info("effective-weight kernels: torch (this CPU or compiler has neither AVX-512 nor AVX2, with F16C "
+                    "and FMA)")
         return None
-    logger.debug("effective-weight kernels: C (%s)", getattr(lib, "_name", "?"))
+    logger.debug("effective-weight kernels: C, %s (%s)", _ISA_NAMES[width], getattr(lib, "_name", "?"))
     return lib
 
 
@@ -259,8 +285,9 @@ def library():
     return _LIB
 
 
-def set_backend(name: str) -> None:
-    """"c" (build / load the C kernels, raise if they cannot be used) or "torch". For tests and benchmarks."""
+def set_backend(name: str, isa: str | None = None) -> None:
+    """"c" (build / load the C kernels for `isa`, one of ISAS, default LORA_ENGINES_ISA; raise if they
+    cannot be used) or "torch". For tests and benchmarks."""
     global _LIB, _LIB_TRIED
     with _LIB_LOCK:
         if name == "torch":
@@ -268,7 +295,9 @@ def set_backend(name: str) -> None:
         elif name == "c":
             old = os.environ.pop("LORA_ENGINES_KERNELS", None)
             try:
-                _LIB = _load()
+                if isa is not None and isa not in ISAS:
+                    raise ValueError(f"unknown instruction set {isa!r}: one of {', '.join(ISAS)}")
+                _LIB = _load(isa)
             finally:
                 if old is not None:
                     os.environ["LORA_ENGINES_KERNELS"] = old
@@ -281,6 +310,30 @@ def set_backend(name: str) -> None:
 
 def backend() -> str:
     return "c" if library() is not None else "torch"
+
+
+def isa() -> str | None:
+    """The vector instruction set of the C kernels in use ("AVX-512", "AVX2"), None on the torch path."""
+    lib = library()
+    return _ISA_NAMES.get(lib.le_isa()) if lib is not None else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as /proc/cpuinfo (or the platform) gives it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_host() -> str:
+    """One line saying where effective weights are computed: CPU, threads, kernel path, instruction set."""
+    path = (f"C kernels, {isa()} + FMA" if library() is not None
+            else f"torch {torch.__version__.split('+')[0]}")
+    return f"CPU {cpu_model()}, {torch.get_num_threads()} threads; effective weights: {path}"
 
 
 def describe(device=None) -> dict:

@@ -20,3 +20,6 @@ def test_bench_refit_smoke(tmp_path):
     assert res["inputs_swap_s"] < res["reexport_plus_session_s"]
     assert res["floor_s"] > 0 and res["floor_cpu_s"] > 0 and res["inputs_swap_cpu_x_floor"] > 0
     assert (tmp_path / "r.json").is_file()
+    from lora_loaders import kernels
+
+    assert res["host"] == kernels.describe_host() and res["host"].startswith("CPU ")

@@ -156,8 +156,13 @@ def test_the_manifest_records_the_effective_weight_backend(sd, tmp_path):
     here = {c: _fresh(root, "x", c) for c in COMPONENTS[FAMILY]}
     r = refit.Refitter(foreign)
     assert all(u.foreign for u in r.units.values())
-    exported_bits = _weights(r)
-    assert any(differing(exported_bits[c], here[c], list(exported_bits[c])) for c in here)  # the backends differ
+    # The two backends may round a product alike (small ranks: torch's FMA chain is the C one), so
+    # the exported bits are marked: one baked weight of each engine set to zeros, as a foreign
+    # rounding would leave it. A refit that trusted the export would keep the zeros.
+    for c, engine in r.engines.items():
+        param = sorted(engines.Manifest.read(foreign).components[c]["baked_params"])[0]
+        name = engines.WeightsMap.load(foreign / c)[param].initializer
+        engine.set_weights({name: np.zeros_like(engine.get_weights()[name])})
     r.set_adapters(["x"], [1.0])  # the state the export baked, recomputed here
     for c, got in _weights(r).items():
         assert differing(got, here[c], list(got)) == [], c

@@ -185,10 +185,11 @@ def _gpu_check():
 def test_gpu_check_without_cuda_says_what_it_cannot_run(capsys):
     """bench/gpu_check.py on a machine without CUDA: one line per check it cannot run, and a clean exit."""
     out = _gpu_check().main([])
-    assert [r[0][:3] for r in out["rows"]] == ["(a)", "(b)", "(c)"]
-    assert all(status == "skip" and result.startswith("not run: no CUDA device") for _, result, status in out["rows"])
+    assert out["rows"][0][0] == "host" and "CPU " in out["rows"][0][1]  # where it ran, first
+    assert [r[0][:3] for r in out["rows"][1:]] == ["(a)", "(b)", "(c)"]
+    assert all(status == "skip" and result.startswith("not run: no CUDA device") for _, result, status in out["rows"][1:])
     table = capsys.readouterr().out.splitlines()
-    assert len(table) == 2 + 3 and all(line.startswith("|") for line in table)
+    assert len(table) == 2 + 4 and all(line.startswith("|") for line in table)
 
 
 @pytest.mark.slow  # about 30 CPU-seconds (the tiny UNet traced by dynamo, five refits, five fresh fuses)

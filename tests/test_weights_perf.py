@@ -2,14 +2,16 @@
 
 The fused C kernels (lora_loaders/_kernels.c) replace several torch passes per row block; they
 must agree with the torch reference bit for bit on every dtype, layout and value class (zeros of
-both signs, subnormals, values that overflow the dtype, infinities), and the block workers must not
-change a bit either.
+both signs, subnormals, values that overflow the dtype, infinities), on each of their instruction
+sets (AVX-512 where the CPU has it, AVX2 forced), and the block workers, thread counts and block
+sizes must not change a bit either.
 """
 
 from __future__ import annotations
 
 import shutil
 import threading
+from fractions import Fraction
 
 import pytest
 import torch
@@ -58,17 +60,21 @@ def _same(a, b) -> bool:
     return torch.equal(kernels._bits(a.contiguous()), kernels._bits(b.contiguous()))
 
 
-def _use_c():
+# every C test runs on each instruction set the kernels build for (native: AVX-512 on such a CPU)
+ISAS = pytest.mark.parametrize("isa", sorted(kernels.ISAS))
+
+
+def _use_c(isa="native"):
     """Switch to the C kernels, or skip the test where they cannot be built (no compiler, no AVX2)."""
     try:
-        kernels.set_backend("c")
+        kernels.set_backend("c", isa=isa)
     except RuntimeError as e:
         pytest.skip(f"C kernels unavailable here: {e}")
 
 
-def _run_both(fn):
-    """fn() under the C kernels and under torch; both results."""
-    _use_c()
+def _run_both(fn, isa="native"):
+    """fn() under the C kernels (of `isa`) and under torch; both results."""
+    _use_c(isa)
     try:
         c = fn()
         _torch_backend()
@@ -80,7 +86,8 @@ def _run_both(fn):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(37, 53), (16, 64), (5, 1), (1, 17)])
-def test_apply_is_torch_bit_for_bit(dtype, shape):
+@ISAS
+def test_apply_is_torch_bit_for_bit(dtype, shape, isa):
     base = _values(shape, dtype, 1)
     d = _delta(shape, 1)
 
@@ -89,7 +96,7 @@ def test_apply_is_torch_bit_for_bit(dtype, shape):
         bad = kernels.apply(base, d, out)
         return out, bad
 
-    (oc, bc), (ot, bt) = _run_both(run)
+    (oc, bc), (ot, bt) = _run_both(run, isa)
     assert _same(oc, ot)
     assert bc == bt == (not bool(torch.isfinite(ot).all()))
     if base.numel() > 40:
@@ -98,7 +105,8 @@ def test_apply_is_torch_bit_for_bit(dtype, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["row_to_col", "col_to_col", "row_in_place"])
-def test_apply_in_initializer_layouts(dtype, layout):
+@ISAS
+def test_apply_in_initializer_layouts(dtype, layout, isa):
     """A transposed initializer is written in its own layout: same bits as the torch-layout result."""
     rows, cols = 45, 70
     base = _values((rows, cols), dtype, 2)
@@ -122,13 +130,14 @@ def test_apply_in_initializer_layouts(dtype, layout):
         bad = kernels.apply(w, d, w)
         return w, bad
 
-    (oc, bc), (ot, bt) = _run_both(run)
+    (oc, bc), (ot, bt) = _run_both(run, isa)
     assert _same(oc, ot) and _same(oc, expected)
     assert bc == bt == (not bool(torch.isfinite(expected).all()))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_checked_write_and_remove_are_torch_bit_for_bit(dtype):
+@ISAS
+def test_checked_write_and_remove_are_torch_bit_for_bit(dtype, isa):
     shape = (33, 48)
     base = _values(shape, dtype, 3)
     d = _delta(shape, 3, 5e-3)
@@ -140,7 +149,7 @@ def test_checked_write_and_remove_are_torch_bit_for_bit(dtype):
         kernels.remove(w, d, back)
         return w, idx, vals, back
 
-    (wc, ic, vc, bc), (wt, it, vt, bt) = _run_both(run)
+    (wc, ic, vc, bc), (wt, it, vt, bt) = _run_both(run, isa)
     assert _same(wc, wt) and torch.equal(ic, it) and _same(vc, vt) and _same(bc, bt)
     assert ic.dtype == torch.int32 and ic.numel() > 0
     # The record is exactly what an exact restore needs: remove + corrections == base.
@@ -160,7 +169,8 @@ def _same_or_both_nan(a, b) -> bool:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("scale", [0.0, 1e-6, 1e-3, 1.0, 1e5])
-def test_every_16_bit_weight_value_on_both_paths(dtype, scale):
+@ISAS
+def test_every_16_bit_weight_value_on_both_paths(dtype, scale, isa):
     """Every one of the 65536 bit patterns (NaNs, infinities, subnormals, both zeros) as a weight,
     through apply, the checked write and remove, with deltas of one magnitude: C == torch. An odd
     row length runs the vector lanes and the scalar tail in every row."""
@@ -178,7 +188,7 @@ def test_every_16_bit_weight_value_on_both_paths(dtype, scale):
         kernels.remove(w, d, back)
         return out, bad, w, idx, vals, back
 
-    (oc, bc, wc, ic, vc, rc), (ot, bt, wt, it, vt, rt) = _run_both(run)
+    (oc, bc, wc, ic, vc, rc), (ot, bt, wt, it, vt, rt) = _run_both(run, isa)
     assert bc == bt is True  # infinities among the weights
     assert _same_or_both_nan(oc, ot) and _same_or_both_nan(wc, wt) and _same_or_both_nan(rc, rt)
     # NaN weights may be recorded on one path and not the other (payloads): compare the rest
@@ -192,14 +202,30 @@ def _lora(out_f, in_f, rank, seed, dtype=torch.float32):
                               "up": (torch.randn(out_f, rank, generator=g) * 0.05).to(dtype)}, alpha=rank / 2)
 
 
+def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """IEEE fusedMultiplyAdd in float32 (a * b + c, rounded once), with torch ops: a * b of two
+    float32 values is exact in float64; the float64 sum and its exact error (TwoSum) decide the one
+    case where rounding twice (to float64, then float32) would differ from rounding once: a float64
+    sum exactly halfway between two float32 values, the true sum off that midpoint."""
+    x, c = a.double() * b.double(), c.double()
+    s = x + c
+    bb = s - x
+    err = (x - (s - bb)) + (c - bb)  # x + c == s + err exactly
+    r = s.float()
+    up = s > r.double()
+    other = torch.nextafter(r, torch.where(up, float("inf"), float("-inf")).to(torch.float32))
+    tie = (s == (r.double() + other.double()) / 2) & (err != 0)
+    return torch.where(tie & ((err > 0) == up), other, r)
+
+
 def _sequential(cs, rows, cols):
-    """The C backend's low-rank product, written with torch ops: the factors side by side, then the
-    sum over the rank in order, each multiply and each add rounded to float32."""
+    """The C backend's low-rank product, written with torch ops: the factors side by side, the first
+    product rounded to float32, then one fused multiply-add per rank step, in order."""
     up = torch.cat([layer.tensors["up"].float().flatten(1) * (w * layer.scale) for layer, w in cs], dim=1)
     down = torch.cat([layer.tensors["down"].float().flatten(1) for layer, _ in cs], dim=0)
     acc = up[:, 0:1] * down[0:1, :]
     for k in range(1, up.shape[1]):
-        acc = acc + up[:, k:k + 1] * down[k:k + 1, :]
+        acc = fma32(up[:, k:k + 1].expand(rows, cols), down[k:k + 1, :].expand(rows, cols), acc)
     return acc
 
 
@@ -213,7 +239,8 @@ def _mm(cs):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_effective_weight_same_bits_on_both_paths_and_thread_counts(dtype):
+@ISAS
+def test_effective_weight_same_bits_on_both_paths_and_thread_counts(dtype, isa):
     """Several blocks (a weight larger than one block), two adapters: each backend gives its own
     definition bit for bit (C: the sequential float32 product, fused; torch: torch.mm), both agree
     with float64 math, and 1 thread == 2 threads."""
@@ -221,7 +248,7 @@ def test_effective_weight_same_bits_on_both_paths_and_thread_counts(dtype):
     g = torch.Generator().manual_seed(5)
     base = (torch.randn(rows, cols, generator=g) * 0.02).to(dtype)
     cs = [(_lora(rows, cols, 8, 1), 1.0), (_lora(rows, cols, 4, 2, torch.bfloat16), 0.7)]
-    c, t = _run_both(lambda: effective_weight(base, cs))
+    c, t = _run_both(lambda: effective_weight(base, cs), isa)
     assert _same(c, (base.float() + _sequential(cs, rows, cols)).to(dtype))
     assert _same(t, (base.float() + _mm(cs)).to(dtype))
     ref = (base.double() + sum(w * layer.scale * (layer.tensors["up"].double() @ layer.tensors["down"].double())
@@ -231,7 +258,7 @@ def test_effective_weight_same_bits_on_both_paths_and_thread_counts(dtype):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one_c, one_t = _run_both(lambda: effective_weight(base, cs))
+        one_c, one_t = _run_both(lambda: effective_weight(base, cs), isa)
     finally:
         torch.set_num_threads(threads)
     assert _same(one_c, c) and _same(one_t, t)
@@ -239,7 +266,8 @@ def test_effective_weight_same_bits_on_both_paths_and_thread_counts(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows, cols", [(397, 211), (8, 1000), (1100, 1000), (3, 5)])
-def test_effective_weight_in_initializer_layouts(dtype, rows, cols):
+@ISAS
+def test_effective_weight_in_initializer_layouts(dtype, rows, cols, isa):
     """A transposed initializer written in its own layout, from a torch-layout base (row -> col: the
     C kernel's tiles of 192, 8 x 8 register transposes, scalar edges) or from a transposed base
     (col -> col: the transposed product), holds the torch-layout result's bits on each backend."""
@@ -255,16 +283,18 @@ def test_effective_weight_in_initializer_layouts(dtype, rows, cols):
         effective_weight(base.t().contiguous().t(), cs, out=col.t())
         return row, mixed.t(), col.t()
 
-    for row, mixed, col in _run_both(run):
+    for row, mixed, col in _run_both(run, isa):
         assert _same(mixed, row) and _same(col, row)
 
 
-@pytest.mark.parametrize("rows, cols, rank", [(1, 1, 1), (5, 17, 3), (37, 53, 32), (13, 64, 7), (64, 1280, 32)])
-def test_c_lowrank_product_is_the_sequential_definition(rows, cols, rank):
+@pytest.mark.parametrize("rows, cols, rank", [(1, 1, 1), (5, 17, 3), (37, 53, 32), (13, 64, 7), (13, 100, 7),
+                                              (7, 200, 5), (64, 1280, 32)])
+@ISAS
+def test_c_lowrank_product_is_the_sequential_definition(rows, cols, rank, isa):
     """Whole panels, tile remainders (rows not a multiple of 6, columns past the last panel), every
     rank: the C product equals the sequential float32 definition bit for bit, and rows computed in
     any split equal the whole."""
-    _use_c()
+    _use_c(isa)
     try:
         layer = _lora(rows, cols, rank, rows + cols)
         lr = kernels.LowRank(layer.tensors["up"].float() * layer.scale, layer.tensors["down"].float())
@@ -277,7 +307,72 @@ def test_c_lowrank_product_is_the_sequential_definition(rows, cols, rank):
         _restore_default()
 
 
-def test_param_store_exact_restore_on_both_paths():
+def _round32(q) -> float:
+    """A rational rounded once to float32 (nearest, ties to the even significand)."""
+    import numpy as np
+
+    r = np.float32(float(q))
+    cands = [np.nextafter(r, np.float32(-np.inf)), r, np.nextafter(r, np.float32(np.inf))]
+    best = min(cands, key=lambda v: (abs(Fraction(float(v)) - q), int(np.float32(v).view(np.int32)) & 1))
+    return float(best)
+
+
+def test_fma_reference_rounds_once():
+    """The torch reference of a fused multiply-add against exact rational arithmetic, on random
+    values of every magnitude and on sums that fall off a float32 midpoint by less than float64
+    can hold (where rounding to float64 first gives the wrong float32)."""
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(4000, generator=g) * torch.exp2(torch.randint(-30, 30, (4000,), generator=g).float())
+    b = torch.randn(4000, generator=g) * torch.exp2(torch.randint(-30, 30, (4000,), generator=g).float())
+    c = torch.randn(4000, generator=g) * torch.exp2(torch.randint(-40, 40, (4000,), generator=g).float())
+    e = 2.0 ** -18  # a * b = 2^-24 * (1 - 2^-36): 1 + 2^-23 + a * b sits just under a midpoint
+    ta, tb, tc = (torch.tensor([v, v, -v], dtype=torch.float32) for v in ((1 + e) * 2.0 ** -12, (1 - e) * 2.0 ** -12,
+                                                                          1 + 2.0 ** -23))
+    a, b, c = torch.cat([a, ta]), torch.cat([b, tb]), torch.cat([c, tc])
+    got = fma32(a, b, c)
+    exact = torch.tensor([_round32(Fraction(x) * Fraction(y) + Fraction(z)) for x, y, z in
+                          zip(a.double().tolist(), b.double().tolist(), c.double().tolist())], dtype=torch.float32)
+    assert torch.equal(got, exact)
+    assert got[-3].item() == 1 + 2.0 ** -23 and (a[-3].double() * b[-3].double() + c[-3].double()).float() != got[-3]
+
+
+@ISAS
+def test_c_product_rounds_each_step_once(isa):
+    """The crafted sum above through the C product (rank 2, in a whole panel and in the scalar
+    columns): one rounding per step, as fusedMultiplyAdd, where rounding a float64 sum would not."""
+    _use_c(isa)
+    try:
+        e = 2.0 ** -18
+        up = torch.tensor([[1.0, (1 + e) * 2.0 ** -12]] * 7)
+        down = torch.tensor([[1 + 2.0 ** -23] * 67, [(1 - e) * 2.0 ** -12] * 67])
+        out = kernels.LowRank(up, down).rows(0, 7, torch.empty(7, 67))
+        assert bool((out == 1 + 2.0 ** -23).all())
+    finally:
+        _restore_default()
+
+
+def test_native_kernels_use_avx512_where_the_cpu_has_it():
+    flags = set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    if not {"avx512f", "avx512bw", "avx512vl", "f16c", "fma"} <= flags:
+        pytest.skip("this CPU has no AVX-512 (the AVX2 paths run in every other test)")
+    for isa, name in (("native", "AVX-512"), ("avx2", "AVX2")):
+        _use_c(isa)
+        try:
+            assert kernels.isa() == name
+            assert f"C kernels, {name} + FMA" in kernels.describe_host()
+        finally:
+            _restore_default()
+
+
+@ISAS
+def test_param_store_exact_restore_on_both_paths(isa):
     lin = torch.nn.Linear(600, 1000, bias=False).to(torch.float16)
     with torch.no_grad():
         lin.weight.normal_(0, 0.02)
@@ -300,7 +395,7 @@ def test_param_store_exact_restore_on_both_paths():
     def run_and_export():  # the mixins' write == the export's function, on each backend
         return (*run(), effective_weight(base, [(a, 1.0)]), effective_weight(base, [(b, 0.5), (a, 0.25)]))
 
-    (ca, cab, cbase, ea, eab), (ta, tab, tbase, fa, fab) = _run_both(run_and_export)
+    (ca, cab, cbase, ea, eab), (ta, tab, tbase, fa, fab) = _run_both(run_and_export, isa)
     assert _same(cbase, base) and _same(tbase, base)
     assert _same(ca, ea) and _same(cab, eab) and _same(ta, fa) and _same(tab, fab)
 
