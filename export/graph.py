@@ -123,11 +123,13 @@ def example_inputs(family: FamilySpec, spec: ComponentSpec, model: nn.Module, dt
     return out
 
 
-def dynamic_axes(spec: ComponentSpec, config) -> dict[str, dict[int, str]]:
-    """{input or output name: {dim index: axis name}}."""
+def dynamic_axes(spec: ComponentSpec, config, axes: Mapping | None = None) -> dict[str, dict[int, str]]:
+    """{input or output name: {dim index: axis name}}; an axis of `axes` whose range is one size
+    (fixed by a config's table of positions) stays static in the graph."""
+    static = {n for n, a in (axes or {}).items() if a.min == a.max == a.example}
     out = {}
     for t in (*spec.inputs_for(config), *spec.outputs):
-        axes = {i: d for i, d in enumerate(t.dims) if isinstance(d, str)}
+        axes = {i: d for i, d in enumerate(t.dims) if isinstance(d, str) and d not in static}
         if axes:
             out[t.name] = axes
     return out

@@ -87,6 +87,16 @@ class ModelSource:
         kw = {"torch_dtype": dtype} if spec.library == "diffusers" else {"dtype": dtype}
         return cast(cls.from_pretrained(sub, **kw), dtype).eval()
 
+    def config(self, component: str):
+        """The component's config (defaults filled, as `model.config`) without its weights; None
+        for a factory (known once it builds the model)."""
+        if self.kind == "factory":
+            return None
+        if self.kind == "modules":
+            return self.model[component].config
+        with torch.device("meta"):
+            return self._meta(component).config
+
     def index(self) -> TargetIndex | None:
         """Targetable modules (names and shapes) of the LoRA components, from meta-device models."""
         if self.kind == "factory":

@@ -302,11 +302,12 @@ def export_component(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = next(module.parameters()).dtype
+    family, _ = family.bounded({spec.name: module.config})  # its own tables of positions (export_pipeline: all)
     wrapper = Wrapper(module, spec).eval()
     inputs = example_inputs(family, spec, module, dtype, "example")
     input_names = list(inputs)
     output_names = [o.name for o in spec.outputs]
-    axes_of = dynamic_axes(spec, module.config)
+    axes_of = dynamic_axes(spec, module.config, family.axes)
     args = tuple(inputs.values())
     dynamic_shapes = tuple(axes_of.get(n) or None for n in input_names)
     kwargs = {}

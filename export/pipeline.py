@@ -297,13 +297,16 @@ def export_pipeline(
     log.info("read and bound %d LoRA(s) in %.2f s", len(adapters), time.perf_counter() - t0)
     explicit = components is not None
     present = [c for c in wanted if explicit or not spec.component(c).optional or source.present(c)]
+    spec, bounded = spec.bounded({c: source.config(c) for c in present if spec.component(c).bounds})
+    for name, why in bounded.items():
+        log.info("axis %s: %s", name, why)
     out, tmp = _prepare_out(out_dir, overwrite)
     bar = tqdm(total=len(present) * len(_STEPS), desc=f"export {family}", disable=not progress, unit="step")
     try:
         manifest = Manifest.new(
             family=family, dtype=dtypes.name(tdtype), model=source.describe(),
             axes={n: {"min": a.min, "opt": a.opt, "max": a.max} for n, a in spec.axes.items()},
-            effective_weights=kernels.describe(),
+            effective_weights=kernels.describe(), **({"axis_bounds": bounded} if bounded else {}),
             validation_errors={}, versions=versions(),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )

@@ -12,7 +12,7 @@ import importlib
 import pkgutil
 import re
 
-from .spec import Axis, Cfg, ComponentSpec, FamilySpec, NameTable, Namespace, Rule, Split, TensorSpec
+from .spec import Axis, Bound, Cfg, ComponentSpec, FamilySpec, NameTable, Namespace, Rule, Split, TensorSpec
 
 _NOT_ENTRIES = {"spec", "common"}
 
@@ -68,5 +68,5 @@ def looks_like(spec: FamilySpec, target_names: list[str]) -> str | None:
     return guess if _hits(spec, target_names) == 0 else None
 
 
-__all__ = ["FAMILIES", "Axis", "Cfg", "ComponentSpec", "FamilySpec", "NameTable", "Namespace", "Rule", "Split",
+__all__ = ["FAMILIES", "Axis", "Bound", "Cfg", "ComponentSpec", "FamilySpec", "NameTable", "Namespace", "Rule", "Split",
            "TensorSpec", "get_family", "guess_family", "looks_like"]

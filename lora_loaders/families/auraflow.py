@@ -7,8 +7,10 @@ mask (the pipeline zeroes padded UMT5 states), so the text encoder's graph takes
 
 from __future__ import annotations
 
-from .common import (BATCH, IMAGE_AXES, LATENTS, T5_TINY, VAE_TINY, denoiser, hf_encoder, image_vae, prediction, sigmas,
-                     timestep)
+import math
+
+from .common import (BATCH, IMAGE_AXES, LATENTS, T5_TINY, VAE_TINY, denoiser, hf_encoder, image_vae, position_grid,
+                     prediction, sigmas, timestep)
 from .spec import Axis, Cfg, FamilySpec, TensorSpec
 
 TRANSFORMER = denoiser(
@@ -23,6 +25,8 @@ TRANSFORMER = denoiser(
     tiny=dict(sample_size=32, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
               out_channels=4, pos_embed_max_size=256),
+    # the learned positions: a sqrt(pos_embed_max_size)-patch square, centred crops of it
+    bounds=position_grid("pos_embed_max_size", lambda c: math.isqrt(c.pos_embed_max_size)),
 )
 
 AURAFLOW = FamilySpec(

@@ -6,16 +6,18 @@ The 3D rotary embedding (5B and 1.5 models) is the pipeline's `_prepare_rotary_p
 embeddings`, computed inside the graph from the latents' shape, so frames, height and width
 stay dynamic: 1.0 resizes the latent grid into the config's base grid and centres it (the
 crop arithmetic done in tensors, not Python numbers the exporter would bake in), 1.5 slices
-positions from 0. CogVideoX-2B's sinusoidal positions (no rotary embedding) are only
-recomputed by diffusers at sizes other than the config's, so its graph is fixed-size.
+positions from 0. CogVideoX-2B's sinusoidal positions (no rotary embedding) are one table of
+`max_text_seq_length` text rows then the patches: the text axis is fixed at that length (a
+`Bound`), while frames, height and width stay dynamic (the table is recomputed in the graph, as
+diffusers does at sizes other than the config's; the same values at the config's).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .common import BATCH, T5_TINY, denoiser, hf_encoder, prediction, timestep
-from .spec import Axis, Cfg, FamilySpec, TensorSpec
+from .common import BATCH, T5_TINY, denoiser, hf_encoder, prediction, swapped, timestep
+from .spec import Axis, Bound, Cfg, FamilySpec, TensorSpec
 
 
 def _grid(n: int, start=None, stop=None) -> torch.Tensor:
@@ -59,6 +61,39 @@ def _combine(t, h, w):  # [T, dt], [H, dh], [W, dw] -> [T * H * W, dt + dh + dw]
                       w[None, None].expand(nt, nh, -1, -1)], -1).flatten(0, 2)
 
 
+def _sincos_rows(self, sample_height, sample_width, sample_frames, device=None):
+    """diffusers' CogVideoXPatchEmbed._get_positional_embeddings without its in-place write into
+    `.data` (torch.export refuses it): zeros for the text rows, then the patches' sincos rows."""
+    from diffusers.models.embeddings import get_3d_sincos_pos_embed
+
+    h, w = sample_height // self.patch_size, sample_width // self.patch_size
+    t = (sample_frames - 1) // self.temporal_compression_ratio + 1
+    pos = get_3d_sincos_pos_embed(self.embed_dim, (w, h), t, self.spatial_interpolation_scale,
+                                  self.temporal_interpolation_scale, device=device, output_type="pt").flatten(0, 1)
+    return torch.cat([pos.new_zeros(self.max_text_seq_length, self.embed_dim), pos])[None]
+
+
+def _forward(model, kwargs):
+    with swapped(model.patch_embed, "_get_positional_embeddings", _sincos_rows):
+        return model(**kwargs)
+
+
+def _learned(c) -> bool:
+    return bool(c.use_learned_positional_embeddings)
+
+
+# Without rotary embeddings (CogVideoX-2b) the positions are a sincos table of max_text_seq_length
+# text rows, then the patches: the text is padded to exactly that. Learned positions (CogVideoX
+# 1.0 5b-I2V) hold the sample size's patches too: height, width and frames are that size.
+POSITION_TABLES = {
+    "text": Bound("max_text_seq_length", fixed=Cfg("max_text_seq_length"),
+                  when=lambda c: not c.use_rotary_positional_embeddings or _learned(c)),
+    "height": Bound("sample_height", fixed=Cfg("sample_height"), when=_learned),
+    "width": Bound("sample_width", fixed=Cfg("sample_width"), when=_learned),
+    "frames": Bound("sample_frames", fixed=Cfg(fn=lambda c: (c.sample_frames - 1) // c.temporal_compression_ratio + 1),
+                    when=_learned),
+}
+
 TRANSFORMER = denoiser(
     "CogVideoXTransformer3DModel",
     inputs=(
@@ -71,9 +106,11 @@ TRANSFORMER = denoiser(
     ),
     outputs=(prediction(("batch", "frames", Cfg("out_channels"), "height", "width"), doc="predicted noise / v"),),
     prepare=_rope,
+    graph_forward=_forward,
     tiny=dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
               text_embed_dim=32, num_layers=1, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
               max_text_seq_length=16, use_rotary_positional_embeddings=True),
+    bounds=POSITION_TABLES,
 )
 
 COGVIDEOX = FamilySpec(

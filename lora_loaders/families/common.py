@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from types import FunctionType, ModuleType
+from typing import Any
 
 import torch
 
-from .spec import Axis, Cfg, ComponentSpec, Namespace, NameTable, TensorSpec
+from .spec import Axis, Bound, Cfg, ComponentSpec, Namespace, NameTable, TensorSpec
 
 CLIP_SEQ = Cfg(fn=lambda c: min(77, c.max_position_embeddings))
 BATCH = Axis(1, 2, 8, example=2, check=1)
@@ -51,6 +53,20 @@ def denoiser(class_name: str, inputs, outputs, name: str = "transformer", **kw) 
     kw.setdefault("call_kwargs", {"return_dict": False})
     return ComponentSpec(name=name, library="diffusers", class_name=class_name, role="denoiser",
                          inputs=tuple(inputs), outputs=tuple(outputs), **kw)
+
+
+def position_grid(field: str, side: Callable[[Any], int]) -> dict[str, Bound]:
+    """Bounds on the height and width axes (latents) from a square table of patch positions:
+    `side(config)` patches a side, times the patch size (configs without the field: none)."""
+    largest = Cfg(fn=lambda c: side(c) * c.patch_size)
+    has = lambda c: getattr(c, field, None) is not None  # noqa: E731
+    return {"height": Bound(field, max=largest, when=has), "width": Bound(field, max=largest, when=has)}
+
+
+def rope_table(field: str, **axes: Callable[[Any], int]) -> dict[str, Bound]:
+    """Bounds from a table of rotary frequencies with a fixed number of positions per axis:
+    {axis: config -> the largest size (latents, tokens) it covers}."""
+    return {name: Bound(field, max=Cfg(fn=fn)) for name, fn in axes.items()}
 
 
 def timestep(name: str = "timestep", doc: str = "flow-matching timestep x 1000", sample=timesteps) -> TensorSpec:

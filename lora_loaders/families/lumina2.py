@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .common import (BATCH, GEMMA2_TINY, IMAGE_AXES, LATENTS, OUT_CHANNELS, VAE_TINY, denoiser, hf_encoder, image_vae,
-                     original_prefixes, prediction, sigmas, text_mask, timestep)
+                     original_prefixes, prediction, rope_table, sigmas, text_mask, timestep)
 from .spec import Axis, Cfg, FamilySpec, Namespace, NameTable, Rule, Split, TensorSpec
 
 _B = r"(layers|noise_refiner|context_refiner)\.(\d+)"
@@ -78,6 +78,10 @@ TRANSFORMER = denoiser(
     graph_forward=_forward,
     tiny=dict(sample_size=16, patch_size=2, in_channels=4, hidden_size=32, num_layers=1, num_refiner_layers=1,
               num_attention_heads=4, num_kv_heads=2, multiple_of=16, axes_dim_rope=(4, 2, 2), cap_feat_dim=32),
+    # rotary tables of axes_lens positions: caption tokens 0 .. n-1 and the image at n on the first,
+    # patch rows and columns on the others
+    bounds=rope_table("axes_lens", text=lambda c: c.axes_lens[0] - 1,
+                      height=lambda c: c.axes_lens[1] * c.patch_size, width=lambda c: c.axes_lens[2] * c.patch_size),
 )
 
 LUMINA2 = FamilySpec(

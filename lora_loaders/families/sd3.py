@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from .common import BATCH, IMAGE_AXES, T5_TINY, VAE_TINY, clip, hf_encoder, timesteps, vae
+from .common import BATCH, IMAGE_AXES, T5_TINY, VAE_TINY, clip, hf_encoder, position_grid, timesteps, vae
 from .spec import Axis, Cfg, ComponentSpec, FamilySpec, NameTable, Namespace, Rule, Split, TensorSpec
 
 _B = r"joint_blocks\.(\d+)"
@@ -76,6 +76,7 @@ TRANSFORMER = ComponentSpec(
     tiny=dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
               joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
               pos_embed_max_size=96, dual_attention_layers=(0,), qk_norm="rms_norm"),
+    bounds=position_grid("pos_embed_max_size", lambda c: c.pos_embed_max_size),  # cropped from that square
 )
 
 _CLIP_OUT = (("text_embeds", "text_embeds"), ("hidden_states", "hidden_states.-2"))

@@ -9,7 +9,7 @@ The original-name table is Wan's.
 
 from __future__ import annotations
 
-from .common import BATCH, T5_TINY, denoiser, hf_encoder, original_prefixes, prediction, timestep
+from .common import BATCH, T5_TINY, denoiser, hf_encoder, original_prefixes, prediction, rope_table, timestep
 from .spec import Axis, Cfg, FamilySpec, NameTable, Rule, TensorSpec
 from .wan import ORIGINAL as WAN_ORIGINAL
 
@@ -36,6 +36,9 @@ TRANSFORMER = denoiser(
     tiny=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
               text_dim=32, freq_dim=16, ffn_dim=32, num_layers=1, cross_attn_norm=True,
               qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
+    # rotary frequencies for rope_max_seq_len positions per axis (frames, height, width in patches)
+    bounds=rope_table("rope_max_seq_len", **{a: (lambda c, i=i: c.rope_max_seq_len * c.patch_size[i])
+                                                        for i, a in enumerate(("frames", "height", "width"))}),
 )
 
 SKYREELS_V2 = FamilySpec(

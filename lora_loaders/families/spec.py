@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -56,6 +56,44 @@ class Cfg:
 
 
 Dim = str | int | Cfg  # an axis name, a fixed size, or a size from the config
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A limit a component's config puts on a named axis: its table of positions holds exactly
+    `fixed` entries (CogVideoX-2b's text length: the sincos table is text + patches long) or at
+    most `max` (AuraFlow's `pos_embed_max_size`: the patches of height and width). Sizes are in
+    the axis' units (latents, tokens); `when` the configs it applies to; `field` what an error
+    names."""
+
+    field: str
+    fixed: Cfg | None = None
+    max: Cfg | None = None
+    when: Callable[[Any], bool] | None = None
+
+    def applies(self, config) -> bool:
+        return self.when is None or bool(self.when(config))
+
+
+def bounded_axis(name: str, axis: Axis, bound: Bound, config, where: str) -> Axis:
+    """The axis as this config can serve it: fixed at one size, or cut at a table's largest."""
+    if bound.fixed is not None:
+        n = bound.fixed(config)
+        if n < 2:
+            raise ValueError(f"{where}: {bound.field} gives the {name} axis a size of {n}, which cannot be exported "
+                             "(at least 2)")
+        return Axis(n, n, n, example=n, check=n)
+    m = bound.max(config)
+    if m < 2:
+        raise ValueError(f"{where}: {bound.field} = {_field(config, bound.field)} leaves room for a {name} of {m}; "
+                         "the export needs at least 2")
+    if m >= axis.max:
+        return axis
+    return Axis(min(axis.min, m), min(axis.opt, m), m, example=max(2, min(axis.example, m)), check=min(axis.check, m))
+
+
+def _field(config, name: str):
+    return getattr(config, name, None) if not isinstance(config, Mapping) else config.get(name)
 
 
 def select_output(result, source: str):
@@ -127,6 +165,8 @@ class ComponentSpec:
     # Linear modules a LoRA may widen (more input columns, zero-padded, as diffusers does for Flux
     # Control's x_embedder), each with the config field that follows its input width.
     widen: Mapping[str, str] = field(default_factory=dict)
+    # {axis: Bound}: the sizes this component's config can serve (a table of positions)
+    bounds: Mapping[str, Bound] = field(default_factory=dict)
 
     @property
     def is_text_encoder(self) -> bool:
@@ -261,6 +301,28 @@ class FamilySpec:
             return self.components[name]
         except KeyError:
             raise ValueError(f"family {self.name!r} has no component {name!r}; it has {list(self.components)}") from None
+
+    def bounded(self, configs: Mapping[str, Any]) -> tuple[FamilySpec, dict[str, str]]:
+        """This family with its axes as the components' configs ({component: config}) can serve
+        them (`ComponentSpec.bounds`), and {axis: why} for each axis a bound changed. ValueError,
+        naming the config fields, for sizes no export can take or two bounds that disagree."""
+        axes, why, fixed = dict(self.axes), {}, set()
+        for comp, config in configs.items():
+            for name, bound in self.component(comp).bounds.items():
+                if config is None or not bound.applies(config) or name not in axes:
+                    continue
+                new = bounded_axis(name, axes[name], bound, config, f"{self.name} {comp}")
+                clash = (name in fixed and new.max != axes[name].max) or (bound.fixed is not None and name in why
+                                                                          and new.max > axes[name].max)
+                if clash:
+                    raise ValueError(f"{self.name} {comp}: {bound.field} asks for a {name} axis of {new.max}, but "
+                                     f"{why[name]}")
+                if bound.fixed is not None:
+                    fixed.add(name)
+                if new != axes[name]:
+                    axes[name] = new
+                    why[name] = f"{comp}'s {bound.field} {'fixes' if name in fixed else 'limits'} it at {new.max}"
+        return (replace(self, axes=axes) if why else self), why
 
     def all_namespaces(self) -> list[Namespace]:
         """Every key prefix this family reads, longest first (so `lora_te1_` wins over `lora_te_`)."""

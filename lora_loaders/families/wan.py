@@ -10,7 +10,7 @@ modules are simply not targeted).
 
 from __future__ import annotations
 
-from .common import BATCH, T5_TINY, hf_encoder, timesteps
+from .common import BATCH, T5_TINY, hf_encoder, rope_table, timesteps
 from .spec import Axis, Cfg, ComponentSpec, FamilySpec, NameTable, Namespace, Rule, TensorSpec
 
 _B = r"blocks\.(\d+)"
@@ -58,6 +58,9 @@ def _denoiser(name: str) -> ComponentSpec:
         tiny=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
                   text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True,
                   qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
+        # rotary frequencies for rope_max_seq_len positions per axis (frames, height, width in patches)
+        bounds=rope_table("rope_max_seq_len", **{a: (lambda c, i=i: c.rope_max_seq_len * c.patch_size[i])
+                                                            for i, a in enumerate(("frames", "height", "width"))}),
     )
 
 

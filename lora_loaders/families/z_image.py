@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import BATCH, denoiser, hf_encoder, original_prefixes, prediction, sigmas, timestep
+from .common import BATCH, denoiser, hf_encoder, original_prefixes, prediction, rope_table, sigmas, timestep
 from .spec import Axis, Cfg, FamilySpec, NameTable, Rule, Split, TensorSpec
 
 _B = r"(layers|noise_refiner|context_refiner)\.(\d+)\.attention"
@@ -80,6 +80,11 @@ TRANSFORMER = denoiser(
     graph_forward=_forward,
     tiny=dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
               n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=(4, 6, 6), axes_lens=(256, 64, 64)),
+    # rotary tables of axes_lens positions: the caption (padded to a multiple of 32) at 1 .. n and the
+    # image at n + 1 on the first, patch rows and columns on the others
+    bounds=rope_table("axes_lens", text=lambda c: (c.axes_lens[0] - 2) // 32 * 32,
+                      height=lambda c: c.axes_lens[1] * c.all_patch_size[0],
+                      width=lambda c: c.axes_lens[2] * c.all_patch_size[0]),
 )
 
 Z_IMAGE = FamilySpec(
