@@ -115,16 +115,18 @@ def swapped(owner, name: str, value):
 
 
 def clip(name: str, class_name: str, outputs: tuple[tuple[str, str], ...], lora: bool = True,
-         tiny: dict | None = None, tokenizer: str | None = None) -> ComponentSpec:
-    """A CLIP text encoder: `input_ids` [batch, 77] -> `outputs` ((name, source), ...)."""
-    dims = {"last_hidden_state": ("batch", CLIP_SEQ, Cfg("hidden_size")),
-            "hidden_states": ("batch", CLIP_SEQ, Cfg("hidden_size")),
+         tiny: dict | None = None, tokenizer: str | None = None, seq: Cfg = CLIP_SEQ,
+         padded: str = "padded to 77") -> ComponentSpec:
+    """A CLIP text encoder: `input_ids` [batch, seq] (77 tokens unless the pipeline pads to more)
+    -> `outputs` ((name, source), ...)."""
+    dims = {"last_hidden_state": ("batch", seq, Cfg("hidden_size")),
+            "hidden_states": ("batch", seq, Cfg("hidden_size")),
             "pooler_output": ("batch", Cfg("hidden_size")),
             "text_embeds": ("batch", Cfg("projection_dim"))}
     return ComponentSpec(
         name=name, library="transformers", class_name=class_name, role="text_encoder", lora=lora,
-        inputs=(TensorSpec("input_ids", ("batch", CLIP_SEQ), dtype="int64", sample=token_ids,
-                           doc="token ids from the family's CLIP tokenizer, padded to 77"),),
+        inputs=(TensorSpec("input_ids", ("batch", seq), dtype="int64", sample=token_ids,
+                           doc=f"token ids from the family's CLIP tokenizer, {padded}"),),
         outputs=tuple(TensorSpec(n, dims[n], source=s) for n, s in outputs),
         call_kwargs={"output_hidden_states": True, "return_dict": True},
         tiny=tiny or CLIP_TINY, config_class="CLIPTextConfig", aliases=("text_model.",),

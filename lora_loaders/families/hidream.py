@@ -17,8 +17,8 @@ from contextlib import ExitStack
 
 import torch
 
-from .common import (BATCH, CLIP_TINY, LLAMA_TINY, OUT_CHANNELS, T5_TINY, clip, denoiser, hf_encoder, original_prefixes,
-                     prediction, swapped, timestep)
+from .common import (BATCH, CLIP_TINY, IMAGE_AXES, LLAMA_TINY, OUT_CHANNELS, T5_TINY, VAE_TINY, clip, denoiser,
+                     hf_encoder, image_vae, original_prefixes, prediction, swapped, timestep)
 from .spec import Axis, Cfg, FamilySpec, Namespace, TensorSpec
 
 
@@ -52,10 +52,19 @@ def _forward(model, kwargs):
                      img_sizes=(h, w), **kwargs)
 
 
+def _llama_states(values, config):
+    """What HiDreamImagePipeline reads from Llama (`hidden_states[1:]`, then stacked), from the
+    graph's stacked output."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    return BaseModelOutputWithPast(hidden_states=(None, *values["hidden_states"].unbind(0)))
+
+
 _LLAMA = dataclasses.replace(  # as the pipeline gives them to the transformer: every layer's hidden states, stacked
     hf_encoder("text_encoder_4", "LlamaForCausalLM", "LlamaConfig", LLAMA_TINY, seq="llama_text",
-               output=("hidden_states", "hidden_states")),
+               output=("hidden_states", "hidden_states"), mask=True),  # the pipeline pads and masks
     graph_forward=lambda model, kwargs: (torch.stack(model(**kwargs).hidden_states[1:]),),
+    pipeline_output=_llama_states,
     outputs=(TensorSpec("hidden_states", (Cfg("num_hidden_layers"), "batch", "llama_text", Cfg("hidden_size")),
                         source="0", doc="every decoder layer's output (not the embeddings')"),))
 
@@ -78,17 +87,26 @@ TRANSFORMER = denoiser(
 )
 
 _POOLED = (("text_embeds", "text_embeds"),)
+# the pipeline pads its prompt for CLIP to max_sequence_length (default 128; its CLIPs hold 248 positions)
+_CLIP = dict(seq=Cfg(fn=lambda c: min(128, c.max_position_embeddings)), padded="padded to 128",
+             tiny={**CLIP_TINY, "max_position_embeddings": 128})
 HIDREAM = FamilySpec(
     name="hidream", mixin="HiDreamImageLoraLoaderMixin", pipeline="HiDreamImagePipeline",
     components={
         "transformer": TRANSFORMER,
-        "text_encoder": clip("text_encoder", "CLIPTextModelWithProjection", _POOLED, lora=False),
+        "text_encoder": clip("text_encoder", "CLIPTextModelWithProjection", _POOLED, lora=False, **_CLIP),
         "text_encoder_2": clip("text_encoder_2", "CLIPTextModelWithProjection", _POOLED, lora=False,
-                               tiny={**CLIP_TINY, "hidden_size": 48, "intermediate_size": 60}),
-        "text_encoder_3": hf_encoder("text_encoder_3", "T5EncoderModel", "T5Config", T5_TINY),
+                               tiny={**_CLIP["tiny"], "hidden_size": 48, "intermediate_size": 60},
+                               **{k: v for k, v in _CLIP.items() if k != "tiny"}),
+        "text_encoder_3": hf_encoder("text_encoder_3", "T5EncoderModel", "T5Config", T5_TINY, mask=True),
         "text_encoder_4": _LLAMA,
+        # the Flux VAE: 16 latent channels (tiny: 4)
+        **image_vae({**VAE_TINY, "shift_factor": 0.1159, "scaling_factor": 0.3611, "use_quant_conv": False,
+                     "use_post_quant_conv": False}),
     },
+    scheduler=("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=3.0)),
     axes={
+        **IMAGE_AXES,
         "batch": BATCH,
         "height": Axis(32, 128, 128, example=8, check=12),  # latents (pixels / 8), up to max_resolution
         "width": Axis(32, 128, 128, example=12, check=6),
