@@ -106,12 +106,17 @@ class EngineModel(torch.nn.Module):
         for name, p in sig.parameters.items():
             if p.kind is inspect.Parameter.VAR_KEYWORD:
                 bound.update(bound.pop(name, {}))
-        feeds = _feeds(spec, entry, bound)
+        if spec.pipeline_call is not None:  # the call is several graph runs (Z-Image's per-sample lists)
+            return spec.pipeline_call(lambda **graph_args: self._infer(spec, engine, entry, graph_args), bound)
+        return _result(spec, method, self._infer(spec, engine, entry, bound), bound, self.config)
+
+    def _infer(self, spec: ComponentSpec, engine, entry: dict, args: dict) -> dict[str, torch.Tensor]:
+        """One run of the engine on the call's arguments: {output name: tensor}."""
+        feeds = _feeds(spec, entry, args)
         if engine.backend == "tensorrt":  # its profile is the axes' range (ONNX Runtime runs what the pipeline
             _check_sizes(spec, entry, feeds, self._axes)  # chose within the pixel limits, e.g. Sana's size bins)
         out = engine.infer(feeds)
-        values = {o.name: from_numpy(out[o.name]) for o in spec.outputs}
-        return _result(spec, method, values, bound, self.config)
+        return {o.name: from_numpy(out[o.name]) for o in spec.outputs}
 
 
 def _check_sizes(spec: ComponentSpec, entry: dict, feeds: dict, axes: dict) -> None:

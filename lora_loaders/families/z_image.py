@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import BATCH, denoiser, hf_encoder, original_prefixes, prediction, rope_table, sigmas, timestep
+from .common import (BATCH, IMAGE_AXES, VAE_TINY, denoiser, hf_encoder, image_vae, original_prefixes, prediction,
+                     rope_table, sigmas, timestep)
 from .spec import Axis, Cfg, FamilySpec, NameTable, Rule, Split, TensorSpec
 
 _B = r"(layers|noise_refiner|context_refiner)\.(\d+)\.attention"
@@ -69,6 +70,18 @@ def _forward(model, kwargs):
     return (out.reshape(b, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(b, -1, hh, ww),)
 
 
+def _per_sample(run, args):
+    """ZImagePipeline's call: lists of per-sample latents [C, 1, H, W] and captions [L, D] (the prompt's
+    and the negative prompt's of different lengths): one graph run per sample, the outputs back as
+    the list the pipeline reads."""
+    t = args["t"].reshape(-1)
+    outs = []
+    for i, (x, cap) in enumerate(zip(args["x"], args["cap_feats"])):
+        out = run(x=x[None, :, 0], t=t[i:i + 1] if t.numel() > 1 else t, cap_feats=cap[None])
+        outs.append(out["out_sample"][0, :, None])
+    return (outs,)
+
+
 TRANSFORMER = denoiser(
     "ZImageTransformer2DModel",
     inputs=(
@@ -78,6 +91,7 @@ TRANSFORMER = denoiser(
     ),
     outputs=(prediction(("batch", Cfg("in_channels"), "height", "width"), doc="the model output (the pipeline negates it)"),),
     graph_forward=_forward,
+    pipeline_call=_per_sample,
     tiny=dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
               n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=(4, 6, 6), axes_lens=(256, 64, 64)),
     # rotary tables of axes_lens positions: the caption (padded to a multiple of 32) at 1 .. n and the
@@ -94,13 +108,21 @@ Z_IMAGE = FamilySpec(
         "text_encoder": hf_encoder("text_encoder", "Qwen3Model", "Qwen3Config", dict(
             vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, head_dim=8, max_position_embeddings=256),
-            output=("hidden_states", "hidden_states.-2")),  # the pipeline's prompt embeddings
+            output=("hidden_states", "hidden_states.-2"), seq="prompt"),  # the pipeline's prompt embeddings
+        # the Flux VAE: 16 latent channels (tiny: 4)
+        **image_vae({**VAE_TINY, "shift_factor": 0.1159, "scaling_factor": 0.3611, "use_quant_conv": False,
+                     "use_post_quant_conv": False}),
     },
+    scheduler=("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=3.0)),
     axes={
+        **IMAGE_AXES,
         "batch": BATCH,
+        # the prompt as tokenized (padded to max_sequence_length, 512): the causal Qwen3 needs no mask
+        # for the real tokens, which the pipeline then selects as the caption (`text`)
+        "prompt": Axis(1, 512, 512, example=7, check=10),
         "height": Axis(32, 128, 256, example=8, check=12),  # latents (pixels / 8), multiples of the patch size 2
         "width": Axis(32, 128, 256, example=12, check=6),
-        "text": Axis(1, 256, 512, example=6, check=9),  # Qwen3 tokens
+        "text": Axis(1, 256, 512, example=6, check=9),  # caption tokens
     },
     namespaces=original_prefixes(ORIGINAL, lycoris=True),
     markers=(r"\.(noise|context)_refiner\.", r"all_(x_embedder|final_layer)", r"^transformer\.(cap|t)_embedder\.",
