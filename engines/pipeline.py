@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 # Arguments a pipeline passes that the exported graphs do not take; ignored when unset.
 _PASSTHROUGH = {"return_dict", "output_hidden_states", "attention_mask", "generator", "cross_attention_kwargs",
-                "joint_attention_kwargs", "attention_kwargs", "timestep_cond", "output_attentions"}
+                "joint_attention_kwargs", "attention_kwargs", "timestep_cond", "output_attentions",
+                "force_not_quantize", "shape"}  # VQModel.decode's: the graph looks the codes up, shaped as they are
 
 
 class PipelineError(RuntimeError):

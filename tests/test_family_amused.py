@@ -24,7 +24,7 @@ FAMILY = "amused"
 
 
 def _models():
-    m = build_tiny(FAMILY)
+    m = build_tiny(FAMILY, ["transformer", "text_encoder"])  # the LoRA components
     return m, copy.deepcopy(m), copy.deepcopy(m)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import BATCH, CLIP_TINY, clip
+from .common import BATCH, CLIP_TINY, IMAGE_AXES, clip
 from .spec import Axis, Cfg, ComponentSpec, FamilySpec, Namespace, TensorSpec
 
 
@@ -40,10 +40,35 @@ TRANSFORMER = ComponentSpec(
     outputs=(TensorSpec("logits", ("batch", Cfg("codebook_size"), "height", "width"), source="0",
                         doc="logits over the codebook per image token"),),
     graph_forward=lambda model, kwargs: (model(**kwargs),),  # the forward returns the tensor itself
+    pipeline_output=lambda values, config: values["logits"],  # and the pipeline reads it so
     tiny=dict(hidden_size=32, cond_embed_dim=32, micro_cond_encode_dim=4, micro_cond_embed_dim=20,
               encoder_hidden_size=32, vocab_size=34, codebook_size=32, in_channels=16, block_out_channels=16,
               num_res_blocks=1, block_num_heads=2, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
               sample_size=8),
+)
+
+def _vq_codes(shape, g, ctx):
+    return torch.randint(0, ctx.config.num_vq_embeddings, shape, generator=g)
+
+
+def _decode(model, kwargs):
+    """VQModel.decode as the pipeline calls it: codes looked up in the codebook (`shape` from the codes')."""
+    h = kwargs["h"]
+    return model.decode(h, force_not_quantize=True, return_dict=False, shape=(*h.shape, model.config.latent_channels))
+
+
+# The VQ-GAN decoder: VQ codes [batch, height, width] -> pixels in [0, 1] (the pipeline clips them)
+VQ_DECODER = ComponentSpec(
+    name="vae_decoder", library="diffusers", class_name="VQModel", role="vae", lora=False, subfolder="vqvae",
+    method="decode",
+    inputs=(TensorSpec("h", ("batch", "height", "width"), dtype="int64", sample=_vq_codes, doc="VQ codes"),),
+    outputs=(TensorSpec("sample", ("batch", Cfg("out_channels"), "image_height", "image_width"), source="0",
+                        doc="pixels, about [0, 1]"),),
+    graph_forward=_decode,
+    tiny=dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+              up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+              latent_channels=4, norm_num_groups=8, num_vq_embeddings=32, sample_size=16, lookup_from_codebook=True,
+              mid_block_add_attention=False, force_upcast=True),
 )
 
 AMUSED = FamilySpec(
@@ -52,8 +77,12 @@ AMUSED = FamilySpec(
         "transformer": TRANSFORMER,
         "text_encoder": clip("text_encoder", "CLIPTextModelWithProjection",
                              (("text_embeds", "text_embeds"), ("hidden_states", "hidden_states.-2")), tiny=CLIP_TINY),
+        "vae_decoder": VQ_DECODER,
     },
+    # the mask token: the transformer's last id (tiny vocab_size 34)
+    scheduler=("AmusedScheduler", dict(mask_token_id=33, masking_schedule="cosine")),
     axes={
+        **IMAGE_AXES,
         "batch": BATCH,
         "height": Axis(8, 32, 64, example=8, check=6),  # VQ tokens (pixels / 16): 16 at 256 px, 32 at 512 px
         "width": Axis(8, 32, 64, example=6, check=10),
