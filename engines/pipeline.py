@@ -108,7 +108,8 @@ class EngineModel(torch.nn.Module):
             if p.kind is inspect.Parameter.VAR_KEYWORD:
                 bound.update(bound.pop(name, {}))
         if spec.pipeline_call is not None:  # the call is several graph runs (Z-Image's per-sample lists)
-            return spec.pipeline_call(lambda **graph_args: self._infer(spec, engine, entry, graph_args), bound)
+            return spec.pipeline_call(lambda **graph_args: self._infer(spec, engine, entry, graph_args), bound,
+                                      self.config)
         return _result(spec, method, self._infer(spec, engine, entry, bound), bound, self.config)
 
     def _infer(self, spec: ComponentSpec, engine, entry: dict, args: dict) -> dict[str, torch.Tensor]:

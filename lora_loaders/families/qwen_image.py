@@ -15,8 +15,8 @@ from contextlib import ExitStack
 
 import torch
 
-from .common import (BATCH, QWEN25_VL_TINY, denoiser, hf_encoder, original_prefixes, prediction, sigmas, swapped,
-                     text_mask, timestep)
+from .common import (BATCH, IMAGE_AXES, QWEN25_VL_TINY, denoiser, hf_encoder, original_prefixes, prediction, sigmas,
+                     swapped, text_mask, timestep, vae)
 from .spec import Axis, Cfg, FamilySpec, TensorSpec
 
 
@@ -64,6 +64,21 @@ def _forward(model, kwargs):
     return (out.reshape(b, -1, h, w),)
 
 
+def _packed(run, args, config):
+    """QwenImagePipeline passes packed latents [batch, (h / 2) (w / 2), 4 c] with `img_shapes`: unpacked
+    for the graph (its `_pack_latents` undone), the prediction packed back."""
+    tokens, (_, hp, wp) = args["hidden_states"], args["img_shapes"][0][0]
+    b, p = tokens.shape[0], config.patch_size
+    latents = tokens.reshape(b, hp, wp, -1, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, -1, hp * p, wp * p)
+    text = args["encoder_hidden_states"]
+    mask = args.get("encoder_hidden_states_mask")
+    out = run(hidden_states=latents, encoder_hidden_states=text, timestep=args["timestep"],
+              encoder_hidden_states_mask=torch.ones(text.shape[:2], dtype=torch.int64) if mask is None else mask)
+    pred = out["out_sample"]
+    pred = pred.reshape(b, -1, hp, p, wp, p).permute(0, 2, 4, 1, 3, 5).reshape(b, hp * wp, -1)
+    return (pred,)
+
+
 TRANSFORMER = denoiser(
     "QwenImageTransformer2DModel",
     inputs=(
@@ -76,6 +91,7 @@ TRANSFORMER = denoiser(
     ),
     outputs=(prediction(("batch", Cfg("out_channels"), "height", "width"), doc="predicted velocity (unpacked)"),),
     graph_forward=_forward,
+    pipeline_call=_packed,
     tiny=dict(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
               joint_attention_dim=32, axes_dims_rope=(2, 2, 4)),
 )
@@ -88,8 +104,19 @@ QWEN_IMAGE = FamilySpec(
         # the pipeline reads the language model's last hidden states; the vision tower stays unused
         "text_encoder": hf_encoder("text_encoder", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig",
                                    QWEN25_VL_TINY, output=("last_hidden_state", "hidden_states.-1")),
+        # its causal 3D VAE (Wan's, per-channel latent statistics) on one frame: an image is one chunk
+        **{c.name: c for c in vae(("batch", Cfg("z_dim"), 1, "height", "width"),
+                                  ("batch", Cfg("input_channels"), 1, "image_height", "image_width"),
+                                  dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[],
+                                       temperal_downsample=[False], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                       latents_std=[1.5, 0.8, 1.2, 2.0]),
+                                  "AutoencoderKLQwenImage")[:1]},
     },
+    scheduler=("FlowMatchEulerDiscreteScheduler", dict(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")),
     axes={
+        **IMAGE_AXES,
         "batch": BATCH,
         "height": Axis(32, 128, 256, example=8, check=12),  # latents (pixels / 8), multiples of the patch size 2
         "width": Axis(32, 128, 256, example=12, check=6),

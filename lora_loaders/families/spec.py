@@ -152,9 +152,9 @@ class ComponentSpec:
     # (outputs by name, config) -> what the pipeline reads from the model's call, where the graph's
     # outputs are a reshaped form of it (FLUX.2's prompt embeddings: the layers the pipeline stacks)
     pipeline_output: Callable | None = None
-    # (run, the call's arguments) -> what the model's call returns, where one call of the pipeline is
-    # several graph runs (Z-Image passes per-sample lists of different lengths); run(**graph
-    # arguments) -> {output name: tensor}
+    # (run, the call's arguments, config) -> what the model's call returns, where the pipeline's call
+    # is not one graph run as it is (Z-Image passes per-sample lists of different lengths, Qwen-Image
+    # packed latents); run(**graph arguments) -> {output name: tensor}
     pipeline_call: Callable | None = None
     # tensors outside the graph that the pipeline reads from the model (FLUX.2's VAE batch-norm
     # statistics), saved beside the engine

@@ -70,7 +70,7 @@ def _forward(model, kwargs):
     return (out.reshape(b, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(b, -1, hh, ww),)
 
 
-def _per_sample(run, args):
+def _per_sample(run, args, config):
     """ZImagePipeline's call: lists of per-sample latents [C, 1, H, W] and captions [L, D] (the prompt's
     and the negative prompt's of different lengths): one graph run per sample, the outputs back as
     the list the pipeline reads."""
