@@ -126,7 +126,7 @@ def _compiler() -> list[str] | None:
     return [cc] if cc else None
 
 
-def _isa() -> str:
+def _isa_choice() -> str:
     """The LORA_ENGINES_ISA choice (unknown values: native, with a warning; the kernels never raise)."""
     isa = os.environ.get("LORA_ENGINES_ISA", "native").strip().lower() or "native"
     if isa not in ISAS:
@@ -258,7 +258,7 @@ def _load(isa: str | None = None):
     if cc is None:
         logger.info("effective-weight kernels: torch (no C compiler found: set CC or install cc / gcc / clang)")
         return None
-    isa = isa or _isa()
+    isa = isa or _isa_choice()
     try:
         lib = _build_and_open(cc, isa)
         width = lib.le_isa()

@@ -129,3 +129,18 @@ def test_a_table_no_export_can_serve_is_one_clear_error(tmp_path):
         model = build_tiny("cogvideox", ["transformer"], overrides={"transformer": {
             "use_rotary_positional_embeddings": False, "max_text_seq_length": 1}})["transformer"]
         cog.bounded({"transformer": model.config})
+
+
+def test_two_bounds_that_disagree_are_one_error():
+    """Two components whose tables fix one axis at different sizes: no export serves both."""
+    import dataclasses
+
+    spec = L.get_family("cogvideox")
+    other = dataclasses.replace(spec.component("text_encoder"),
+                                bounds={"text": L.families.Bound("n_positions", fixed=L.families.Cfg(fn=lambda c: 20))})
+    spec = dataclasses.replace(spec, components={**spec.components, "text_encoder": other})
+    model = build_tiny("cogvideox", ["transformer"], overrides={"transformer": {
+        "use_rotary_positional_embeddings": False}})["transformer"]
+    with pytest.raises(ValueError, match="n_positions asks for a text axis of 20, but transformer's "
+                                         "max_text_seq_length fixes it at 16"):
+        spec.bounded({"transformer": model.config, "text_encoder": object()})

@@ -559,3 +559,19 @@ def test_adapter_factors_cross_to_a_device_once():
     del a, b, layer
     gc.collect()
     assert device_copies_bytes(meta) == before
+
+
+def test_the_instruction_set_is_chosen_by_environment(monkeypatch, caplog):
+    """LORA_ENGINES_ISA=avx2 builds the AVX2 paths (one library per choice); an unknown value says so
+    in the log and builds the native ones (the kernels never make an error of their own)."""
+    monkeypatch.setenv("LORA_ENGINES_ISA", "AVX2")
+    assert kernels._isa_choice() == "avx2"
+    monkeypatch.setenv("LORA_ENGINES_ISA", "sse9")
+    with caplog.at_level("WARNING", logger="lora_loaders.kernels"):
+        assert kernels._isa_choice() == "native"
+    assert "LORA_ENGINES_ISA=sse9 is not one of native, avx2" in caplog.text
+    cc = kernels._compiler() or ["cc"]
+    assert kernels._library_path(cc, "avx2") != kernels._library_path(cc, "native")
+    with pytest.raises(ValueError, match="unknown instruction set 'sse9'"):
+        kernels.set_backend("c", isa="sse9")
+    _restore_default()
