@@ -114,18 +114,20 @@ class TextToImageSwitcher:
         import torch
 
         batches: dict = {}
+        together = self.pipe._engine_spec.generator_lists  # else one pipeline call per request
         for i, s in enumerate(settings):
             same = tuple(sorted((k, v) for k, v in s.items() if k not in ("prompt", "seed", "negative_prompt")))
-            batches.setdefault((same, s["negative_prompt"] is None), []).append(i)
+            batches.setdefault((same, s["negative_prompt"] is None, None if together else i), []).append(i)
         results: list = [None] * len(settings)
-        for (same, no_negative), idx in batches.items():
+        for (same, no_negative, _), idx in batches.items():
             group = [settings[i] for i in idx]
             kw = dict(same)
             if not no_negative:
                 kw["negative_prompt"] = [s["negative_prompt"] for s in group]
             try:
+                gens = [torch.Generator().manual_seed(s["seed"]) for s in group]
                 out = self.pipe(prompt=[s["prompt"] for s in group], output_type="np",
-                                generator=[torch.Generator().manual_seed(s["seed"]) for s in group], **kw)
+                                generator=gens if len(gens) > 1 else gens[0], **kw)
                 for i, img in zip(idx, out.frames if hasattr(out, "frames") else out.images):
                     results[i] = to_uint8(img)
             except Exception as e:  # noqa: BLE001

@@ -81,6 +81,7 @@ AMUSED = FamilySpec(
     },
     # the mask token: the transformer's last id (tiny vocab_size 34)
     scheduler=("AmusedScheduler", dict(mask_token_id=33, masking_schedule="cosine")),
+    generator_lists=False,  # AmusedPipeline seeds its sampling from one generator
     axes={
         **IMAGE_AXES,
         "batch": BATCH,

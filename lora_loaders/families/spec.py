@@ -276,6 +276,9 @@ class FamilySpec:
     # text-encoder layers make the prompt, for models of another depth than the real one)
     pipeline_kwargs: Callable | None = None
     scheduler: tuple[str, Mapping[str, Any]] | None = None  # its scheduler class and config for the tiny model
+    # the pipeline takes a list of generators, one per prompt (aMUSEd's does not: servers then call it
+    # once per request)
+    generator_lists: bool = True
     # Family-specific `load_lora_weights(...=True)` flags that send a file's layers to another
     # component: Wan 2.2's {"load_into_transformer_2": {"transformer": "transformer_2"}}.
     load_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
