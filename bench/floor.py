@@ -15,6 +15,7 @@ the CPU-time ratio is the steadier one (both are printed).
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -64,8 +65,6 @@ def c_product_seconds(factors, repeats: int = 3) -> float | None:
 
 def _out(outs: dict, rows: int, cols: int) -> torch.Tensor:
     """A preallocated output per thread and shape."""
-    import threading
-
     key = (threading.get_ident(), rows, cols)
     if key not in outs:
         outs[key] = torch.empty(rows, cols)
