@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from lora_loaders.dtypes import from_numpy, to_numpy, torch_dtype
 from lora_loaders.families import ComponentSpec, FamilySpec, get_family
@@ -61,6 +62,7 @@ class EngineModel(torch.nn.Module):
         self._parts = parts  # method -> (component spec, engine, manifest entry)
         self._state = state or {}  # tensors outside the graphs that the pipeline reads (ComponentSpec.pipeline_state)
         self._axes = axes or {}  # the manifest's: the largest size of each named dimension
+        self._progress: dict = {}  # the pipeline's progress bar settings (set_progress_bar_config), for decoding
         self.config = config
         self._dtype = dtype
         first = next(iter(parts.values()))[0]
@@ -107,6 +109,8 @@ class EngineModel(torch.nn.Module):
         for name, p in sig.parameters.items():
             if p.kind is inspect.Parameter.VAR_KEYWORD:
                 bound.update(bound.pop(name, {}))
+        if spec.chunks is not None:
+            return _result(spec, method, self._chunked(spec, engine, entry, bound), bound, self.config)
         if spec.pipeline_call is not None:  # the call is several graph runs (Z-Image's per-sample lists)
             return spec.pipeline_call(lambda **graph_args: self._infer(spec, engine, entry, graph_args), bound,
                                       self.config)
@@ -114,11 +118,32 @@ class EngineModel(torch.nn.Module):
 
     def _infer(self, spec: ComponentSpec, engine, entry: dict, args: dict) -> dict[str, torch.Tensor]:
         """One run of the engine on the call's arguments: {output name: tensor}."""
-        feeds = _feeds(spec, entry, args)
+        feeds = _feeds(spec, entry, args, self.config)
         if engine.backend == "tensorrt":  # its profile is the axes' range (ONNX Runtime runs what the pipeline
             _check_sizes(spec, entry, feeds, self._axes)  # chose within the pixel limits, e.g. Sana's size bins)
         out = engine.infer(feeds)
-        return {o.name: from_numpy(out[o.name]) for o in spec.outputs}
+        return {o["name"]: from_numpy(out[o["name"]]) for o in entry["outputs"]}
+
+    def _chunked(self, spec: ComponentSpec, engine, entry: dict, args: dict) -> dict[str, torch.Tensor]:
+        """A causal video decoder over all latent frames as diffusers' `decode` loops: the first chunk,
+        then each later one (`Chunks.next`'s graph) with the caches the run before left."""
+        arg = spec.inputs[0].arg or spec.inputs[0].name
+        z = args[arg]
+        frames, first, size = z.shape[2], spec.chunks.first(z.shape[2]), spec.chunks.size
+        later = next((p for p in self._parts.values() if p[0].name == spec.chunks.next), None)
+        if later is None and frames > first:
+            raise PipelineError(f"this export has no {spec.chunks.next} engine, which decodes the frames after the "
+                                f"first {first} (export the {spec.chunks.next} component)")
+        out = self._infer(spec, engine, entry, {**args, arg: z[:, :, :first]})
+        name = spec.outputs[0].name
+        pieces = [out[name]]
+        bar = {"desc": "decode", "unit": "chunk", "leave": False, "disable": frames <= first, **self._progress}
+        for start in tqdm(range(first, frames, size), **bar):
+            nspec, nengine, nentry = later
+            cached = {t.name: out[f"{t.name}_out"] for t in nspec.inputs_for(self.config)[len(nspec.inputs):]}
+            out = self._infer(nspec, nengine, nentry, {**args, arg: z[:, :, start:start + size], **cached})
+            pieces.append(out[name])
+        return {name: torch.cat(pieces, 2)}
 
 
 def _check_sizes(spec: ComponentSpec, entry: dict, feeds: dict, axes: dict) -> None:
@@ -152,10 +177,11 @@ def check_size(pipe, height: int | None, width: int | None, what: str = "") -> N
             raise SizeError(f"{what}{name} {value} is above the export's largest {limit} pixels")
 
 
-def _feeds(spec: ComponentSpec, entry: dict, args: dict) -> dict[str, np.ndarray]:
+def _feeds(spec: ComponentSpec, entry: dict, args: dict, config) -> dict[str, np.ndarray]:
     used = set()
     raw = {}
-    for t in spec.inputs:
+    inputs = spec.inputs_for(config)
+    for t in inputs:
         if t.name not in {i["name"] for i in entry["inputs"]}:
             continue  # not in this config's graph (TensorSpec.when)
         path = (t.arg or t.name).split(".")
@@ -169,10 +195,10 @@ def _feeds(spec: ComponentSpec, entry: dict, args: dict) -> dict[str, np.ndarray
     extra = [k for k, v in args.items() if k not in used and k not in _PASSTHROUGH and v is not None
              and not (isinstance(v, bool))]
     extra += [f"{k}.{s}" for k in used if isinstance(args.get(k), Mapping)
-              for s, v in args[k].items() if v is not None and f"{k}.{s}" not in {t.arg for t in spec.inputs}]
+              for s, v in args[k].items() if v is not None and f"{k}.{s}" not in {t.arg for t in inputs}]
     if extra:
         raise PipelineError(f"{spec.name}: the exported graph has no input for {sorted(extra)}")
-    batch = next((v.shape[0] for t, v in zip(spec.inputs, raw.values()) if torch.is_tensor(v) and v.dim()
+    batch = next((v.shape[0] for t, v in zip(inputs, raw.values()) if torch.is_tensor(v) and v.dim()
                   and t.dims and t.dims[0] == "batch"), None)
     feeds = {}
     dtypes = {i["name"]: i["dtype"] for i in entry["inputs"]}
@@ -243,6 +269,9 @@ def _engine_pipeline_class(cls):
         for k, v in (self._engine_spec.pipeline_kwargs(self) if self._engine_spec.pipeline_kwargs else {}).items():
             kwargs.setdefault(k, v)
         check_size(self, kwargs.get("height"), kwargs.get("width"))  # before any work
+        for model in self.components.values():  # a chunked video decode shows progress as denoising does
+            if isinstance(model, EngineModel):
+                model._progress = {k: v for k, v in getattr(self, "_progress_bar_config", {}).items() if k == "disable"}
         return cls.__call__(self, *args, **kwargs)
 
     def fuse_lora(self, *args, **kwargs):
@@ -294,6 +323,7 @@ def load_pipeline(out_dir, backend: str | None = None, lora_dir=None, **engine_o
         comp_dir = out_dir / entry.get("dir", cspec.name)
         state = load_file(comp_dir / PIPELINE_STATE_FILE) if (comp_dir / PIPELINE_STATE_FILE).is_file() else None
         kwargs[folder] = EngineModel(parts, _config(cspec, comp_dir), torch_dtype(entry["dtype"]), state, manifest.axes)
+    settings = _pipeline_settings(out_dir)
     for name in params:
         if name in kwargs or name == "self" or name not in index:
             continue
@@ -305,6 +335,7 @@ def load_pipeline(out_dir, backend: str | None = None, lora_dir=None, **engine_o
         if name not in kwargs and name != "self" and p.default is inspect.Parameter.empty \
                 and p.kind is not inspect.Parameter.VAR_KEYWORD:
             kwargs[name] = None  # optional models the export does not serve (safety checker, image encoder)
+    kwargs.update({k: v for k, v in settings.items() if k in params and k not in kwargs})
     if "requires_safety_checker" in params:
         kwargs["requires_safety_checker"] = False
     missing = [n for n in params if n not in kwargs and n not in ("self", "kwargs")]
@@ -322,6 +353,12 @@ def _model_index(out_dir: Path) -> dict:
     if not path.is_file():
         raise PipelineError(f"{out_dir}: no model_index.json")
     return {k: v for k, v in json.loads(path.read_text()).items() if isinstance(v, list) and len(v) == 2}
+
+
+def _pipeline_settings(out_dir: Path) -> dict:
+    """The pipeline's own registered settings in model_index.json (Wan 2.2's `boundary_ratio`)."""
+    return {k: v for k, v in json.loads((out_dir / "model_index.json").read_text()).items()
+            if not k.startswith("_") and not (isinstance(v, list) and len(v) == 2)}
 
 
 def _config(cspec: ComponentSpec, comp_dir: Path):

@@ -110,7 +110,8 @@ class TorchEngine(Engine):
                           for d in declared.get(t.name, [None] * len(t.dims)))
             self._input_infos[t.name] = InputInfo(t.name, dt, shape)
         self._inputs = [t.name for t in self._tensor_inputs]
-        self._outputs = [o.name for o in self.spec.outputs]
+        self._output_specs = self.spec.outputs_for(config)
+        self._outputs = [o.name for o in self._output_specs]
         self._forward = self._call
         if compile:
             opts = compile if isinstance(compile, dict) else {}
@@ -128,8 +129,11 @@ class TorchEngine(Engine):
         if self.spec.prepare is not None:
             kwargs = self.spec.prepare(self.model, kwargs)
         m = self.model
-        result = m(**kwargs) if self.spec.method == "forward" else getattr(m, self.spec.method)(**kwargs)
-        return tuple(select_output(result, o.source or o.name) for o in self.spec.outputs)
+        if self.spec.graph_forward is not None:  # what the graph computes, from the graph's inputs
+            result = self.spec.graph_forward(m, kwargs)
+        else:
+            result = m(**kwargs) if self.spec.method == "forward" else getattr(m, self.spec.method)(**kwargs)
+        return tuple(select_output(result, o.source or o.name) for o in self._output_specs)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = self.check_inputs(feeds)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lora_loaders.dtypes import torch_dtype
-from lora_loaders.families import Cfg, ComponentSpec, FamilySpec, TensorSpec
+from lora_loaders.families import Cfg, ComponentSpec, FamilySpec, Scaled, TensorSpec
 from lora_loaders.families.spec import select_output
 
 
@@ -30,7 +30,7 @@ class Wrapper(nn.Module):
         super().__init__()
         self.model = model
         self._inputs = spec.inputs_for(model.config)
-        self._sources = [o.source or o.name for o in spec.outputs]
+        self._sources = [o.source or o.name for o in spec.outputs_for(model.config)]
         self._call_kwargs = dict(spec.call_kwargs)
         self._prepare = spec.prepare
         self._method = spec.method
@@ -97,6 +97,8 @@ def shape_of(t: TensorSpec, config, sizes: Mapping[str, int]) -> tuple[int, ...]
             dims.append(int(sizes[d]))
         elif isinstance(d, Cfg):
             dims.append(d(config))
+        elif isinstance(d, Scaled):
+            dims.append(int(sizes[d.axis]) * d.factor)
         else:
             dims.append(int(d))
     return tuple(dims)
@@ -124,12 +126,13 @@ def example_inputs(family: FamilySpec, spec: ComponentSpec, model: nn.Module, dt
 
 
 def dynamic_axes(spec: ComponentSpec, config, axes: Mapping | None = None) -> dict[str, dict[int, str]]:
-    """{input or output name: {dim index: axis name}}; an axis of `axes` whose range is one size
-    (fixed by a config's table of positions) stays static in the graph."""
+    """{input or output name: {dim index: axis name ("height*2" for a `Scaled` one)}}; an axis of
+    `axes` whose range is one size (fixed by a config's table of positions) stays static in the graph."""
     static = {n for n, a in (axes or {}).items() if a.min == a.max == a.example}
     out = {}
-    for t in (*spec.inputs_for(config), *spec.outputs):
-        axes = {i: d for i, d in enumerate(t.dims) if isinstance(d, str) and d not in static}
+    for t in (*spec.inputs_for(config), *spec.outputs_for(config)):
+        axes = {i: str(d) for i, d in enumerate(t.dims)
+                if isinstance(d, (str, Scaled)) and getattr(d, "axis", d) not in static}
         if axes:
             out[t.name] = axes
     return out

@@ -27,6 +27,7 @@ from engines.weights_map import WEIGHTS_MAP_FILE, WeightsMap, make_transform, to
 from lora_loaders.dtypes import name as dtype_name
 from lora_loaders.dtypes import to_numpy
 from lora_loaders.families import ComponentSpec, FamilySpec
+from lora_loaders.families.spec import parse_dim
 from lora_loaders.index import targetable_parameters
 
 from . import complex_ops  # noqa: F401 - registers the exporter's missing complex-valued layout ops
@@ -205,7 +206,7 @@ def _name_output_dims(model_ir: ir.Model, axes_of: dict) -> None:
 
 
 def io_description(model_ir: ir.Model, spec: ComponentSpec, axes_of: dict) -> tuple[list, list]:
-    docs = {t.name: t.doc for t in (*spec.inputs, *spec.outputs)}
+    docs = {t.name: t.doc for t in (*spec.inputs, *spec.outputs)}  # the per-config ones (caches) have none
 
     def describe(values):
         out = []
@@ -259,6 +260,22 @@ def _optimize(program, protected: set[str]) -> None:
             graph.register_initializer(v)
 
 
+def _dynamic_shapes(input_names: list[str], axes_of: dict) -> tuple:
+    """The exporter's dynamic shapes: axis names, or its `Dim` objects where a dimension is an axis
+    times a factor (which names cannot say: a cache at twice the latent height)."""
+    names = tuple(axes_of.get(n) or None for n in input_names)
+    if not any("*" in d for a in axes_of.values() for d in a.values()):
+        return names
+    dims: dict[str, torch.export.Dim] = {}
+
+    def dim(name: str):
+        axis, factor = parse_dim(name)
+        base = dims.setdefault(axis, torch.export.Dim(axis))
+        return base * factor if factor != 1 else base
+
+    return tuple({i: dim(d) for i, d in a.items()} if a else None for a in names)
+
+
 _REGISTRIES: dict = {}
 
 
@@ -306,10 +323,10 @@ def export_component(
     wrapper = Wrapper(module, spec).eval()
     inputs = example_inputs(family, spec, module, dtype, "example")
     input_names = list(inputs)
-    output_names = [o.name for o in spec.outputs]
+    output_names = [o.name for o in spec.outputs_for(module.config)]
     axes_of = dynamic_axes(spec, module.config, family.axes)
     args = tuple(inputs.values())
-    dynamic_shapes = tuple(axes_of.get(n) or None for n in input_names)
+    dynamic_shapes = _dynamic_shapes(input_names, axes_of)
     kwargs = {}
     if opset is not None:
         kwargs["opset_version"] = opset

@@ -379,7 +379,7 @@ def _export_one(source, spec: FamilySpec, component, tdtype, adapters, tmp, opse
     _release_memory()
     if validate:
         result = validate_onnx(comp_dir / entry["model"], entry["dtype"], feeds, ref,
-                               [o.name for o in cspec.outputs], tmp)
+                               [o["name"] for o in entry["outputs"]], tmp)
         entry["validation"] = result
         if not result["passed"]:
             errs = {k: v.get("rel_err", v.get("error")) for k, v in result["outputs"].items()}

@@ -63,6 +63,7 @@ def _model_index(spec: FamilySpec, out: Path, tokenizers: list[str]) -> None:
         index.setdefault(cs.folder, [cs.library, cs.class_name])
     if spec.scheduler:
         index["scheduler"] = ["diffusers", spec.scheduler[0]]
+    index.update(spec.pipeline_config)
     for t in tokenizers:
         index[t] = ["transformers", "CLIPTokenizer"]
     (out / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from lora_loaders.families.spec import parse_dim
+
 log = logging.getLogger(__name__)
 
 
@@ -24,8 +26,9 @@ def profiles_for(entry: dict, axes: dict[str, dict]) -> dict[str, tuple]:
             for d in inp["shape"]:
                 if isinstance(d, int):
                     shape.append(d)
-                elif d in axes:
-                    shape.append(int(axes[d][k]))
+                elif parse_dim(d)[0] in axes:  # an axis, or an axis times a factor ("height*2")
+                    axis, factor = parse_dim(d)
+                    shape.append(int(axes[axis][k]) * factor)
                 else:
                     raise ValueError(f"no profile range for dimension {d!r} of input {inp['name']}")
             shapes.append(tuple(shape))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 from pathlib import Path
 
 import torch
@@ -33,6 +34,9 @@ def reference_pipeline(family: str, out: Path, loras=()):
     for name, p in params.items():
         if name not in parts and name != "self" and p.default is inspect.Parameter.empty:
             parts[name] = None
+    index = json.loads((out / "model_index.json").read_text())  # the pipeline's settings (Wan 2.2's boundary_ratio)
+    parts.update({k: v for k, v in index.items() if k in params and not k.startswith("_") and k not in parts
+                  and not (isinstance(v, list) and len(v) == 2)})
     if "requires_safety_checker" in params:
         parts["requires_safety_checker"] = False
     pipe = cls(**{k: v for k, v in parts.items() if k in params})

@@ -12,17 +12,14 @@ import importlib
 import pkgutil
 import re
 
-from .spec import Axis, Bound, Cfg, ComponentSpec, FamilySpec, NameTable, Namespace, Rule, Split, TensorSpec
-
-_NOT_ENTRIES = {"spec", "common"}
-
+from .spec import Axis, Bound, Cfg, Chunks, ComponentSpec, FamilySpec, NameTable, Namespace, Rule, Scaled, Split, TensorSpec
 
 def _collect() -> dict[str, FamilySpec]:
     """Every module of this package that defines FAMILIES is an entry."""
-    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_ENTRIES)
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__))
     out: dict[str, FamilySpec] = {}
     for name in names:
-        for spec in importlib.import_module(f"{__name__}.{name}").FAMILIES:
+        for spec in getattr(importlib.import_module(f"{__name__}.{name}"), "FAMILIES", ()):
             if spec.name in out:
                 raise RuntimeError(f"family {spec.name!r} is defined twice (again in families/{name}.py)")
             out[spec.name] = spec
@@ -68,5 +65,5 @@ def looks_like(spec: FamilySpec, target_names: list[str]) -> str | None:
     return guess if _hits(spec, target_names) == 0 else None
 
 
-__all__ = ["FAMILIES", "Axis", "Bound", "Cfg", "ComponentSpec", "FamilySpec", "NameTable", "Namespace", "Rule", "Split",
-           "TensorSpec", "get_family", "guess_family", "looks_like"]
+__all__ = ["FAMILIES", "Axis", "Bound", "Cfg", "Chunks", "ComponentSpec", "FamilySpec", "NameTable", "Namespace", "Rule",
+           "Scaled", "Split", "TensorSpec", "get_family", "guess_family", "looks_like"]

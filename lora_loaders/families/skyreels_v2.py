@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from .common import BATCH, T5_TINY, denoiser, hf_encoder, original_prefixes, prediction, rope_table, timestep
 from .spec import Axis, Cfg, FamilySpec, NameTable, Rule, TensorSpec
+from .causal_vae import WAN_VAE_TINY, wan_vae
 from .wan import ORIGINAL as WAN_ORIGINAL
+from .wan import UNIPC_FLOW
 
 ORIGINAL = NameTable(rules=(
     *WAN_ORIGINAL.rules,
@@ -45,8 +47,10 @@ SKYREELS_V2 = FamilySpec(
     name="skyreels-v2", mixin="SkyReelsV2LoraLoaderMixin", pipeline="SkyReelsV2Pipeline",
     components={
         "transformer": TRANSFORMER,
-        "text_encoder": hf_encoder("text_encoder", "UMT5EncoderModel", "UMT5Config", T5_TINY),
+        "text_encoder": hf_encoder("text_encoder", "UMT5EncoderModel", "UMT5Config", T5_TINY, mask=True),
+        **wan_vae(WAN_VAE_TINY),  # Wan 2.1's VAE
     },
+    scheduler=UNIPC_FLOW,
     axes={
         "batch": BATCH,
         "frames": Axis(1, 25, 31, example=3, check=2),  # latent frames: 1 + (97 video frames - 1) / 4

@@ -55,7 +55,25 @@ class Cfg:
         return int(value)
 
 
-Dim = str | int | Cfg  # an axis name, a fixed size, or a size from the config
+@dataclass(frozen=True)
+class Scaled:
+    """A dimension that is a named axis times a factor (a video decoder's cache at twice the latent
+    height: `Scaled("height", 2)`); named `"height*2"` in the manifest."""
+
+    axis: str
+    factor: int
+
+    def __str__(self) -> str:
+        return f"{self.axis}*{self.factor}"
+
+
+Dim = str | int | Cfg | Scaled  # an axis name, a fixed size, a size from the config, or an axis times a factor
+
+
+def parse_dim(name: str) -> tuple[str, int]:
+    """(axis, factor) of a manifest dimension name: "height*2" -> ("height", 2), "batch" -> ("batch", 1)."""
+    axis, _, factor = name.partition("*")
+    return axis, int(factor or 1)
 
 
 @dataclass(frozen=True)
@@ -131,6 +149,18 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Chunks:
+    """How a causal video decoder runs over latent frames: its graph decodes the first chunk
+    (`first(frames)` latent frames) and the component `next` each later chunk of `size` frames,
+    taking the caches the run before left (its outputs `<input>_out`, by the `next` graph's
+    input names). Diffusers' `vae.decode` does the same loop, so the frames are its own."""
+
+    next: str
+    size: int = 1
+    first: Callable[[int], int] = lambda frames: 1
+
+
+@dataclass(frozen=True)
 class ComponentSpec:
     """One component of a family: class, role, whether it takes LoRAs, graph I/O, tiny config."""
 
@@ -171,6 +201,10 @@ class ComponentSpec:
     widen: Mapping[str, str] = field(default_factory=dict)
     # {axis: Bound}: the sizes this component's config can serve (a table of positions)
     bounds: Mapping[str, Bound] = field(default_factory=dict)
+    # (config) -> (inputs, outputs) after the declared ones, where their number follows the config: a
+    # causal video decoder's caches, one per convolution, that one chunk leaves to the next
+    io: Callable | None = None
+    chunks: Chunks | None = None  # a decoder over latent frames in chunks (causal video VAEs)
 
     @property
     def is_text_encoder(self) -> bool:
@@ -183,7 +217,12 @@ class ComponentSpec:
 
     def inputs_for(self, config) -> tuple[TensorSpec, ...]:
         """The graph inputs of a model with this config."""
-        return tuple(t for t in self.inputs if t.when is None or t.when(config))
+        extra = self.io(config)[0] if self.io is not None else ()
+        return (*(t for t in self.inputs if t.when is None or t.when(config)), *extra)
+
+    def outputs_for(self, config) -> tuple[TensorSpec, ...]:
+        """The graph outputs of a model with this config."""
+        return (*self.outputs, *(self.io(config)[1] if self.io is not None else ()))
 
 
 @dataclass(frozen=True)
@@ -276,6 +315,7 @@ class FamilySpec:
     # text-encoder layers make the prompt, for models of another depth than the real one)
     pipeline_kwargs: Callable | None = None
     scheduler: tuple[str, Mapping[str, Any]] | None = None  # its scheduler class and config for the tiny model
+    pipeline_config: Mapping[str, Any] = field(default_factory=dict)  # the tiny model's pipeline settings
     # the pipeline takes a list of generators, one per prompt (aMUSEd's does not: servers then call it
     # once per request)
     generator_lists: bool = True

@@ -10,6 +10,7 @@ modules are simply not targeted).
 
 from __future__ import annotations
 
+from .causal_vae import WAN_VAE_TINY, wan_vae
 from .common import BATCH, T5_TINY, hf_encoder, rope_table, timesteps
 from .spec import Axis, Cfg, ComponentSpec, FamilySpec, NameTable, Namespace, Rule, TensorSpec
 
@@ -65,13 +66,19 @@ def _denoiser(name: str) -> ComponentSpec:
 
 
 _NS = dict(table=ORIGINAL)
+# Wan's own scheduler: UniPC over flow-matching sigmas
+UNIPC_FLOW = ("UniPCMultistepScheduler", dict(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                              use_flow_sigmas=True, flow_shift=3.0))
 WAN = FamilySpec(
     name="wan", mixin="WanLoraLoaderMixin", pipeline="WanPipeline",
     components={
         "transformer": _denoiser("transformer"),
         "transformer_2": _denoiser("transformer_2"),
-        "text_encoder": hf_encoder("text_encoder", "UMT5EncoderModel", "UMT5Config", T5_TINY),
+        "text_encoder": hf_encoder("text_encoder", "UMT5EncoderModel", "UMT5Config", T5_TINY, mask=True),
+        **wan_vae(WAN_VAE_TINY),
     },
+    scheduler=UNIPC_FLOW,
+    pipeline_config={"boundary_ratio": 0.875},  # the tiny model is Wan 2.2's pair of denoisers
     axes={
         "batch": BATCH,
         "frames": Axis(1, 21, 31, example=3, check=2),  # latent frames: 1 + (video frames - 1) / 4

@@ -1,0 +1,126 @@
+"""Causal video VAEs as chunk decoders: the caches one chunk of latent frames leaves to the next are
+graph inputs and outputs, so any frame count decodes in memory bounded by the chunk, and the
+engine pipeline's loop over chunks (`Chunks`) is diffusers' own `decode` loop.
+
+Wan's VAE (`AutoencoderKLWan`: Wan 2.1 / 2.2, SkyReels-V2) decodes one latent frame at a time; every
+causal convolution keeps the last two frames of its input. Two graphs: `vae_decoder` for the
+first frame (diffusers' `first_chunk`, no time upsampling: one video frame) and `vae_decoder_next`
+for each later frame (four video frames), both returning their caches. In the first chunk diffusers
+caches one frame where later chunks cache two, and marks the time upsamplers "Rep" (no cache yet):
+both are a two-frame cache with zeros in front, the zeros the causal padding would add, so one
+`next` graph serves every later chunk.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from functools import lru_cache
+
+import torch
+
+from .common import swapped
+from .spec import Cfg, Chunks, ComponentSpec, Scaled, TensorSpec
+
+CACHE_FRAMES = 2  # diffusers' CACHE_T
+
+
+def _wan_upsampler_first(self, x, feat_cache=None, feat_idx=(0,)):
+    """WanResample in the first chunk: diffusers' "Rep" mark as the zeros its time conv pads with."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanResample
+
+    idx = feat_idx[0]
+    empty = self.mode == "upsample3d" and feat_cache is not None and feat_cache[idx] is None
+    out = WanResample.forward(self, x, feat_cache, feat_idx)
+    if empty:
+        feat_cache[idx] = x.new_zeros(x.shape[0], x.shape[1], CACHE_FRAMES, *x.shape[3:])
+    return out
+
+
+def _wan_finish(model, out):
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+    if model.config.patch_size is not None:
+        out = unpatchify(out, patch_size=model.config.patch_size)
+    return torch.clamp(out, min=-1.0, max=1.0)
+
+
+def _two_frames(cache: torch.Tensor) -> torch.Tensor:
+    short = CACHE_FRAMES - cache.shape[2]
+    return torch.cat([cache.new_zeros(*cache.shape[:2], short, *cache.shape[3:]), cache], 2) if short else cache
+
+
+def wan_first(model, kwargs):
+    """The first latent frame -> (its video frame, the caches it leaves)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanResample
+
+    feat, idx = [None] * model._cached_conv_counts["decoder"], [0]
+    with ExitStack() as stack:
+        for m in model.decoder.modules():
+            if isinstance(m, WanResample):
+                stack.enter_context(swapped(m, "forward", _wan_upsampler_first))
+        out = model.decoder(model.post_quant_conv(kwargs["z"]), feat_cache=feat, feat_idx=idx, first_chunk=True)
+    return (_wan_finish(model, out), *(_two_frames(c) for c in feat[:idx[0]]))
+
+
+def wan_next(model, kwargs):
+    """A later latent frame and the caches -> (its video frames, the caches it leaves)."""
+    feat = [kwargs[f"cache_{i}"] for i in range(len(_wan_caches(_key(model.config))))]
+    out = model.decoder(model.post_quant_conv(kwargs["z"]), feat_cache=feat, feat_idx=[0])
+    return (_wan_finish(model, out), *feat)
+
+
+def _key(config) -> str:
+    return json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, sort_keys=True, default=str)
+
+
+@lru_cache(maxsize=16)
+def _wan_caches(key: str) -> tuple[tuple[int, int], ...]:
+    """(channels, spatial factor) of each cache a Wan decoder leaves, from a first chunk on the meta device."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.device("meta"):
+        model = AutoencoderKLWan.from_config(json.loads(key))
+        side = 4
+        caches = wan_first(model, {"z": torch.empty(1, model.config.z_dim, 1, side, side)})[1:]
+    return tuple((int(c.shape[1]), int(c.shape[3]) // side) for c in caches)
+
+
+def _cache_io(config, inputs: bool) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    caches = []
+    for i, (channels, factor) in enumerate(_wan_caches(_key(config))):
+        h, w = (("height", "width") if factor == 1 else (Scaled("height", factor), Scaled("width", factor)))
+        caches.append((f"cache_{i}", ("batch", channels, CACHE_FRAMES, h, w)))
+    outs = tuple(TensorSpec(f"{n}_out", dims, source=str(i + 1), doc="the cache this chunk leaves")
+                 for i, (n, dims) in enumerate(caches))
+    ins = tuple(TensorSpec(n, dims, doc="the cache the previous chunk left") for n, dims in caches) if inputs else ()
+    return ins, outs
+
+
+def _upsampled_frames(config) -> int:
+    return 2 ** sum(bool(t) for t in config.temperal_downsample)
+
+
+def wan_vae(tiny: dict, class_name: str = "AutoencoderKLWan") -> dict[str, ComponentSpec]:
+    """{name: spec} of Wan's chunk decoder over the denoiser's latent height / width axes."""
+    pixels = "image_height", "image_width"  # labels: pixels are the latents times the VAE's factor
+    common = dict(library="diffusers", class_name=class_name, role="vae", lora=False, subfolder="vae", tiny=tiny,
+                  call_kwargs={"return_dict": False})
+    latent = TensorSpec("latent_sample", ("batch", Cfg("z_dim"), 1, "height", "width"), arg="z",
+                        doc="one latent frame, de-normalized (latents / std + mean)")
+    return {
+        "vae_decoder": ComponentSpec(
+            name="vae_decoder", method="decode", graph_forward=wan_first, inputs=(latent,),
+            outputs=(TensorSpec("sample", ("batch", 3, 1, *pixels), source="0", doc="the first video frame in [-1, 1]"),),
+            io=lambda config: _cache_io(config, inputs=False), chunks=Chunks(next="vae_decoder_next"), **common),
+        "vae_decoder_next": ComponentSpec(
+            name="vae_decoder_next", method="decode_next", graph_forward=wan_next, inputs=(latent,),
+            outputs=(TensorSpec("sample", ("batch", 3, Cfg(fn=_upsampled_frames), *pixels), source="0",
+                                doc="the video frames of a later latent frame, in [-1, 1]"),),
+            io=lambda config: _cache_io(config, inputs=True), **common),
+    }
+
+
+WAN_VAE_TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
+                    temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                    latents_std=[1.5, 0.8, 1.2, 2.0])
