@@ -1,8 +1,10 @@
-"""`python -m engines.generate OUT_DIR --prompt TEXT [--lora F[:SCALE]]... --out image.png`
+"""`python -m engines.generate OUT_DIR --prompt TEXT [--lora F[:SCALE]]... --out image.png | video.mp4`
 
-Prompt to picture over an export directory: the family's diffusers pipeline with its models
-replaced by the exported engines (`engines.load_pipeline`); `--lora` refits them first. A
-progress bar follows the denoising steps.
+Prompt to picture or video over an export directory: the family's diffusers pipeline with its
+models replaced by the exported engines (`engines.load_pipeline`); `--lora` refits them first
+(Wan 2.2: `--lora-2` into its second denoiser). Video families write `--frames` frames at
+`--fps` to .mp4 (diffusers' `export_to_video`), .gif or .webp. Progress bars follow the
+denoising steps and the decoded chunks.
 
 Exit codes: 0 done, 2 bad usage or input (missing export or LoRA, size not a multiple of the
 VAE factor, steps <= 0), 1 a failure while working.
@@ -28,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="refit to these adapters first, each at SCALE (default 1.0); repeat to stack; "
                         "without: what the export baked")
+    p.add_argument("--lora-2", action="append", default=[], metavar="PATH[:SCALE]", dest="lora_2",
+                   help="Wan 2.2: an adapter for its second (low-noise) denoiser, transformer_2, as --lora for "
+                        "the first; repeat to stack")
+    p.add_argument("--frames", type=int, default=None,
+                   help="video families: frames to make (default: the pipeline's; Wan: 4k + 1)")
+    p.add_argument("--fps", type=float, default=16, help="video families: frames per second of the file (default: 16)")
     p.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
@@ -35,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixels, up to what the export takes (default: the pipeline's)")
     p.add_argument("--width", type=int, default=None, help="pixels, as --height (default: the pipeline's)")
     p.add_argument("--backend", default=None, help="onnxruntime | tensorrt | torch (default: what the export has)")
-    p.add_argument("--out", required=True, help="image file to write: .png, .jpg or .webp")
+    p.add_argument("--out", required=True, help="file to write: an image (.png, .jpg, .webp) or, for video "
+                                                 "families, a video (.mp4, .gif, .webp)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
     return p
 
@@ -45,20 +54,41 @@ class UsageError(ValueError):
 
 
 def check_args(args, pipe) -> None:
+    from .pipeline import check_size, size_limits, spatial_factor
+
     if args.steps <= 0:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise UsageError(f"--guidance must be a finite number, got {args.guidance}")
-    factor = getattr(pipe, "vae_scale_factor", 8) * _patch(pipe)
+    factor = spatial_factor(pipe) * _patch(pipe)
     for name in ("height", "width"):
         v = getattr(args, name)
         if v is not None and (v <= 0 or v % factor):
             raise UsageError(f"--{name} {v} is not a positive multiple of {factor} (the VAE factor x the patch size)")
-    from .pipeline import check_size
-
     check_size(pipe, args.height, args.width, what="--")
     if not args.prompt.strip():
         raise UsageError("--prompt is empty")
+    if args.frames is not None:
+        if not is_video(pipe):
+            raise UsageError(f"--frames: {pipe.manifest.family} makes images, not videos")
+        limit = size_limits(pipe)["frames"]
+        if not 1 <= args.frames <= limit:
+            raise UsageError(f"--frames must be between 1 and {limit} (the export's frames axis holds "
+                             f"{pipe.manifest.axes['frames']['max']} latent frames), "
+                             f"got {args.frames}")
+    if not (math.isfinite(args.fps) and args.fps > 0):
+        raise UsageError(f"--fps must be a positive number, got {args.fps}")
+    if args.lora_2 and "transformer_2" not in pipe.manifest.components:
+        raise UsageError("--lora-2: this export has no second denoiser (transformer_2: Wan 2.2)")
+
+
+def is_video(pipe) -> bool:
+    """Whether the export's family makes videos: its denoiser takes latent frames."""
+    return "frames" in pipe.manifest.axes
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".gif", ".webp")
 
 
 def _patch(pipe) -> int:
@@ -75,34 +105,69 @@ def generate(args) -> Path:
 
     from .pipeline import load_pipeline
 
-    loras = [parse_lora_arg(s) for s in args.lora]
-    for path, _ in loras:
+    loras = [(p, s, {}) for p, s in map(parse_lora_arg, args.lora)]
+    loras += [(p, s, {"load_into_transformer_2": True}) for p, s in map(parse_lora_arg, args.lora_2)]
+    for path, _, _ in loras:
         if not Path(path).is_file():
             raise UsageError(f"LoRA file not found: {path}")
     out = Path(args.out)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise UsageError(f"--out {out}: write a .png, .jpg or .webp file")
+    if out.suffix.lower() not in (*IMAGE_SUFFIXES, *VIDEO_SUFFIXES):
+        raise UsageError(f"--out {out}: write an image (.png, .jpg, .webp) or a video (.mp4, .gif, .webp)")
     if not Path(args.out_dir).is_dir():
         raise UsageError(f"no such export directory: {args.out_dir}")
     pipe = load_pipeline(args.out_dir, backend=args.backend)
     check_args(args, pipe)
+    video = is_video(pipe)
+    if out.suffix.lower() not in (VIDEO_SUFFIXES if video else IMAGE_SUFFIXES):
+        raise UsageError(f"--out {out}: {pipe.manifest.family} makes "
+                         + ("videos: write .mp4, .gif or .webp" if video else "images: write .png, .jpg or .webp"))
     if loras:
         names = []
-        for path, _ in loras:  # named as export names them: the file's stem (x, x_2, ...)
+        for path, _, options in loras:  # named as export names them: the file's stem (x, x_2, ...)
             taken = set(names) | {n for ns in pipe.get_list_adapters().values() for n in ns}
             name = unique_name(Path(path).stem, taken)
-            pipe.load_lora_weights(path, adapter_name=name)
+            pipe.load_lora_weights(path, adapter_name=name, **options)
             names.append(name)
-        pipe.set_adapters(names, [s for _, s in loras])
+        pipe.set_adapters(names, [s for _, s, _ in loras])
     kw = {k: v for k, v in (("height", args.height), ("width", args.width), ("guidance_scale", args.guidance),
-                            ("negative_prompt", args.negative_prompt)) if v is not None}
-    result = pipe(prompt=args.prompt, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed), **kw)
-    image = result.images[0] if hasattr(result, "images") else result.frames[0][0]
+                            ("negative_prompt", args.negative_prompt), ("num_frames", args.frames)) if v is not None}
+    result = pipe(prompt=args.prompt, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
+                  **({"output_type": "np"} if video else {}), **kw)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
-    image.save(tmp)
-    tmp.replace(out)
+    try:
+        if video:
+            write_video(result.frames[0], tmp, args.fps)
+        else:
+            (result.images[0] if hasattr(result, "images") else result.frames[0][0]).save(tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
+
+
+def write_video(frames, path: Path, fps: float) -> None:
+    """Frames [F, H, W, 3] in 0..1 to .mp4 (diffusers' `export_to_video`: imageio's ffmpeg), or an animated
+    .gif / .webp (Pillow), looping."""
+    import numpy as np
+    from PIL import Image
+
+    frames = np.asarray(frames)
+    if path.suffix.lower() == ".mp4":
+        try:
+            import imageio  # noqa: F401
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise UsageError("writing .mp4 needs imageio and imageio-ffmpeg: pip install 'lora-engines[video]' "
+                             "(or write .gif / .webp)") from None
+        from diffusers.utils import export_to_video
+
+        export_to_video(list(frames), str(path), fps=fps)
+        return
+    images = [Image.fromarray(np.round(f * 255).clip(0, 255).astype(np.uint8)) for f in frames]
+    fmt = "GIF" if path.suffix.lower() == ".gif" else "WEBP"
+    images[0].save(path, format=fmt, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0,
+                   **({"lossless": True} if fmt == "WEBP" else {}))
 
 
 def main(argv=None) -> int:

@@ -156,11 +156,23 @@ def _check_sizes(spec: ComponentSpec, entry: dict, feeds: dict, axes: dict) -> N
                                 f"{axes[dim]['max']} (the manifest's axes; export with a larger range)")
 
 
+# how diffusers' video pipelines name the VAE's temporal compression
+_TIME_FACTORS = ("vae_scale_factor_temporal", "vae_temporal_compression_ratio", "vae_temporal_scale_factor")
+
+
+def spatial_factor(pipe) -> int:
+    """Pixels per latent along height and width (image pipelines: `vae_scale_factor`, video: `_spatial`)."""
+    return int(getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None) or 8)
+
+
 def size_limits(pipe) -> dict[str, int]:
-    """{"height", "width": the largest size in pixels} the export's engines take: its latent axes
-    times the pipeline's VAE factor, and the VAE's own pixel axes."""
-    axes, factor = pipe.manifest.axes, int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    """{"height", "width": the largest size in pixels, "frames": the most video frames} the export's
+    engines take: its latent axes times the pipeline's VAE factors, and the VAE's own pixel axes."""
+    axes, factor = pipe.manifest.axes, spatial_factor(pipe)
     out = {}
+    if "frames" in axes:  # causal video VAEs: 1 + (latent frames - 1) x the time factor
+        time = next((int(getattr(pipe, a)) for a in _TIME_FACTORS if getattr(pipe, a, None)), 1)
+        out["frames"] = (int(axes["frames"]["max"]) - 1) * time + 1
     for name in ("height", "width"):
         limits = [int(axes[name]["max"]) * factor] if name in axes else []
         limits += [int(axes[f"image_{name}"]["max"])] if f"image_{name}" in axes else []

@@ -280,7 +280,8 @@ class Refitter:
 
     def activate(self, adapters: Mapping[str, object], resolve: Callable[[str], object] | None = None) -> bool:
         """Make the engines hold exactly these {adapter: weight}, reading the ones not loaded yet from
-        `resolve(name)` (a path); one refit at most. Returns whether weights were written."""
+        `resolve(name)` (a path, or (path, load options) such as Wan 2.2's `load_into_transformer_2`); one
+        refit at most. Returns whether weights were written."""
         with self._lock:
             new = self._state.copy()
             for name in adapters:
@@ -298,7 +299,8 @@ class Refitter:
                     if known is None:
                         raise
                     continue  # a baked adapter without its file: an error only if a change needs its weights
-                self._register(new, name, source)
+                source, options = source if isinstance(source, tuple) else (source, {})
+                self._register(new, name, source, remap=self._remap(dict(options)))
             if not new.enabled:
                 new.set_enabled(True)
             return self._transition(self._with_adapters(new, list(adapters), list(adapters.values())))

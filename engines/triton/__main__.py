@@ -52,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapters a denoiser reads at start: the baked ones, every file in the adapter directory, or "
                         "none (read when first named) (default: baked)")
     w.add_argument("--text-to-image", default="auto", choices=["auto", "yes", "no"],
-                   help="also write the text-to-image model; auto: when the export can generate (default: auto)")
-    for limit, default in (("steps", "100"), ("height", "the export's"), ("width", "the export's")):
+                   help="also write the text-to-image model (video families: text_to_video); auto: when the export "
+                        "can generate (default: auto)")
+    for limit, default in (("steps", "100"), ("height", "the export's"), ("width", "the export's"),
+                           ("frames", "the export's; video families")):
         w.add_argument(f"--max-{limit}", type=int, default=None, metavar="N",
                        help=f"the text-to-image model's largest {limit} per request (default: {default})")
     s = sub.add_parser("serve", help="run the nvidia-pytriton tritonserver on a repository (loopback)")
@@ -72,6 +74,7 @@ def _error(msg) -> None:
 def _write(args) -> int:
     from ..manifest import ManifestError
     from .repository import write_repository
+    from .text_to_image import LIMIT_NAMES
 
     try:
         written = write_repository(
@@ -80,8 +83,7 @@ def _write(args) -> int:
             max_batch_size=args.max_batch_size, instance_count=args.instances, components=args.components,
             prefix=args.prefix, preload=args.preload,
             text_to_image={"auto": None, "yes": True, "no": False}[args.text_to_image],
-            limits={k: v for k, v in (("max_steps", args.max_steps), ("max_height", args.max_height),
-                                      ("max_width", args.max_width)) if v is not None})
+            limits={k: v for k in LIMIT_NAMES if (v := getattr(args, k)) is not None})
     except (FileNotFoundError, FileExistsError, ValueError, ManifestError) as e:
         _error(e)
         return EXIT_USAGE

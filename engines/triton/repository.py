@@ -41,7 +41,7 @@ from ..manifest import MANIFEST_FILE, Manifest
 from .layout import MODEL_PY, copy_dir, graph_io, make_config, place
 from .requests import LORA_SUFFIX, _NAME
 from .serving import APPLIED_OUTPUT
-from .text_to_image import write_text_to_image_model
+from .text_to_image import model_name, write_text_to_image_model
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class RepositoryOptions:
     text_to_image: also write ``<prefix>text_to_image`` (prompt in, picture out, per-request
       ``loras``; see engines.triton.text_to_image). None: when the export holds everything
       the family's pipeline needs (pipeline files, VAE decoder) and all its components are served.
-    limits: the text-to-image model's ``max_steps``, ``max_height``, ``max_width``.
+    limits: the text-to-image model's ``max_steps``, ``max_height``, ``max_width`` (``max_frames``).
     """
 
     lora_dir: str | os.PathLike | None = None
@@ -272,7 +272,8 @@ def write_repository(export_dir, repo_dir, options: RepositoryOptions | None = N
     ships = _plan_adapters(manifest, opts, external) if denoisers else []
     _check_fit(manifest, comps, opts.loras)
     writer = _Writer(manifest, export_dir, opts, external, ships)
-    _check_repo(repo, opts.overwrite, [f"{opts.prefix}{c}" for c in comps] + [f"{opts.prefix}text_to_image"] * text_to_image)
+    _check_repo(repo, opts.overwrite,
+                [f"{opts.prefix}{c}" for c in comps] + [f"{opts.prefix}{model_name(manifest.family)}"] * text_to_image)
     tmp = new_dir_beside(repo)
     added: list[Path] = []
     try:
@@ -400,7 +401,7 @@ class _Writer:
 
     def text_to_image(self, tmp: Path) -> str:
         o = self.opts
-        name = f"{o.prefix}text_to_image"
+        name = f"{o.prefix}{model_name(self.manifest.family)}"
         mdir = tmp / name
         mdir.mkdir()
         text = write_text_to_image_model(

@@ -11,6 +11,9 @@ Request parameter ``loras`` (a string holding a JSON object ``{"name": weight, .
   listing the directory (never by joining a client string to a path), and a file whose real
   path leaves it (a symlink pointing elsewhere) is not offered.
 
+Request parameter ``loras_2`` (Wan 2.2, as ``--lora-2``): the same, for adapters loaded into
+its second denoiser (`transformer_2`); they join the request's adapter set as ``name@transformer_2``.
+
 Both Triton models (the denoiser, `serving`, and the text-to-image model, `text_to_image`) are
 thin over `LoraSwitcher.run`: read the requests, then for each adapter set activate it
 (`Refitter.activate`: at most one refit, each file read once) and run its requests.
@@ -25,6 +28,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +36,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 LORAS_PARAMETER = "loras"
+SECOND_PARAMETER = "loras_2"
+SECOND = "@transformer_2"  # an adapter of Wan 2.2's second denoiser in an adapter set ("@": no file stem has it)
 LORA_SUFFIX = ".safetensors"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+\-]{0,127}$")
 MAX_ADAPTERS_PER_REQUEST = 16
@@ -41,6 +47,14 @@ Key = tuple  # ((name, weight), ...) sorted by name
 
 class LoraRequestError(ValueError):
     """A request's ``loras`` value is invalid; the request gets an error, nothing else changes."""
+
+
+@dataclass(frozen=True)
+class PerDenoiser:
+    """A request's ``loras`` and ``loras_2`` values (Wan 2.2: adapters of each denoiser)."""
+
+    first: object
+    second: object
 
 
 # -- request parsing -------------------------------------------------------------------------
@@ -167,21 +181,34 @@ class LoraSwitcher:
         return self.refitter.refits
 
     def request_key(self, loras_value) -> Key:
-        """A request's ``loras`` value -> its adapter set (absent: the baked one). Raises LoraRequestError."""
+        """A request's ``loras`` value (or `PerDenoiser`) -> its adapter set (absent: the baked one). Raises
+        LoraRequestError."""
+        second = ()
+        if isinstance(loras_value, PerDenoiser):
+            if "transformer_2" not in self.refitter.components:
+                raise LoraRequestError(f"parameter {SECOND_PARAMETER!r}: this model has no second denoiser "
+                                       "(transformer_2: Wan 2.2)")
+            second = tuple((f"{n}{SECOND}", w) for n, w in parse_loras(loras_value.second) or ())
+            loras_value = loras_value.first
         key = parse_loras(loras_value)
-        if key is None:
-            return self.baked_key
         available = self.lora_dir.available()
-        for name, _ in key:
-            if name not in available:
-                raise LoraRequestError(f"adapter {name!r} is not in the server's adapter directory")
-        return key
+        for name, _ in (*(key or ()), *second):
+            if name.removesuffix(SECOND) not in available:
+                raise LoraRequestError(f"adapter {name.removesuffix(SECOND)!r} is not in the server's adapter "
+                                       "directory")
+        return tuple(sorted((*(self.baked_key if key is None else key), *second)))
+
+    def _resolve(self, name: str):
+        """An adapter's file; one named `x@transformer_2`: x's file, loaded into the second denoiser."""
+        if name.endswith(SECOND):
+            return self.lora_dir.resolve(name.removesuffix(SECOND)), {"load_into_transformer_2": True}
+        return self.lora_dir.resolve(name)
 
     def activate(self, key: Key) -> bool:
         """Make the engines hold this adapter set (reading new adapters from the directory); False when
         they already do."""
         with self._lock:
-            return self.refitter.activate(dict(key), resolve=self.lora_dir.resolve)
+            return self.refitter.activate(dict(key), resolve=self._resolve)
 
     def run(self, items: Sequence[tuple[object, object]], runner: Callable[[list], list]) -> list:
         """items: [(payload or an Exception, loras value)] -> [(output, key) or Exception], in order.

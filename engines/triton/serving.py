@@ -17,7 +17,8 @@ import numpy as np
 
 import refit
 
-from .requests import LORAS_PARAMETER, LoraRequestError, LoraSwitcher, key_json, run_batched
+from .requests import (LORAS_PARAMETER, SECOND_PARAMETER, LoraRequestError, LoraSwitcher, PerDenoiser, key_json,
+                       run_batched)
 
 APPLIED_OUTPUT = "applied_loras"
 
@@ -128,6 +129,8 @@ def _request_loras(request):
     if not params:
         return None
     params = json.loads(params) if isinstance(params, (str, bytes)) else params
+    if params.get(SECOND_PARAMETER) is not None:
+        return PerDenoiser(params.get(LORAS_PARAMETER), params[SECOND_PARAMETER])
     return params.get(LORAS_PARAMETER)
 
 

@@ -1,4 +1,5 @@
-"""A Triton text-to-image model (Python backend): prompt in, picture out, LoRAs per request.
+"""A Triton text-to-image model (Python backend): prompt in, picture out, LoRAs per request; for
+video families the text-to-video model (`frames` in, `video` out), the same otherwise.
 
 The model owns an engine-backed diffusers pipeline (`engines.load_pipeline` over a copy of
 the export: denoiser, text encoders, VAE, scheduler, tokenizers). It does not call the other
@@ -9,11 +10,13 @@ model holds its own copy of the weights).
 
 Inputs (each `[1]` per request, `max_batch_size` > 0): `prompt` (BYTES), and optional
 `negative_prompt` (BYTES), `seed` (INT64, default 0), `steps` (INT32), `guidance_scale`
-(FP32), `height`, `width` (INT32, pixels); the request parameter `loras` as for the
-denoiser model (absent: what the export baked; `{}`: base). Outputs `image`: UINT8
-`[H, W, 3]`, and `applied_loras` (the JSON of the adapters it ran with) (video families: `frames`, `[F, H, W, 3]`). Limits: `max_steps` (config, default 100);
-`max_height`, `max_width` are the export's (its axes times the VAE factor), or smaller ones given
-in the config; requests beyond them get an error before any work.
+(FP32), `height`, `width` (INT32, pixels), video families `frames` (INT32); the request
+parameter `loras` as for the denoiser model (absent: what the export baked; `{}`: base), and
+for Wan 2.2 `loras_2`, the adapters of its second denoiser (`requests.PerDenoiser`). Outputs
+`image`: UINT8 `[H, W, 3]` (video families: `video`, `[F, H, W, 3]`), and `applied_loras` (the
+JSON of the adapters it ran with). Limits: `max_steps` (config, default 100); `max_height`,
+`max_width`, `max_frames` are the export's (its axes times the VAE factors), or smaller ones
+given in the config; requests beyond them get an error before any work.
 
 `TextToImageSwitcher` is the server-independent core: it validates requests, and over
 `requests.LoraSwitcher` (grouping by adapter set over the pipeline's one Refitter: the set the
@@ -36,7 +39,7 @@ import numpy as np
 from lora_loaders.families import get_family
 
 from ..manifest import Manifest
-from ..pipeline import size_limits
+from ..pipeline import size_limits, spatial_factor
 from .layout import MODEL_PY, copy_dir, make_config
 from .requests import LoraRequestError, LoraSwitcher, key_json
 from .serving import APPLIED_OUTPUT, _error, _param, _pb, request_items
@@ -46,7 +49,14 @@ log = logging.getLogger(__name__)
 _STRING, _INT64, _INT32, _FP32, _UINT8 = 8, 7, 6, 1, 2  # ONNX element types, as make_config takes them
 INPUTS = {"prompt": _STRING, "negative_prompt": _STRING, "seed": _INT64, "steps": _INT32, "guidance_scale": _FP32,
           "height": _INT32, "width": _INT32}
-LIMITS = {"max_steps": 100}  # max_height and max_width: the export's (`pipeline.size_limits`), or smaller
+VIDEO_INPUTS = {**INPUTS, "frames": _INT32}
+LIMITS = {"max_steps": 100}  # max_height, max_width, max_frames: the export's (`pipeline.size_limits`), or smaller
+LIMIT_NAMES = ("max_steps", "max_height", "max_width", "max_frames")
+
+
+def model_name(family: str) -> str:
+    """The generating model of a family's repository: text_to_video for video families."""
+    return "text_to_video" if "frames" in get_family(family).axes else "text_to_image"
 
 
 class TextToImageSwitcher:
@@ -60,7 +70,8 @@ class TextToImageSwitcher:
         self.limits = {**LIMITS, **exported,
                        **{k: min(v, exported.get(k, v)) for k, v in given.items()}}  # never past the export
         self.default_steps = default_steps
-        self.factor = getattr(pipe, "vae_scale_factor", 8)
+        self.factor = spatial_factor(pipe)
+        self.video = "frames" in pipe.manifest.axes
 
     current = property(lambda self: self.switcher.current)
     baked_key = property(lambda self: self.switcher.baked_key)
@@ -94,6 +105,11 @@ class TextToImageSwitcher:
             if v <= 0 or v % self.factor or v > limit:
                 raise LoraRequestError(f"{name} must be a positive multiple of {self.factor} up to {limit}, got {v}")
             out[name] = v
+        if self.video and values.get("frames") is not None:
+            v = int(_scalar(values, "frames", 0))
+            if not 1 <= v <= self.limits["max_frames"]:
+                raise LoraRequestError(f"frames must be between 1 and {self.limits['max_frames']}, got {v}")
+            out["num_frames"] = v
         return out
 
     def _settings_or_error(self, values):
@@ -179,21 +195,21 @@ class TextToImageModel:
         lora_dir = Path(_param(self.config, "lora_dir") or "loras")
         if not lora_dir.is_absolute():
             lora_dir = model_dir / lora_dir
-        limits = {k: int(_param(self.config, k)) for k in ("max_steps", "max_height", "max_width")
-                  if _param(self.config, k)}
+        limits = {k: int(_param(self.config, k)) for k in LIMIT_NAMES if _param(self.config, k)}
         backend = _param(self.config, "engine", "auto") or "auto"
         self.pipe = engines.load_pipeline(export_dir, backend=None if backend == "auto" else backend,
                                           lora_dir=lora_dir)  # where the baked adapters' files are
         self.switcher = TextToImageSwitcher(self.pipe, lora_dir, limits,
                                             int(_param(self.config, "default_steps", "30") or 30))
         self.pipe.set_progress_bar_config(disable=True)
-        self.output = "frames" if any(o["name"] == "frames" for o in self.config["output"]) else "image"
-        print(f"[lora-engines] {args.get('model_name')}: text-to-image over {export_dir}, adapters from {lora_dir}, "
+        self.output = "video" if self.switcher.video else "image"
+        self.inputs = VIDEO_INPUTS if self.switcher.video else INPUTS
+        print(f"[lora-engines] {args.get('model_name')}: {self.output} over {export_dir}, adapters from {lora_dir}, "
               f"baked {dict(self.switcher.baked_key)}", file=sys.stderr, flush=True)
 
     def execute(self, requests):
         pb_utils = _pb()
-        items = request_items(pb_utils, requests, list(INPUTS), optional=set(INPUTS) - {"prompt"})
+        items = request_items(pb_utils, requests, list(self.inputs), optional=set(self.inputs) - {"prompt"})
         responses = []
         for res in self.switcher.run(items):
             if isinstance(res, Exception):
@@ -211,12 +227,14 @@ class TextToImageModel:
 
 def text_to_image_config(name: str, *, max_batch_size: int = 8, kind: str = "KIND_CPU", count: int = 1,
                          parameters: Mapping[str, str], video: bool = False, queue_delay_us: int = 5000) -> str:
-    """config.pbtxt of the text-to-image model (every input `[1]` per request, all but the prompt optional)."""
-    out = ("frames", _UINT8, [None] * 4 + [3]) if video else ("image", _UINT8, [None] * 3 + [3])
+    """config.pbtxt of the text-to-image (text-to-video) model (every input `[1]` per request, all but the
+    prompt optional)."""
+    out = ("video", _UINT8, [None] * 4 + [3]) if video else ("image", _UINT8, [None] * 3 + [3])
+    inputs = VIDEO_INPUTS if video else INPUTS
     # every input is [1] per request, so the model keeps a batch dimension even without batching
-    return make_config(name, inputs=[(n, t, [None, 1]) for n, t in INPUTS.items()], outputs=[out],
+    return make_config(name, inputs=[(n, t, [None, 1]) for n, t in inputs.items()], outputs=[out],
                        max_batch_size=max(1, int(max_batch_size)), backend="python", kind=kind, count=count,
-                       parameters=dict(parameters), queue_delay_us=queue_delay_us, optional=set(INPUTS) - {"prompt"},
+                       parameters=dict(parameters), queue_delay_us=queue_delay_us, optional=set(inputs) - {"prompt"},
                        extra_outputs=[(APPLIED_OUTPUT, "TYPE_STRING", [1])])
 
 
@@ -231,11 +249,13 @@ def write_text_to_image_model(export_dir, model_dir, *, lora_dir: str = "loras",
     manifest = Manifest.read(export_dir)
     for src in [export_dir, *sorted(p for p in export_dir.rglob("*") if p.is_dir())]:
         copy_dir(src, model_dir / "1" / "export" / src.relative_to(export_dir), link)
+    video = "frames" in get_family(manifest.family).axes
     (model_dir / "1" / "model.py").write_text(MODEL_PY.format(
-        what="text-to-image with per-request LoRAs", module="text_to_image", cls="TextToImageModel"))
+        what=f"text-to-{'video' if video else 'image'} with per-request LoRAs", module="text_to_image",
+        cls="TextToImageModel"))
     params = {"family": manifest.family or "", "lora_dir": str(lora_dir),
               **{k: str(v) for k, v in {**LIMITS, **(limits or {})}.items()}}  # sizes: the export's unless given
     if python_path:
         params["python_path"] = python_path
     return text_to_image_config(model_dir.name, max_batch_size=max_batch_size, kind=kind, count=instance_count,
-                                parameters=params, video="frames" in get_family(manifest.family).axes)
+                                parameters=params, video=video)
