@@ -62,6 +62,23 @@ def reference_pipeline(family: str, out: Path, loras=()):
     return pipe
 
 
+def frame_counts(pipe) -> tuple[int, int]:
+    """Two video frame counts a video pipeline takes: 2 and 3 latent frames through its VAE's time factor."""
+    from engines.pipeline import _TIME_FACTORS
+
+    factor = next(int(getattr(pipe, a)) for a in _TIME_FACTORS if getattr(pipe, a, None))
+    return 1 + factor, 1 + 2 * factor
+
+
+def outputs(pipe, family: str, seed=0) -> list:
+    """What the pipeline makes: [its image], or for a video family [its video at each of `frame_counts`]."""
+    if "frames" not in L.get_family(family).axes:
+        return [image(pipe, seed)]
+    kw = {**CALL, **getattr(pipe, "call_kwargs", {})}
+    return [pipe(prompt="a red cube", num_frames=n, generator=torch.Generator().manual_seed(seed), **kw).frames[0]
+            for n in frame_counts(pipe)]
+
+
 def image(pipe, seed=0, prompt="a red cube"):
     kw = {**CALL, **getattr(pipe, "call_kwargs", {})}
     return pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), **kw).images[0]  # FLUX.2 takes `image` first

@@ -26,6 +26,7 @@ import engines
 import lora_loaders as L
 import refit
 from engines.triton import parse_config
+from engines.triton.text_to_image import model_name
 from export.graph import example_inputs, run_torch
 from export.tiny import build_tiny
 from lora_files import peft_lora
@@ -166,22 +167,32 @@ def _generates(out) -> bool:
 
 
 def test_engine_pipeline_makes_the_picture_diffusers_makes(family_export):
-    """Families whose export holds what their diffusers pipeline needs (VAE decoder, scheduler,
-    tokenizers): `engines.load_pipeline` over the engines (x baked) makes the image diffusers'
-    pipeline makes over the same tiny models with x fused by diffusers + PEFT."""
-    from pipeline_reference import image, reference_pipeline
+    """Every family's export holds what its diffusers pipeline needs (VAE decoder, scheduler,
+    tokenizers): `engines.load_pipeline` over the engines makes the image (video families: the
+    video, at two frame counts) diffusers' pipeline makes over the same tiny models with the same
+    adapter fused by diffusers + PEFT: x as baked, then y after a refit."""
+    from pipeline_reference import outputs, reference_pipeline
 
     f = family_export
-    if not _generates(f["out"]):
-        pytest.skip(f"{f['family']}: the export lacks {engines.Manifest.read(f['out']).get('pipeline', {}).get('missing')}")
-    got = image(engines.load_pipeline(f["out"]))
-    np.testing.assert_allclose(got, image(reference_pipeline(f["family"], f["out"], [(f["files"]["x"], 1.0)])),
-                               atol=1e-3, rtol=0)
+    assert _generates(f["out"]), engines.Manifest.read(f["out"]).get("pipeline")
+    pipe = engines.load_pipeline(f["out"])
+    pipe.set_progress_bar_config(disable=True)
+    for got, want in zip(outputs(pipe, f["family"]),
+                         outputs(reference_pipeline(f["family"], f["out"], [(f["files"]["x"], 1.0)]), f["family"])):
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+    pipe.load_lora_weights(str(f["files"]["y"]), adapter_name="y")
+    pipe.set_adapters(["y"], [0.7])
+    refitted = outputs(pipe, f["family"], seed=1)
+    for got, want in zip(refitted, outputs(reference_pipeline(f["family"], f["out"], [(f["files"]["y"], 0.7)]),
+                                           f["family"], seed=1)):
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+    pipe.set_adapters([], [])
+    assert np.abs(outputs(pipe, f["family"], seed=1)[0] - refitted[0]).max() > 1e-3  # y changes what is made
 
 
 def test_triton_configs_parse(family_export):
     configs = sorted(family_export["repo"].glob("*/config.pbtxt"))
-    t2i = {"text_to_image"} if _generates(family_export["out"]) else set()
+    t2i = {model_name(family_export["family"])} if _generates(family_export["out"]) else set()
     assert {p.parent.name for p in configs} == set(family_export["spec"].exported) | t2i
     for p in configs:
         cfg = parse_config(p.read_text())
