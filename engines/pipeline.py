@@ -124,16 +124,24 @@ class EngineModel(torch.nn.Module):
         out = engine.infer(feeds)
         return {o["name"]: from_numpy(out[o["name"]]) for o in entry["outputs"]}
 
+    def _part(self, component: str | None, what: str) -> tuple:
+        """The (spec, engine, manifest entry) of another graph of this model (a chunk decoder's)."""
+        part = next((p for p in self._parts.values() if p[0].name == component), None)
+        if part is None:
+            raise PipelineError(f"this export has no {component or 'graph'} engine, which decodes {what}"
+                                + (f" (export the {component} component)" if component else ""))
+        return part
+
     def _chunked(self, spec: ComponentSpec, engine, entry: dict, args: dict) -> dict[str, torch.Tensor]:
         """A causal video decoder over all latent frames as diffusers' `decode` loops: the first chunk,
         then each later one (`Chunks.next`'s graph) with the caches the run before left."""
         arg = spec.inputs[0].arg or spec.inputs[0].name
         z = args[arg]
-        frames, first, size = z.shape[2], spec.chunks.first(z.shape[2]), spec.chunks.size
-        later = next((p for p in self._parts.values() if p[0].name == spec.chunks.next), None)
-        if later is None and frames > first:
-            raise PipelineError(f"this export has no {spec.chunks.next} engine, which decodes the frames after the "
-                                f"first {first} (export the {spec.chunks.next} component)")
+        frames, size = z.shape[2], spec.chunks.size
+        first = min(spec.chunks.first(frames), frames)
+        if first != spec.inputs[0].dims[2]:  # a first chunk of another length: its own graph
+            spec, engine, entry = self._part(spec.chunks.others.get(first), f"a first chunk of {first} latent frames")
+        later = self._part(spec.chunks.next, f"the frames after the first {first}") if frames > first else None
         out = self._infer(spec, engine, entry, {**args, arg: z[:, :, :first]})
         name = spec.outputs[0].name
         pieces = [out[name]]
@@ -204,8 +212,8 @@ def _feeds(spec: ComponentSpec, entry: dict, args: dict, config) -> dict[str, np
         if value is None:
             raise PipelineError(f"{spec.name}: the pipeline did not pass {t.arg or t.name!r}, a graph input")
         raw[t.name] = value
-    extra = [k for k, v in args.items() if k not in used and k not in _PASSTHROUGH and v is not None
-             and not (isinstance(v, bool))]
+    extra = [k for k, v in args.items() if k not in used and k not in _PASSTHROUGH and k not in spec.computed
+             and v is not None and not (isinstance(v, bool))]
     extra += [f"{k}.{s}" for k in used if isinstance(args.get(k), Mapping)
               for s, v in args[k].items() if v is not None and f"{k}.{s}" not in {t.arg for t in inputs}]
     if extra:

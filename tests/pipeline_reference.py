@@ -41,17 +41,18 @@ def reference_pipeline(family: str, out: Path, loras=()):
         parts["requires_safety_checker"] = False
     pipe = cls(**{k: v for k, v in parts.items() if k in params})
     # aMUSEd's pipeline (deprecated in diffusers) has no LoRA methods: everything goes the next way
-    loadable = cls._lora_loadable_modules if hasattr(cls, "load_lora_weights") else ()
-    if loras and loadable:
+    loaded = set()
+    if loras and hasattr(cls, "load_lora_weights"):
         for i, (path, scale) in enumerate(loras):
             pipe.load_lora_weights(str(path), adapter_name=f"r{i}")
         pipe.set_adapters([f"r{i}" for i in range(len(loras))], [copy.deepcopy(s) for _, s in loras])  # it pops keys
+        loaded = set(pipe.get_list_adapters())
         pipe.fuse_lora()
-    # Components diffusers' mixin does not load LoRAs into (Lumina2's Gemma) while the files have
-    # layers for them: fused by our loader (each family's tests check it against diffusers' own
-    # loading functions or the formula).
+    # Components diffusers' mixin does not load LoRAs into (Lumina2's Gemma; Wan's transformer_2 from
+    # `transformer_2.` keys) while the files have layers for them: fused by our loader (each family's
+    # tests check it against diffusers' own loading functions or the formula).
     touched = {c for path, _ in loras for c in L.read_lora(str(path), family=family).components}
-    extra = {c: parts[c] for c in spec.lora_components if c not in loadable and c in parts and c in touched}
+    extra = {c: parts[c] for c in spec.lora_components if c not in loaded and c in parts and c in touched}
     if extra:
         ours = L.loader_for(family, **extra)
         for i, (path, _) in enumerate(loras):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .video_vae import COGVIDEOX_VAE_TINY, cogvideox_vae
 from .common import BATCH, T5_TINY, denoiser, hf_encoder, prediction, swapped, timestep
 from .spec import Axis, Bound, Cfg, FamilySpec, TensorSpec
 
@@ -106,6 +107,7 @@ TRANSFORMER = denoiser(
     ),
     outputs=(prediction(("batch", "frames", Cfg("out_channels"), "height", "width"), doc="predicted noise / v"),),
     prepare=_rope,
+    computed=("image_rotary_emb",),  # the pipeline's, which `_rope` computes the same way in the graph
     graph_forward=_forward,
     tiny=dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
               text_embed_dim=32, num_layers=1, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
@@ -118,6 +120,7 @@ COGVIDEOX = FamilySpec(
     components={
         "transformer": TRANSFORMER,
         "text_encoder": hf_encoder("text_encoder", "T5EncoderModel", "T5Config", T5_TINY),
+        **cogvideox_vae(COGVIDEOX_VAE_TINY),
     },
     axes={
         "batch": BATCH,
@@ -126,6 +129,11 @@ COGVIDEOX = FamilySpec(
         "width": Axis(16, 90, 170, example=8, check=10),
         "text": Axis(1, 226, 226, example=8, check=12),  # T5 tokens
     },
+    # CogVideoX-2b's scheduler (the 5b's is its DPM twin)
+    scheduler=("CogVideoXDDIMScheduler", dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True, snr_shift_scale=3.0,
+        timestep_spacing="trailing")),
     # Flux's markers also match these block names: the same pattern, so CogVideoX files are not taken for Flux's.
     markers=(r"^transformer\.transformer_blocks\.\d+\.(ff\.net|norm1\.linear)", r"^transformer\.patch_embed\.text_proj"),
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .common import BATCH, T5_TINY, denoiser, hf_encoder, original_prefixes, prediction, rope_table, timestep
 from .spec import Axis, Cfg, FamilySpec, NameTable, Rule, TensorSpec
-from .causal_vae import WAN_VAE_TINY, wan_vae
+from .video_vae import WAN_VAE_TINY, wan_vae
 from .wan import ORIGINAL as WAN_ORIGINAL
 from .wan import UNIPC_FLOW
 

@@ -153,11 +153,14 @@ class Chunks:
     """How a causal video decoder runs over latent frames: its graph decodes the first chunk
     (`first(frames)` latent frames) and the component `next` each later chunk of `size` frames,
     taking the caches the run before left (its outputs `<input>_out`, by the `next` graph's
-    input names). Diffusers' `vae.decode` does the same loop, so the frames are its own."""
+    input names). A first chunk of another frame count than this graph's runs the component
+    `others[count]` (CogVideoX: an even count's first 2 frames). Diffusers' `vae.decode` does the
+    same loop, so the frames are its own."""
 
     next: str
     size: int = 1
     first: Callable[[int], int] = lambda frames: 1
+    others: Mapping[int, str] = field(default_factory=dict)  # first-chunk graphs of other frame counts
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,9 @@ class ComponentSpec:
     # is not one graph run as it is (Z-Image passes per-sample lists of different lengths, Qwen-Image
     # packed latents); run(**graph arguments) -> {output name: tensor}
     pipeline_call: Callable | None = None
+    # arguments the pipeline passes that the graph computes itself from its inputs (CogVideoX's rotary
+    # embedding): not graph inputs, and not an error when given
+    computed: tuple[str, ...] = ()
     # tensors outside the graph that the pipeline reads from the model (FLUX.2's VAE batch-norm
     # statistics), saved beside the engine
     pipeline_state: tuple[str, ...] = ()

@@ -10,7 +10,7 @@ modules are simply not targeted).
 
 from __future__ import annotations
 
-from .causal_vae import WAN_VAE_TINY, wan_vae
+from .video_vae import WAN_VAE_TINY, wan_vae
 from .common import BATCH, T5_TINY, hf_encoder, rope_table, timesteps
 from .spec import Axis, Cfg, ComponentSpec, FamilySpec, NameTable, Namespace, Rule, TensorSpec
 

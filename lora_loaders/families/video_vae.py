@@ -1,4 +1,4 @@
-"""Causal video VAEs as chunk decoders: the caches one chunk of latent frames leaves to the next are
+"""Video VAEs as the engine pipeline decodes with them. Causal ones as chunk decoders: the caches one chunk of latent frames leaves to the next are
 graph inputs and outputs, so any frame count decodes in memory bounded by the chunk, and the
 engine pipeline's loop over chunks (`Chunks`) is diffusers' own `decode` loop.
 
@@ -14,6 +14,7 @@ both are a two-frame cache with zeros in front, the zeros the causal padding wou
 from __future__ import annotations
 
 import json
+import re
 from contextlib import ExitStack
 from functools import lru_cache
 
@@ -86,11 +87,89 @@ def _wan_caches(key: str) -> tuple[tuple[int, int], ...]:
     return tuple((int(c.shape[1]), int(c.shape[3]) // side) for c in caches)
 
 
+# -- CogVideoX ---------------------------------------------------------------------------------
+
+
+def _flat(cache: dict, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for k, v in cache.items():
+        out += _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+    return out
+
+
+def _cog_module(decoder, key: str):
+    """The convolution a conv_cache key names: "up_block_1.resnet_0.conv2" -> up_blocks.1.resnets.0.conv2."""
+    path = re.sub(r"(up_block|resnet)_(\d+)", lambda m: f"{m.group(1)}s.{m.group(2)}", key)
+    return decoder.get_submodule(path)
+
+
+@lru_cache(maxsize=16)
+def _cog_caches(key: str) -> tuple[tuple[str, int, int, int], ...]:
+    """(conv_cache key, channels, frames, spatial factor) of each cache a CogVideoX decoder reads back."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    side = 4
+    with torch.device("meta"):
+        model = AutoencoderKLCogVideoX.from_config(json.loads(key))
+        _, cache = model.decoder(torch.empty(1, model.config.latent_channels, 2, side, side), conv_cache=None)
+    out = []
+    for name, t in _flat(cache):
+        conv = _cog_module(model.decoder, name)
+        if t is None or conv.pad_mode == "replicate" or conv.time_kernel_size == 1:
+            continue  # never read back
+        out.append((name, int(t.shape[1]), int(t.shape[2]), int(t.shape[3]) // side))
+    return tuple(out)
+
+
+def _nest(pairs) -> dict:
+    root: dict = {}
+    for name, t in pairs:
+        *path, leaf = name.split(".")
+        node = root
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = t
+    return root
+
+
+def _cog_decode(model, z, conv_cache):
+    from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXSafeConv3d
+
+    names = [name for name, *_ in _cog_caches(_key(model.config))]
+    with ExitStack() as stack:
+        for m in model.decoder.modules():  # its > 2 GiB split is the same convolution: no size branch in the graph
+            if isinstance(m, CogVideoXSafeConv3d):
+                stack.enter_context(swapped(m, "forward", torch.nn.Conv3d.forward))
+        if model.post_quant_conv is not None:
+            z = model.post_quant_conv(z)
+        sample, new = model.decoder(z, conv_cache=conv_cache)
+    flat = dict(_flat(new))
+    return (sample, *(flat[n] for n in names))
+
+
+def cog_first(model, kwargs):
+    """The first batch of latent frames -> (its video frames, the caches it leaves)."""
+    return _cog_decode(model, kwargs["z"], None)
+
+
+def cog_next(model, kwargs):
+    """A later batch of two latent frames and the caches -> (its video frames, the caches it leaves)."""
+    names = [name for name, *_ in _cog_caches(_key(model.config))]
+    return _cog_decode(model, kwargs["z"], _nest((n, kwargs[f"cache_{i}"]) for i, n in enumerate(names)))
+
+
+def _cache_specs(config) -> list[tuple[int, int, int]]:
+    """(channels, frames, spatial factor) of each cache of a causal video decoder with this config."""
+    if "z_dim" in dict(config):  # AutoencoderKLWan
+        return [(c, CACHE_FRAMES, f) for c, f in _wan_caches(_key(config))]
+    return [(c, t, f) for _, c, t, f in _cog_caches(_key(config))]
+
+
 def _cache_io(config, inputs: bool) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     caches = []
-    for i, (channels, factor) in enumerate(_wan_caches(_key(config))):
+    for i, (channels, frames, factor) in enumerate(_cache_specs(config)):
         h, w = (("height", "width") if factor == 1 else (Scaled("height", factor), Scaled("width", factor)))
-        caches.append((f"cache_{i}", ("batch", channels, CACHE_FRAMES, h, w)))
+        caches.append((f"cache_{i}", ("batch", channels, frames, h, w)))
     outs = tuple(TensorSpec(f"{n}_out", dims, source=str(i + 1), doc="the cache this chunk leaves")
                  for i, (n, dims) in enumerate(caches))
     ins = tuple(TensorSpec(n, dims, doc="the cache the previous chunk left") for n, dims in caches) if inputs else ()
@@ -121,6 +200,41 @@ def wan_vae(tiny: dict, class_name: str = "AutoencoderKLWan") -> dict[str, Compo
     }
 
 
+def cogvideox_vae(tiny: dict) -> dict[str, ComponentSpec]:
+    """{name: spec} of CogVideoX's chunk decoder over the denoiser's latent height / width axes."""
+    pixels = "image_height", "image_width"
+    common = dict(library="diffusers", class_name="AutoencoderKLCogVideoX", role="vae", lora=False, subfolder="vae",
+                  tiny=tiny, call_kwargs={"return_dict": False})
+
+    def latent(frames: int) -> TensorSpec:
+        return TensorSpec("latent_sample", ("batch", Cfg("latent_channels"), frames, "height", "width"), arg="z",
+                          doc=f"{frames} latent frames, divided by the scaling factor")
+
+    def sample(frames) -> TensorSpec:
+        return TensorSpec("sample", ("batch", 3, Cfg(fn=frames), *pixels), source="0", doc="video frames in [-1, 1]")
+
+    def first(name: str, frames: int, video) -> ComponentSpec:
+        chunks = Chunks(next="vae_decoder_next", size=2, first=lambda n: 2 + n % 2, others={2: "vae_decoder_even"})
+        return ComponentSpec(name=name, method="decode" if frames == 3 else "decode_even", graph_forward=cog_first,
+                             inputs=(latent(frames),), outputs=(sample(video),),
+                             io=lambda config: _cache_io(config, inputs=False),
+                             chunks=chunks if frames == 3 else None, **common)
+
+    return {
+        # odd counts: 1 + 2 x 2 video frames per latent pair after the first frame
+        "vae_decoder": first("vae_decoder", 3, lambda c: 2 * c.temporal_compression_ratio + 1),
+        "vae_decoder_even": first("vae_decoder_even", 2, lambda c: 2 * c.temporal_compression_ratio),
+        "vae_decoder_next": ComponentSpec(
+            name="vae_decoder_next", method="decode_next", graph_forward=cog_next, inputs=(latent(2),),
+            outputs=(sample(lambda c: 2 * c.temporal_compression_ratio),),
+            io=lambda config: _cache_io(config, inputs=True), **common),
+    }
+
+
+COGVIDEOX_VAE_TINY = dict(  # the real structure: time upsampling in two blocks, a 1x1 shortcut, spatial norms
+    in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+    up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(4, 8, 8, 8), latent_channels=4,
+    layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4, sample_height=64, sample_width=64)
 WAN_VAE_TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
                     temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
                     latents_std=[1.5, 0.8, 1.2, 2.0])
