@@ -1,6 +1,8 @@
-"""Video VAEs as the engine pipeline decodes with them. Causal ones as chunk decoders: the caches one chunk of latent frames leaves to the next are
-graph inputs and outputs, so any frame count decodes in memory bounded by the chunk, and the
-engine pipeline's loop over chunks (`Chunks`) is diffusers' own `decode` loop.
+"""Video VAEs as graphs the engine pipeline decodes with as diffusers' `vae.decode` does.
+
+Causal ones with caches are chunk decoders: the caches one chunk of latent frames leaves to the
+next are graph inputs and outputs, so any frame count decodes in memory bounded by the chunk, and
+the engine pipeline's loop over chunks (`Chunks`) is diffusers' own `decode` loop.
 
 Wan's VAE (`AutoencoderKLWan`: Wan 2.1 / 2.2, SkyReels-V2) decodes one latent frame at a time; every
 causal convolution keeps the last two frames of its input. Two graphs: `vae_decoder` for the
