@@ -6,6 +6,8 @@
 - examples/sdxl_tiny_lora.safetensors  diffusers/PEFT keys, unet + text_encoder + text_encoder_2, rank 4
 - examples/sdxl_tiny_lora_2.safetensors  a second one to stack or swap with it: other layers in part
   (to_k, to_out.0, proj_in/out, fc2, out_proj), rank 2
+- examples/wan_tiny_lora.safetensors   diffusers/PEFT keys, Wan's transformer (load it into Wan 2.2's
+  transformer_2 too with `load_into_transformer_2=True` / `--lora-2`), rank 4
 
 They target the attention and feed-forward Linear layers of `export.tiny` models, e.g.
 `unet.<module>.lora_A.weight` / `lora_B.weight` and `text_encoder.text_model.<module>...`.
@@ -28,9 +30,10 @@ from lora_loaders.targets import targetable_modules  # noqa: E402
 TARGETS = re.compile(r"(to_q|to_k|to_v|to_out\.0|ff\.net\.0\.proj|ff\.net\.2|q_proj|k_proj|v_proj|out_proj)$")
 TARGETS_2 = re.compile(r"(to_k|to_out\.0|proj_in|proj_out|fc2|out_proj)$")
 RANK = 4
-# (file stem, family, seed, target pattern, rank)
-EXAMPLES = (("sd_tiny_lora", "sd", 101, TARGETS, RANK), ("sdxl_tiny_lora", "sdxl", 202, TARGETS, RANK),
-            ("sdxl_tiny_lora_2", "sdxl", 303, TARGETS_2, 2))
+# (file stem, family, seed, target pattern, rank, components: None for every one)
+EXAMPLES = (("sd_tiny_lora", "sd", 101, TARGETS, RANK, None), ("sdxl_tiny_lora", "sdxl", 202, TARGETS, RANK, None),
+            ("sdxl_tiny_lora_2", "sdxl", 303, TARGETS_2, 2, None),
+            ("wan_tiny_lora", "wan", 404, TARGETS, RANK, ["transformer"]))
 
 
 def peft_state_dict(components: dict, seed: int, rank: int = RANK, targets=TARGETS) -> dict[str, torch.Tensor]:
@@ -49,10 +52,10 @@ def peft_state_dict(components: dict, seed: int, rank: int = RANK, targets=TARGE
 def main(out_dir: str | Path = Path(__file__).resolve().parent, only=None) -> list[Path]:
     out_dir = Path(out_dir)
     written = []
-    for stem, family, seed, targets, rank in EXAMPLES:
+    for stem, family, seed, targets, rank, components in EXAMPLES:
         if only is not None and stem not in only:
             continue
-        sd = peft_state_dict(build_tiny(family), seed, rank, targets)
+        sd = peft_state_dict(build_tiny(family, components), seed, rank, targets)
         path = out_dir / f"{stem}.safetensors"
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
         written.append(path)

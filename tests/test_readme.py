@@ -165,10 +165,11 @@ def test_family_table_matches_registry():
         row = rows[name]
         assert row[1] == "yes", name  # every family loads LoRAs
         assert row[2:5] == (["yes"] * 3 if exported else ["no"] * 3), name
-        # prompt to picture: the export holds a VAE decoder and the pipeline's scheduler
-        # (tests/test_pipelines.py, tests/test_family_exports.py check each such family's images)
+        # prompt to picture / video: the export holds a VAE decoder and the pipeline's scheduler
+        # (tests/test_pipelines.py, tests/test_family_exports.py check each such family's output)
         generates = bool(spec.pipeline and spec.scheduler and any(spec.component(c).role == "vae" for c in exported))
-        assert row[5] == ("yes" if generates else "no"), name
+        makes = "video" if "frames" in spec.axes else "image"
+        assert row[5] == (f"yes ({makes})" if generates else "no"), name
         assert _names(row[6]) == exported, name
 
 
