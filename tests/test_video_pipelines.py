@@ -59,6 +59,31 @@ def test_chunk_decoder_equals_vae_decode(exported):
     assert float((got - ref).abs().max()) <= 1e-4
 
 
+def test_chunk_graphs_carry_caches_and_tensorrt_profiles_scale_them(exported):
+    """Each later chunk takes the caches the run before left (outputs `<input>_out`), at the latent size
+    times each convolution's scale: the manifest names them `height*2`..., TensorRT profiles scale the axis."""
+    from export.tensorrt import profiles_for
+    from lora_loaders.families.spec import parse_dim
+
+    _, out, _, _ = exported
+    manifest = engines.Manifest.read(out)
+    first, later = manifest.components["vae_decoder"], manifest.components["vae_decoder_next"]
+    caches = [i["name"] for i in later["inputs"][1:]]
+    assert later["inputs"][0]["name"] == "latent_sample" and caches == [f"cache_{i}" for i in range(len(caches))]
+    assert len(caches) > 10  # one per causal convolution
+    outs = ["sample", *(f"{c}_out" for c in caches)]
+    assert [o["name"] for o in later["outputs"]] == outs == [o["name"] for o in first["outputs"]]
+    scaled = {d for i in later["inputs"] for d in i["shape"] if isinstance(d, str) and "*" in d}
+    assert {"height*2", "height*4", "height*8", "width*8"} <= scaled
+    profiles = profiles_for(later, manifest.axes)
+    for i in later["inputs"]:
+        for k, shape in zip(("min", "opt", "max"), profiles[i["name"]]):
+            for d, n in zip(i["shape"], shape):
+                if isinstance(d, str):
+                    axis, factor = parse_dim(d)
+                    assert n == manifest.axes[axis][k] * factor
+
+
 def test_wan22_adapters_per_denoiser(exported, tmp_path):
     """Wan 2.2's lightning-style use: one file at 0.8 on the high-noise denoiser and at 0.5 on the low-noise
     one (`load_into_transformer_2`), as diffusers does it; the reference's transformer_2 sees the file too."""

@@ -4,17 +4,21 @@ Layouts: diffusers/PEFT under `transformer.` (diffusers' Mochi mixin reads no ot
 Mochi attention drops the padded prompt tokens per sample (a Python loop with `nonzero`, which no
 graph with a dynamic batch can trace); the graph masks the padded keys and zeroes the padded text
 outputs instead: the same for right-padded masks (T5's), checked in tests/test_family_mochi.py.
+
+The VAE (`AutoencoderKLMochi`) decodes all latent frames in one pass, as diffusers' default `decode`
+does (no tiling, no framewise chunks): one graph, 6 x frames - 5 video frames at 8 x the latent size.
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from .common import (BATCH, OUT_CHANNELS, T5_TINY, VIDEO_LATENTS, denoiser, hf_encoder, prediction, swapped, text_mask,
-                     timestep)
+                     timestep, vae)
 from .spec import Axis, Cfg, FamilySpec, TensorSpec
 
 
@@ -68,6 +72,39 @@ def _forward(model, kwargs):
         return model(**kwargs)
 
 
+def _group_norm(self, x):
+    """MochiChunkedGroupNorm3D.forward as one norm call: diffusers splits batch x frames into chunks of 8,
+    a count the trace would bake in; GroupNorm normalizes each (sample, frame) alone, so it is the same."""
+    batch_size = x.size(0)
+    x = x.permute(0, 2, 1, 3, 4).flatten(0, 1)
+    return self.norm_layer(x).unflatten(0, (batch_size, -1)).permute(0, 2, 1, 3, 4)
+
+
+def _decode(model, kwargs):
+    """`model.decode` with its size-dependent Python branches replaced by the same computation."""
+    from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXSafeConv3d
+    from diffusers.models.autoencoders.autoencoder_kl_mochi import MochiChunkedGroupNorm3D
+
+    with ExitStack() as stack:
+        for m in model.decoder.modules():
+            if isinstance(m, MochiChunkedGroupNorm3D):
+                stack.enter_context(swapped(m, "forward", _group_norm))
+            elif isinstance(m, CogVideoXSafeConv3d):  # its > 2 GiB split is the same convolution
+                stack.enter_context(swapped(m, "forward", torch.nn.Conv3d.forward))
+        return model.decode(**kwargs)
+
+
+# MochiPipeline de-normalizes with latents_mean / latents_std viewed as 12 channels: the tiny VAE has 12 (and
+# statistics other than 0 / 1, so the de-normalization shows); GroupNorm's 32 groups: channels of 32.
+VAE_TINY = dict(latent_channels=12, encoder_block_out_channels=(32, 32, 32, 32),
+                decoder_block_out_channels=(32, 32, 32, 32), layers_per_block=(1, 0, 0, 0, 1),
+                latents_mean=[0.1 * (i - 5) for i in range(12)], latents_std=[0.5 + 0.1 * i for i in range(12)])
+# decoded video frames: the first latent frame gives one, each later one six
+VIDEO = ("batch", Cfg("out_channels"), "video_frames", "image_height", "image_width")
+_DECODER = vae(("batch", Cfg("latent_channels"), "frames", "height", "width"), VIDEO, VAE_TINY, "AutoencoderKLMochi")[0]
+VAE_DECODER = replace(_DECODER, graph_forward=_decode, inputs=(replace(
+    _DECODER.inputs[0], doc="latents, de-normalized (latents x std / scaling factor + mean)"),))
+
 TRANSFORMER = denoiser(
     "MochiTransformer3DModel",
     inputs=(
@@ -78,16 +115,21 @@ TRANSFORMER = denoiser(
     ),
     outputs=(prediction(("batch", OUT_CHANNELS, "frames", "height", "width")),),
     graph_forward=_forward,
+    # in_channels: the VAE's latent channels (12, as in the real model)
     tiny=dict(patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2, pooled_projection_dim=16,
-              in_channels=4, text_embed_dim=32, time_embed_dim=16, max_sequence_length=16),
+              in_channels=12, text_embed_dim=32, time_embed_dim=16, max_sequence_length=16),
 )
 
 MOCHI = FamilySpec(
     name="mochi", mixin="Mochi1LoraLoaderMixin", pipeline="MochiPipeline",
     components={
         "transformer": TRANSFORMER,
-        "text_encoder": hf_encoder("text_encoder", "T5EncoderModel", "T5Config", T5_TINY),
+        # the pipeline passes the tokenizer's mask: padded tokens masked as in diffusers' T5 call
+        "text_encoder": hf_encoder("text_encoder", "T5EncoderModel", "T5Config", T5_TINY, mask=True),
+        "vae_decoder": VAE_DECODER,
     },
+    # Mochi's own: Euler over the pipeline's linear-quadratic sigmas, inverted (Mochi's time runs 0 -> 1)
+    scheduler=("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, invert_sigmas=True)),
     axes={
         "batch": BATCH,
         "frames": Axis(1, 28, 31, example=3, check=2),  # latent frames: 1 + (163 video frames - 1) / 6
