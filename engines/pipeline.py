@@ -98,6 +98,19 @@ class EngineModel(torch.nn.Module):
     def encode(self, *args, **kwargs):
         return self._run("encode", args, kwargs)
 
+    def enable_tiling(self, *args, **kwargs):
+        """Spatial tiles would change the pixels diffusers' default decode makes: the engines decode whole frames."""
+        raise PipelineError("the exported VAE decodes whole frames, as diffusers' default decode does; tiling is not "
+                            "supported (a smaller size, or the torch VAE, decodes within less memory)")
+
+    def enable_slicing(self):
+        """One sample at a time gives the same pixels: the engines take any batch within the export's axis."""
+
+    def disable_tiling(self):
+        """Tiling is never on."""
+
+    disable_slicing = enable_slicing
+
     def _run(self, method: str, args, kwargs):
         if method not in self._parts:
             raise PipelineError(f"this export has no engine for {self._cls.__name__}.{method} (export the "

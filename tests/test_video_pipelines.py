@@ -57,6 +57,11 @@ def test_chunk_decoder_equals_vae_decode(exported):
     got = pipe.vae.decode(z).sample  # the first chunk, then three runs of the next-chunk graph
     assert got.shape == ref.shape == (2, 3, 13, 48, 80)
     assert float((got - ref).abs().max()) <= 1e-4
+    pipe.vae.enable_slicing()  # one sample at a time: the same pixels
+    from engines.pipeline import PipelineError
+
+    with pytest.raises(PipelineError, match="tiling is not supported"):
+        pipe.vae.enable_tiling()  # tiles would change them
 
 
 def test_chunk_graphs_carry_caches_and_tensorrt_profiles_scale_them(exported):
