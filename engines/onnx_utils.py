@@ -177,13 +177,37 @@ def _all_nodes(model: onnx.ModelProto):
 def computes_in_bf16(model: onnx.ModelProto) -> bool:
     """True when the graph computes in bfloat16: a graph input or output is bfloat16, or a node casts to it.
 
-    (A float32 graph that only stores some weights in bfloat16 and casts them up runs as it is.)
+    (A float32 graph that only stores some weights in bfloat16 and casts them up, or rounds values through
+    bfloat16 and back, runs as it is.)
     """
     g = model.graph
     if any(v.type.tensor_type.elem_type == _BF16 for v in [*g.input, *g.output]):
         return True
-    return any(n.op_type in _DTYPE_ATTRS and any(a.name == _DTYPE_ATTRS[n.op_type] and a.i == _BF16
-                                                 for a in n.attribute) for n in _all_nodes(model))
+    nodes = list(_all_nodes(model))
+    rounding = _bf16_rounding(nodes, {v.name for v in g.output})
+    return any(n.op_type in _DTYPE_ATTRS and id(n) not in rounding and _casts_to(n, _BF16) for n in nodes)
+
+
+def _casts_to(node, dtype: int) -> bool:
+    attr = _DTYPE_ATTRS.get(node.op_type)
+    return any(a.name == attr and a.i == dtype for a in node.attribute)
+
+
+def _bf16_rounding(nodes: list, outputs: set[str]) -> set[int]:
+    """Casts to bfloat16 whose every use casts straight back to float32: a float32 graph rounding values
+    (Kandinsky 5's attention rounds q and k so), which ONNX Runtime's CPU Cast kernels run exactly as torch;
+    the float32 copy would drop the rounding."""
+    users: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    out = set()
+    for n in nodes:
+        if n.op_type == "Cast" and _casts_to(n, _BF16) and not set(n.output) & outputs:
+            uses = [u for o in n.output for u in users.get(o, [])]
+            if uses and all(u.op_type == "Cast" and _casts_to(u, _F32) for u in uses):
+                out.add(id(n))
+    return out
 
 
 def _retype(tp: onnx.TypeProto) -> None:

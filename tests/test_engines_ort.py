@@ -371,3 +371,31 @@ def test_bf16_export_loads_infers_and_refits_on_cpu(tmp_path):
         for n in names:
             assert out[n].tobytes() != fresh_out[n].tobytes()  # the refit changed something
             assert e.infer({"input_ids": ids})[n].tobytes() == fresh_out[n].tobytes(), (mode, n)
+
+
+def test_a_bf16_round_trip_is_rounding_not_a_bf16_graph(tmp_path):
+    """A float32 graph that rounds through bfloat16 and back (Kandinsky 5's attention) runs as it is, rounding
+    as torch does; a graph that computes on the bfloat16 values is a bfloat16 graph."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper
+
+    from engines.onnx_utils import computes_in_bf16
+
+    def graph(second: str):
+        nodes = [helper.make_node("Cast", ["x"], ["b"], to=TensorProto.BFLOAT16)]
+        nodes += ([helper.make_node("Cast", ["b"], ["y"], to=TensorProto.FLOAT)] if second == "cast" else
+                  [helper.make_node("Add", ["b", "b"], ["c"]), helper.make_node("Cast", ["c"], ["y"], to=TensorProto.FLOAT)])
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
+
+    rounding, computing = graph("cast"), graph("add")
+    assert not computes_in_bf16(rounding) and computes_in_bf16(computing)
+    x = torch.randn(64)
+    sess = ort.InferenceSession(rounding.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x.numpy()})[0]
+    np.testing.assert_array_equal(got, x.bfloat16().float().numpy())
+    assert not np.array_equal(got, x.numpy())
+    onnx.checker.check_model(rounding)

@@ -133,8 +133,8 @@ def test_video_denoisers_at_two_frame_counts(family_export):
             got = engine.infer({k: v.numpy() for k, v in feeds.items()})
             for o, r in zip(cspec.outputs, ref):
                 err = np.abs(got[o.name] - r).max() / max(np.abs(r).max(), 1e-12)
-                # float32 sums in another order than torch's: up to 1.6e-4 seen (Kandinsky, 2 frames)
-                assert got[o.name].shape == r.shape and err <= 3e-4, (comp, n, o.name, err)
+                # float32 sums in another order than torch's
+                assert got[o.name].shape == r.shape and err <= 1e-4, (comp, n, o.name, err)
 
 
 def test_refit_to_another_adapter_is_a_fresh_export(family_export):
@@ -188,6 +188,31 @@ def test_engine_pipeline_makes_the_picture_diffusers_makes(family_export):
         np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
     pipe.set_adapters([], [])
     assert np.abs(outputs(pipe, f["family"], seed=1)[0] - refitted[0]).max() > 1e-3  # y changes what is made
+
+
+def test_generate_writes_the_picture_or_video(family_export, tmp_path):
+    """`python -m engines.generate` (its `main`, in this process) on the tiny export: a PNG of the asked size,
+    or for a video family an MP4 that decodes to the asked frames and size."""
+    from engines.generate import main
+    from pipeline_reference import frame_counts
+
+    f = family_export
+    video = "frames" in f["spec"].axes
+    out = tmp_path / ("v.mp4" if video else "i.png")
+    frames = frame_counts(engines.load_pipeline(f["out"]))[0] if video else None
+    args = [str(f["out"]), "--prompt", "a red cube", "--steps", "2", "--height", "32", "--width", "32",
+            "--out", str(out), *(["--frames", str(frames)] if video else [])]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        assert main(args) == 0, err.getvalue()[-2000:]
+    if video:
+        import imageio.v3 as iio
+
+        assert iio.imread(out).shape == (frames, 32, 32, 3)
+    else:
+        from PIL import Image
+
+        with Image.open(out) as im:
+            assert im.size == (32, 32) and im.format == "PNG"
 
 
 def test_triton_configs_parse(family_export):

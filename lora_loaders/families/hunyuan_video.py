@@ -1,5 +1,6 @@
 """HunyuanVideo (`hunyuan-video`): a dual/single-stream video DiT (`transformer`), LLaVA-Llama-3's Llama
-text path (`text_encoder`, the pipeline's hidden_states[-3]) and CLIP-L (`text_encoder_2`, pooled).
+text path (`text_encoder`, the pipeline's hidden_states[-3]) and CLIP-L (`text_encoder_2`, pooled);
+its VAE decodes as diffusers' does (`video_vae.hunyuan_vae`: one graph per pass, diffusers' windows).
 
 Layouts: diffusers/PEFT; Tencent's original names (`double_blocks`, `single_blocks`, the `txt_in`
 token refiner, `final_layer`) under `diffusion_model.`, `transformer.` or none, `lora_A/B` or
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import re
 
+from .video_vae import HUNYUAN_VAE_TINY, hunyuan_vae
 from .common import (BATCH, CLIP_TINY, LLAMA_TINY, VIDEO_LATENTS, clip, denoiser, hf_encoder, original_prefixes,
                      prediction, text_mask, timestep, timesteps)
 from .spec import Axis, Cfg, FamilySpec, NameTable, Rule, Split, TensorSpec
@@ -78,17 +80,21 @@ HUNYUAN_VIDEO = FamilySpec(
     name="hunyuan-video", mixin="HunyuanVideoLoraLoaderMixin", pipeline="HunyuanVideoPipeline",
     components={
         "transformer": TRANSFORMER,
+        # the pipeline passes the tokenizer's mask (it pads the prompt to max_length)
         "text_encoder": hf_encoder("text_encoder", "LlamaModel", "LlamaConfig", {**LLAMA_TINY, "num_hidden_layers": 3},
-                                   output=("hidden_states", "hidden_states.-3")),
+                                   output=("hidden_states", "hidden_states.-3"), seq="prompt", mask=True),
         "text_encoder_2": clip("text_encoder_2", "CLIPTextModel", (("pooler_output", "pooler_output"),), lora=False,
                                tiny=CLIP_TINY),
+        **hunyuan_vae(HUNYUAN_VAE_TINY),
     },
+    scheduler=("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=7.0)),  # HunyuanVideo's
     axes={
         "batch": BATCH,
         "frames": Axis(1, 33, 33, example=3, check=2),  # latent frames: 1 + (129 video frames - 1) / 4
         "height": Axis(16, 90, 90, example=8, check=12),  # latents (pixels / 8), multiples of the patch size 2
         "width": Axis(16, 160, 160, example=8, check=10),
         "text": Axis(1, 256, 256, example=8, check=12),  # Llama tokens after the prompt template
+        "prompt": Axis(1, 351, 351, example=8, check=12),  # Llama tokens with it: the template's 95 + 256
     },
     namespaces=original_prefixes(ORIGINAL),
     # Flux's block names (a subset of Flux's markers: no other family's file gains a hit), then what only

@@ -1,5 +1,6 @@
 """Kandinsky 5 (`kandinsky`): a text-encoder + visual-decoder video DiT (`transformer`), Qwen2.5-VL's
-text path (`text_encoder`: its last hidden state) and CLIP-L (`text_encoder_2`: pooled).
+text path (`text_encoder`: its last hidden state) and CLIP-L (`text_encoder_2`: pooled); HunyuanVideo's
+VAE (`video_vae.hunyuan_vae`).
 
 Layouts: diffusers/PEFT under `transformer.` (diffusers' Kandinsky mixin reads no other).
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .video_vae import HUNYUAN_VAE_TINY, hunyuan_vae
 from .common import BATCH, CLIP_TINY, QWEN25_VL_TINY, clip, hf_encoder, timestep
 from .spec import Axis, Cfg, ComponentSpec, FamilySpec, TensorSpec
 
@@ -45,6 +47,7 @@ TRANSFORMER = ComponentSpec(
                         doc="predicted velocity, channels last"),),
     call_kwargs={"return_dict": True},  # return_dict=False returns the bare tensor, not a tuple
     prepare=_rope,
+    computed=("visual_rope_pos", "text_rope_pos", "scale_factor"),  # the pipeline's, which `_rope` computes alike
     tiny=dict(in_visual_dim=4, in_text_dim=32, in_text_dim2=32, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
               model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=1, axes_dims=(4, 6, 6), visual_cond=True),
 )
@@ -54,16 +57,19 @@ KANDINSKY = FamilySpec(
     components={
         "transformer": TRANSFORMER,
         "text_encoder": hf_encoder("text_encoder", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig",
-                                   QWEN25_VL_TINY, output=("hidden_states", "hidden_states.-1")),
+                                   QWEN25_VL_TINY, output=("hidden_states", "hidden_states.-1"), seq="prompt"),
         "text_encoder_2": clip("text_encoder_2", "CLIPTextModel", (("pooler_output", "pooler_output"),), lora=False,
                                tiny=CLIP_TINY),
+        **hunyuan_vae(HUNYUAN_VAE_TINY),
     },
+    scheduler=("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=5.0)),  # Kandinsky 5's (5 s)
     axes={
         "batch": BATCH,
         "frames": Axis(1, 31, 61, example=3, check=2),  # latent frames: 1 + (121 video frames - 1) / 4; 10 s: 61
         "height": Axis(16, 64, 128, example=8, check=12),  # latents (pixels / 8), multiples of the patch size 2
         "width": Axis(16, 96, 128, example=8, check=10),
         "text": Axis(1, 256, 256, example=8, check=12),  # Qwen tokens after the prompt template
+        "prompt": Axis(1, 384, 384, example=8, check=12),  # Qwen tokens with it: the template's 128 + 256
     },
     markers=(r"^transformer\.(visual|text)_transformer_blocks\.",),
 )

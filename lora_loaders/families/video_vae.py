@@ -240,3 +240,80 @@ COGVIDEOX_VAE_TINY = dict(  # the real structure: time upsampling in two blocks,
 WAN_VAE_TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
                     temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
                     latents_std=[1.5, 0.8, 1.2, 2.0])
+
+
+# -- HunyuanVideo (AutoencoderKLHunyuanVideo: HunyuanVideo, Kandinsky 5) ---------------------------
+#
+# No caches: diffusers decodes up to 4 latent frames in one pass, and more in overlapping windows of
+# 5 (stride 3) that it blends (`_temporal_tiled_decode`), each window decoded on its own. One graph,
+# `post_quant_conv` then `decoder` over any number of latent frames, is one such pass; the engine
+# pipeline runs diffusers' own `decode` with the engine standing in for those two modules, so the
+# windows, blending and crop are diffusers' code on the engine's frames.
+
+
+def _hunyuan_causal_mask(num_frames, height_width, dtype, device, batch_size=None):
+    """diffusers' `prepare_causal_attention_mask` (a token sees the tokens of its frame and earlier ones)
+    without `repeat_interleave` by a symbolic count, which exports to an Expand ONNX Runtime rejects."""
+    frame = torch.div(torch.arange(num_frames * height_width, device=device), height_width, rounding_mode="floor")
+    mask = torch.zeros((), dtype=dtype, device=device).masked_fill(torch.ones((), dtype=torch.bool), float("-inf"))
+    mask = torch.where(frame[None, :] <= frame[:, None], torch.zeros((), dtype=dtype, device=device), mask)
+    if batch_size is not None:
+        mask = mask.unsqueeze(0).expand(batch_size, -1, -1)
+    return mask
+
+
+def hunyuan_pass(model, kwargs):
+    """Latent frames -> their video frames in one pass (no windows, no tiling): the graph."""
+    from diffusers.models.autoencoders import autoencoder_kl_hunyuan_video as hv
+
+    with swapped(hv, "prepare_causal_attention_mask", _hunyuan_causal_mask):
+        return (model.decoder(model.post_quant_conv(kwargs["z"])),)
+
+
+class _EnginePass(torch.nn.Module):
+    """`post_quant_conv` + `decoder` of a diffusers VAE as one run of the graph."""
+
+    def __init__(self, run):
+        super().__init__()
+        self.run = run
+
+    def forward(self, z):
+        return self.run(z=z)["sample"]  # by the graph input's `arg`
+
+
+@lru_cache(maxsize=16)
+def _hunyuan_shell(key: str):
+    """The VAE on the meta device (no memory): diffusers' decode logic, its modules never run."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    with torch.device("meta"):
+        vae = AutoencoderKLHunyuanVideo.from_config(json.loads(key))
+    vae.post_quant_conv = torch.nn.Identity()  # inside the graph
+    return vae
+
+
+def hunyuan_decode(run, args, config):
+    """`vae.decode(z, return_dict)` as diffusers does it, each pass one run of the graph."""
+    import copy
+
+    vae = copy.copy(_hunyuan_shell(_key(config)))
+    vae._modules = {**vae._modules, "decoder": _EnginePass(run)}  # this call's own: the shell stays shared
+    return vae.decode(args["z"], return_dict=args.get("return_dict", True))
+
+
+def hunyuan_vae(tiny: dict) -> dict[str, ComponentSpec]:
+    """{name: spec} of the AutoencoderKLHunyuanVideo decoder over the denoiser's latent axes."""
+    return {"vae_decoder": ComponentSpec(
+        name="vae_decoder", library="diffusers", class_name="AutoencoderKLHunyuanVideo", role="vae", lora=False,
+        subfolder="vae", method="decode", tiny=tiny, graph_forward=hunyuan_pass, pipeline_call=hunyuan_decode,
+        inputs=(TensorSpec("latent_sample", ("batch", Cfg("latent_channels"), "frames", "height", "width"), arg="z",
+                           doc="latent frames, divided by the scaling factor"),),
+        # labels: 1 + (frames - 1) x the time factor, the latents times the spatial factor
+        outputs=(TensorSpec("sample", ("batch", Cfg("out_channels"), "video_frames", "image_height", "image_width"),
+                            source="0", doc="video frames in [-1, 1]"),),
+    )}
+
+
+# the real structure (4 blocks: x8 in space, x4 in time, the only time factor its decoder takes), narrow
+HUNYUAN_VAE_TINY = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                        layers_per_block=1, norm_num_groups=4)
