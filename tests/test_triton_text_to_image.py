@@ -9,7 +9,6 @@ adapter, steps out of range, empty prompt) get their own errors and later reques
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from engines.triton import write_repository
 from engines.triton.text_to_image import TextToImageSwitcher, to_uint8
 from export.tiny import build_tiny
 from lora_files import peft_lora
+from triton_helpers import close_uint8, from_threads, grpc_inputs, request_values
 
 SETS = {"{}": (), '{"x": 1}': (("x", 1.0),), '{"y": 0.5}': (("y", 0.5),),
         '{"x": 1, "y": 0.5}': (("x", 1.0), ("y", 0.5)), None: (("x", 1.0),)}
@@ -59,14 +59,10 @@ def setup(tmp_path_factory):
 
 
 def _values(seed, prompt="a red cube", **kw):
-    v = {"prompt": np.array([prompt.encode()], dtype=object), "seed": np.array([seed]), "steps": np.array([STEPS]),
-         "height": np.array([SIZE]), "width": np.array([SIZE])}
-    v.update({k: np.array([x]) for k, x in kw.items()})
-    return v
+    return request_values(seed, prompt, **{"steps": STEPS, "height": SIZE, "width": SIZE, **kw})
 
 
-def _close(a, b):  # a batch of prompts may differ from a lone one in the last bit of a float
-    return a.shape == b.shape and int(np.abs(a.astype(int) - b.astype(int)).max()) <= 1
+_close = close_uint8
 
 
 def test_switcher_groups_batches_and_keeps_errors_apart(setup):
@@ -125,13 +121,7 @@ def test_real_tritonserver_serves_pictures_with_per_request_loras(setup):
     server.start()
 
     def infer(client, values, loras):
-        ins = []
-        for name, arr in values.items():
-            arr = arr.reshape(1, 1)
-            dtype = {"prompt": "BYTES", "seed": "INT64"}.get(name, "INT32")
-            t = grpc.InferInput(name, list(arr.shape), dtype)
-            t.set_data_from_numpy(arr.astype(object if dtype == "BYTES" else {"INT64": np.int64}.get(dtype, np.int32)))
-            ins.append(t)
+        ins = grpc_inputs(grpc, values)
         params = {} if loras is None else {"loras": loras}
         result = client.infer("text_to_image", ins, parameters=params, client_timeout=300)
         applied = json.loads(result.as_numpy("applied_loras").reshape(-1)[0])
@@ -139,25 +129,11 @@ def test_real_tritonserver_serves_pictures_with_per_request_loras(setup):
         return result.as_numpy("image")[0]
 
     try:
-        results, errors = [], []
+        def request(client, t, i):
+            loras, seed = list(SETS)[(i + t) % len(SETS)], (i * 7 + t) % 3
+            return loras, seed, infer(client, _values(seed), loras)
 
-        def worker(t):
-            client = grpc.InferenceServerClient(server.grpc_url)
-            try:
-                for i in range(25):
-                    loras, seed = list(SETS)[(i + t) % len(SETS)], (i * 7 + t) % 3
-                    try:
-                        results.append((loras, seed, infer(client, _values(seed), loras)))
-                    except Exception as e:  # noqa: BLE001 - reported below
-                        errors.append(repr(e))
-            finally:
-                client.close()
-
-        threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(4)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(timeout=900)
+        results, errors = from_threads(grpc, server.grpc_url, 4, 25, request)
         assert not errors, errors[:3]
         assert len(results) == 100 and {r[0] for r in results} == set(SETS)
         for loras, seed, img in results:

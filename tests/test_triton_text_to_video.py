@@ -6,7 +6,6 @@ tritonserver (PyPI nvidia-pytriton, CPU, loopback)."""
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from engines.triton.requests import LoraRequestError, PerDenoiser
 from engines.triton.text_to_image import TextToImageSwitcher, to_uint8
 from export.tiny import build_tiny
 from lora_files import peft_lora
+from triton_helpers import close_uint8, from_threads, grpc_inputs, request_values
 
 STEPS, SIZE, FRAMES = 2, 32, 5
 # request parameters -> the adapter set they ask for
@@ -63,14 +63,10 @@ def setup(tmp_path_factory):
 
 
 def _values(seed, prompt="a red cube", **kw):
-    v = {"prompt": np.array([prompt.encode()], dtype=object), "seed": np.array([seed]), "steps": np.array([STEPS]),
-         "height": np.array([SIZE]), "width": np.array([SIZE]), "frames": np.array([FRAMES])}
-    v.update({k: np.array([x]) for k, x in kw.items()})
-    return v
+    return request_values(seed, prompt, **{"steps": STEPS, "height": SIZE, "width": SIZE, "frames": FRAMES, **kw})
 
 
-def _close(a, b):  # a batch of prompts may differ from a lone one in the last bit of a float
-    return a.shape == b.shape and int(np.abs(a.astype(int) - b.astype(int)).max()) <= 1
+_close = close_uint8
 
 
 def test_switcher_serves_videos_with_adapters_per_denoiser(setup):
@@ -108,13 +104,7 @@ def test_real_tritonserver_serves_videos_with_interleaved_adapters(setup):
     server.start()
 
     def infer(client, values, params):
-        ins = []
-        for name, arr in values.items():
-            arr = arr.reshape(1, 1)
-            dtype = {"prompt": "BYTES", "seed": "INT64"}.get(name, "INT32")
-            t = grpc.InferInput(name, list(arr.shape), dtype)
-            t.set_data_from_numpy(arr.astype(object if dtype == "BYTES" else {"INT64": np.int64}.get(dtype, np.int32)))
-            ins.append(t)
+        ins = grpc_inputs(grpc, values)
         sent = {k: v for k, v in zip(("loras", "loras_2"), params) if v is not None}
         result = client.infer("text_to_video", ins, parameters=sent, client_timeout=300)
         applied = json.loads(result.as_numpy("applied_loras").reshape(-1)[0])
@@ -122,25 +112,11 @@ def test_real_tritonserver_serves_videos_with_interleaved_adapters(setup):
         return result.as_numpy("video")[0]
 
     try:
-        results, errors = [], []
+        def request(client, t, i):
+            params, seed = list(SETS)[(i + t) % len(SETS)], (i + t) % 2
+            return params, seed, infer(client, _values(seed), params)
 
-        def worker(t):
-            client = grpc.InferenceServerClient(server.grpc_url)
-            try:
-                for i in range(5):
-                    params, seed = list(SETS)[(i + t) % len(SETS)], (i + t) % 2
-                    try:
-                        results.append((params, seed, infer(client, _values(seed), params)))
-                    except Exception as e:  # noqa: BLE001 - reported below
-                        errors.append(repr(e))
-            finally:
-                client.close()
-
-        threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(2)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(timeout=900)
+        results, errors = from_threads(grpc, server.grpc_url, 2, 5, request)
         assert not errors, errors[:3]
         assert len(results) == 10 and {r[0] for r in results} == set(SETS)
         for params, seed, vid in results:

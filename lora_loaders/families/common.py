@@ -201,6 +201,11 @@ VAE_TINY = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlo
                 norm_num_groups=8, layers_per_block=1, sample_size=32)
 
 
+# x8 as the real ones: for pipelines that take the factor as given (Lumina2's `vae_scale_factor = 8`)
+VAE8_TINY = {**VAE_TINY, "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+             "block_out_channels": (8, 8, 8, 8)}
+
+
 def _hidden(config) -> int:
     config = _text(config)
     return int(getattr(config, "d_model", None) or config.hidden_size)

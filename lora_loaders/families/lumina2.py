@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import (BATCH, GEMMA2_TINY, IMAGE_AXES, LATENTS, OUT_CHANNELS, VAE_TINY, denoiser, hf_encoder, image_vae,
+from .common import (BATCH, GEMMA2_TINY, IMAGE_AXES, LATENTS, OUT_CHANNELS, VAE8_TINY, denoiser, hf_encoder, image_vae,
                      original_prefixes, prediction, rope_table, sigmas, text_mask, timestep)
 from .spec import Axis, Cfg, FamilySpec, Namespace, NameTable, Rule, Split, TensorSpec
 
@@ -90,7 +90,7 @@ LUMINA2 = FamilySpec(
         "transformer": TRANSFORMER,
         "text_encoder": hf_encoder("text_encoder", "Gemma2Model", "Gemma2Config", GEMMA2_TINY, lora=True,
                                    output=("hidden_states", "hidden_states.-2"), mask=True),
-        **image_vae({**VAE_TINY, "scaling_factor": 0.3611, "shift_factor": 0.1159}),
+        **image_vae({**VAE8_TINY, "scaling_factor": 0.3611, "shift_factor": 0.1159}),  # its pipeline takes x8
     },
     scheduler=("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=6.0)),
     axes={
