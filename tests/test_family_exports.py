@@ -190,6 +190,23 @@ def test_engine_pipeline_makes_the_picture_diffusers_makes(family_export):
     assert np.abs(outputs(pipe, f["family"], seed=1)[0] - refitted[0]).max() > 1e-3  # y changes what is made
 
 
+def test_video_vae_decodes_as_diffusers_over_several_chunks(family_export):
+    """The engine VAE's `decode` of 7 latent frames (Wan: 7 chunks with caches; CogVideoX: 3 + 2 + 2;
+    HunyuanVideo / Kandinsky: overlapping windows; Mochi, LTX: one pass) equals diffusers' `vae.decode`."""
+    f = family_export
+    if "frames" not in f["spec"].axes:
+        pytest.skip(f"{f['family']} makes images")
+    vae = build_tiny(f["family"], ["vae_decoder"])["vae_decoder"]
+    config = vae.config
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(1, config.get("latent_channels") or config["z_dim"], 7, 4, 6, generator=g)
+    args = (z, torch.full((1,), 0.05)) if config.get("timestep_conditioning") else (z,)
+    with torch.no_grad():
+        want = vae.decode(*args).sample
+    got = engines.load_pipeline(f["out"]).vae.decode(*args).sample
+    assert got.shape == want.shape and float((got - want).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max()))
+
+
 def test_generate_writes_the_picture_or_video(family_export, tmp_path):
     """`python -m engines.generate` (its `main`, in this process) on the tiny export: a PNG of the asked size,
     or for a video family an MP4 that decodes to the asked frames and size."""
