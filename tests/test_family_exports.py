@@ -230,7 +230,7 @@ def test_generate_writes_the_picture_or_video(family_export, tmp_path):
     from PIL import Image
 
     pipe.set_progress_bar_config(disable=True)
-    want = pipe("a red cube", num_inference_steps=2, height=32, width=32,
+    want = pipe(prompt="a red cube", num_inference_steps=2, height=32, width=32,  # FLUX.2 takes `image` first
                 generator=torch.Generator().manual_seed(0)).images[0]  # generate's defaults: seed 0, no negative
     with Image.open(out) as im:
         assert im.format == "PNG" and np.array_equal(np.asarray(im), np.asarray(want))
