@@ -71,13 +71,14 @@ def frame_counts(pipe) -> tuple[int, int]:
     return 1 + factor, 1 + 2 * factor
 
 
-def outputs(pipe, family: str, seed=0) -> list:
-    """What the pipeline makes: [its image], or for a video family [its video at each of `frame_counts`]."""
+def outputs(pipe, family: str, seed=0, both: bool = True) -> list:
+    """What the pipeline makes: [its image], or for a video family [its video at each of `frame_counts`]
+    (without `both`: the longer only)."""
     if "frames" not in L.get_family(family).axes:
         return [image(pipe, seed)]
     kw = {**CALL, **getattr(pipe, "call_kwargs", {})}
     return [pipe(prompt="a red cube", num_frames=n, generator=torch.Generator().manual_seed(seed), **kw).frames[0]
-            for n in frame_counts(pipe)]
+            for n in frame_counts(pipe)[0 if both else 1:]]
 
 
 def image(pipe, seed=0, prompt="a red cube"):

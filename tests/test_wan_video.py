@@ -56,7 +56,8 @@ def setup(tmp_path_factory):
         files[name] = root / f"{name}.safetensors"
         save_file(peft_lora(models, seed=seed), str(files[name]))
     out = root / "out"
-    export.export_pipeline("wan", "tiny", [(str(files["x"]), 1.0)], out, progress=False)
+    # ORT vs PyTorch is validated by the family's export test (test_family_exports_more.py)
+    export.export_pipeline("wan", "tiny", [(str(files["x"]), 1.0)], out, progress=False, validate=False)
     lora_dir = root / "loras"
     lora_dir.mkdir()
     for n, p in files.items():
