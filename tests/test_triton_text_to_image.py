@@ -17,11 +17,10 @@ from safetensors.torch import save_file
 import engines
 import export
 from engines.triton.requests import LoraRequestError
-from engines.triton import write_repository
 from engines.triton.text_to_image import TextToImageSwitcher, to_uint8
 from export.tiny import build_tiny
 from lora_files import peft_lora
-from triton_helpers import close_uint8, from_threads, grpc_inputs, request_values
+from triton_helpers import close_uint8, from_threads, grpc_inputs, request_values, start_generating_server
 
 SETS = {"{}": (), '{"x": 1}': (("x", 1.0),), '{"y": 0.5}': (("y", 0.5),),
         '{"x": 1, "y": 0.5}': (("x", 1.0), ("y", 0.5)), None: (("x", 1.0),)}
@@ -105,20 +104,9 @@ def test_a_new_adapter_set_refits_each_component_once(setup):
 
 
 def test_real_tritonserver_serves_pictures_with_per_request_loras(setup):
-    from engines.triton.server import TritonServer, pytriton_available
-
-    ok, why = pytriton_available()
-    if not ok:
-        pytest.skip(f"no tritonserver to run: {why}")
-    grpc = pytest.importorskip("tritonclient.grpc")
-    from tritonclient.utils import InferenceServerException
-
-    repo = setup["root"] / "repo"
-    written = write_repository(setup["out"], repo, loras=[setup["files"]["y"]], text_encoder_backend="python",
-                               limits={"max_steps": 4})  # what `--triton-repo` writes
+    # the VAE: a plain model
+    grpc, InferenceServerException, server, written = start_generating_server(setup, ["text_to_image", "vae_decoder"])
     assert "text_to_image" in written
-    server = TritonServer(repo, models=["text_to_image", "vae_decoder"], start_timeout=300)  # the VAE: a plain model
-    server.start()
 
     def infer(client, values, loras):
         ins = grpc_inputs(grpc, values)

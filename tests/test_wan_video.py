@@ -25,13 +25,12 @@ from safetensors.torch import save_file
 
 import engines
 import export
-from engines.triton import write_repository
 from engines.triton.requests import LoraRequestError, PerDenoiser
 from engines.triton.text_to_image import TextToImageSwitcher, to_uint8
 from export.tiny import build_tiny
 from lora_files import peft_lora
 from pipeline_reference import reference_pipeline
-from triton_helpers import close_uint8, from_threads, grpc_inputs, request_values
+from triton_helpers import close_uint8, from_threads, grpc_inputs, request_values, start_generating_server
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, SIZE, FRAMES = 2, 32, 5
@@ -103,20 +102,8 @@ def test_switcher_serves_videos_with_adapters_per_denoiser(setup):
 
 
 def test_real_tritonserver_serves_videos_with_interleaved_adapters(setup):
-    from engines.triton.server import TritonServer, pytriton_available
-
-    ok, why = pytriton_available()
-    if not ok:
-        pytest.skip(f"no tritonserver to run: {why}")
-    grpc = pytest.importorskip("tritonclient.grpc")
-    from tritonclient.utils import InferenceServerException
-
-    repo = setup["root"] / "repo"
-    written = write_repository(setup["out"], repo, loras=[setup["files"]["y"]], text_encoder_backend="python",
-                               limits={"max_steps": 4})  # what `--triton-repo` writes
+    grpc, InferenceServerException, server, written = start_generating_server(setup, ["text_to_video"])
     assert "text_to_video" in written and "text_to_image" not in written
-    server = TritonServer(repo, models=["text_to_video"], start_timeout=300)
-    server.start()
 
     def infer(client, values, params):
         ins = grpc_inputs(grpc, values)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 
 
 def request_values(seed: int, prompt: str = "a red cube", **kw) -> dict[str, np.ndarray]:
@@ -52,3 +53,23 @@ def from_threads(grpc, url: str, threads: int, per_thread: int, request) -> tupl
     for th in pool:
         th.join(timeout=900)
     return results, errors
+
+
+def start_generating_server(setup: dict, models: list[str]):
+    """The repository `--triton-repo` writes for `setup`'s export (adapter y shipped, steps up to 4), served
+    by the PyPI tritonserver on loopback with `models`: (grpc client module, its exception class, server,
+    the written {model: config path}); skips where no tritonserver runs."""
+    from engines.triton import write_repository
+    from engines.triton.server import TritonServer, pytriton_available
+
+    ok, why = pytriton_available()
+    if not ok:
+        pytest.skip(f"no tritonserver to run: {why}")
+    grpc = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    written = write_repository(setup["out"], setup["root"] / "repo", loras=[setup["files"]["y"]],
+                               text_encoder_backend="python", limits={"max_steps": 4})
+    server = TritonServer(setup["root"] / "repo", models=models, start_timeout=300)
+    server.start()
+    return grpc, InferenceServerException, server, written
