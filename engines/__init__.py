@@ -28,15 +28,15 @@ def __getattr__(name):
         from .torch_engine import TorchEngine
 
         return TorchEngine
-    if name == "load_pipeline":  # the deployment layer, on top of refit (see the module doc)
-        from .pipeline import load_pipeline
+    if name in ("load_pipeline", "for_task"):  # the deployment layer, on top of refit (see the module doc)
+        from . import pipeline
 
-        return load_pipeline
+        return getattr(pipeline, name)
     raise AttributeError(name)
 
 
 __all__ = [
     "BACKENDS", "DEFAULT_MODE", "MODES", "PLAN_FILE", "Engine", "EngineError", "InputError", "InputInfo", "MapEntry",
     "Manifest", "ManifestError", "OrtEngine", "WeightAccess", "WeightError", "WeightInfo", "WeightsMap",
-    "load_engine", "load_pipeline", "load_weights_map",
+    "for_task", "load_engine", "load_pipeline", "load_weights_map",
 ]

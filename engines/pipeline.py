@@ -18,6 +18,7 @@ This module sits on top, beside the Triton deployment: it uses `refit`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import json
@@ -210,6 +211,19 @@ def check_size(pipe, height: int | None, width: int | None, what: str = "") -> N
             raise SizeError(f"{what}{name} {value} is above the export's largest {limit} pixels")
 
 
+def check_image_size(pipe, kwargs: dict) -> None:
+    """SizeError for an input image (or mask) larger than the export takes, where the call does not
+    set the size: the pipelines then work at the image's own size."""
+    if kwargs.get("height") is not None or kwargs.get("width") is not None:
+        return
+    for key in ("image", "mask_image"):
+        value = kwargs.get(key)
+        value = value[0] if isinstance(value, (list, tuple)) and value else value
+        size = getattr(value, "size", None)
+        if isinstance(size, tuple) and len(size) == 2:  # a PIL image: (width, height)
+            check_size(pipe, size[1], size[0], f"the {key.replace('_', ' ')}'s ")
+
+
 def _feeds(spec: ComponentSpec, entry: dict, args: dict, config) -> dict[str, np.ndarray]:
     used = set()
     raw = {}
@@ -298,10 +312,12 @@ def _engine_pipeline_class(cls):
         call.__doc__ = getattr(Refitter, name).__doc__
         return call
 
+    @functools.wraps(cls.__call__)  # its signature and docs are diffusers'
     def __call__(self, *args, **kwargs):
         for k, v in (self._engine_spec.pipeline_kwargs(self) if self._engine_spec.pipeline_kwargs else {}).items():
             kwargs.setdefault(k, v)
         check_size(self, kwargs.get("height"), kwargs.get("width"))  # before any work
+        check_image_size(self, kwargs)
         for model in self.components.values():  # a chunked video decode shows progress as denoising does
             if isinstance(model, EngineModel):
                 model._progress = {k: v for k, v in getattr(self, "_progress_bar_config", {}).items() if k == "disable"}
@@ -321,16 +337,18 @@ def _engine_pipeline_class(cls):
 # -- loading ---------------------------------------------------------------------------------
 
 
-def load_pipeline(out_dir, backend: str | None = None, lora_dir=None, **engine_opts):
+def load_pipeline(out_dir, backend: str | None = None, lora_dir=None, *, task: str | None = None,
+                  pipeline_class=None, **engine_opts):
     """The family's diffusers pipeline over the engines of an export directory.
 
     backend: as `engines.load_engine` ("onnxruntime", "tensorrt", "torch"; None: what is
     there). lora_dir: where else to find the files of the adapters the export baked (a
-    Triton adapter directory). Raises PipelineError when the export lacks what the pipeline
-    needs.
+    Triton adapter directory). task: a Hugging Face task ("text-to-image", "image-to-image",
+    "inpainting", "text-to-video", "image-to-video"): diffusers' pipeline for it (default:
+    the one the export's model_index.json names, a Fill or Kontext model's own);
+    pipeline_class: a diffusers pipeline class, or its name, instead. Raises PipelineError
+    when the export lacks what the pipeline needs.
     """
-    import diffusers
-
     out_dir = Path(out_dir)
     manifest = Manifest.read(out_dir)
     spec: FamilySpec = get_family(manifest.family)
@@ -340,10 +358,7 @@ def load_pipeline(out_dir, backend: str | None = None, lora_dir=None, **engine_o
                             "a hub id or --model tiny")
     if info.get("missing"):
         raise PipelineError(f"{out_dir}: the export lacks the pipeline's {info['missing']}")
-    index = _model_index(out_dir)
-    cls = _engine_pipeline_class(getattr(diffusers, spec.pipeline))
-    params = inspect.signature(cls.__init__).parameters
-    kwargs, lora_engines = {}, {}
+    models, lora_engines = {}, {}
     groups: dict[str, dict] = {}
     for comp, entry in manifest.components.items():
         cspec = spec.component(comp)
@@ -355,30 +370,82 @@ def load_pipeline(out_dir, backend: str | None = None, lora_dir=None, **engine_o
         cspec, _, entry = next(iter(parts.values()))
         comp_dir = out_dir / entry.get("dir", cspec.name)
         state = load_file(comp_dir / PIPELINE_STATE_FILE) if (comp_dir / PIPELINE_STATE_FILE).is_file() else None
-        kwargs[folder] = EngineModel(parts, _config(cspec, comp_dir), torch_dtype(entry["dtype"]), state, manifest.axes)
-    settings = _pipeline_settings(out_dir)
-    for name in params:
-        if name in kwargs or name == "self" or name not in index:
-            continue
-        library, class_name = index[name]
-        if library is None or name in groups:
-            continue
-        kwargs[name] = getattr(importlib.import_module(library), class_name).from_pretrained(out_dir / name)
+        models[folder] = EngineModel(parts, _config(cspec, comp_dir), torch_dtype(entry["dtype"]), state, manifest.axes)
+    index = _model_index(out_dir)
+    for name, (library, class_name) in index.items():
+        if name not in models and library is not None and (out_dir / name).is_dir():
+            models[name] = _from_pretrained(library, class_name, out_dir / name)
+    base = {"refitter": Refitter(lora_engines, lora_dir=lora_dir) if lora_engines else None, "_engine_spec": spec,
+            "manifest": manifest, "_engine_parts": models, "_engine_settings": _pipeline_settings(out_dir),
+            "_engine_class": _index_class(out_dir)}
+    return _assemble(base, task, pipeline_class)
+
+
+def for_task(pipe, task: str | None = None, pipeline_class=None):
+    """Another task's pipeline over the same engines and adapter state (as diffusers' `from_pipe`):
+    `for_task(pipe, "inpainting")` after `load_pipeline(export)`; a LoRA set on one is set on both."""
+    keys = ("refitter", "_engine_spec", "manifest", "_engine_parts", "_engine_settings", "_engine_class")
+    return _assemble({k: getattr(pipe, k) for k in keys}, task, pipeline_class)
+
+
+def _assemble(base: dict, task: str | None, pipeline_class):
+    spec, manifest = base["_engine_spec"], base["manifest"]
+    cls, task = _task_class(spec, manifest, base["_engine_class"], task, pipeline_class)
+    if task is not None:
+        _check_task(spec, manifest, task, cls.__name__)
+    cls = _engine_pipeline_class(cls)
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in base["_engine_parts"].items() if k in params}
     for name, p in params.items():
         if name not in kwargs and name != "self" and p.default is inspect.Parameter.empty \
                 and p.kind is not inspect.Parameter.VAR_KEYWORD:
             kwargs[name] = None  # optional models the export does not serve (safety checker, image encoder)
-    kwargs.update({k: v for k, v in settings.items() if k in params and k not in kwargs})
+    kwargs.update({k: v for k, v in base["_engine_settings"].items() if k in params and k not in kwargs})
     if "requires_safety_checker" in params:
         kwargs["requires_safety_checker"] = False
-    missing = [n for n in params if n not in kwargs and n not in ("self", "kwargs")]
     pipe = cls(**{k: v for k, v in kwargs.items() if k in params})
-    pipe.refitter = Refitter(lora_engines, lora_dir=lora_dir) if lora_engines else None
-    pipe._engine_spec = spec
-    pipe.manifest = manifest
-    if missing:
-        log.debug("pipeline arguments left to their defaults: %s", missing)
+    for k, v in base.items():
+        setattr(pipe, k, v)
+    pipe.task = task
     return pipe
+
+
+def _task_class(spec: FamilySpec, manifest: Manifest, index_class: str | None, task, pipeline_class):
+    """(diffusers pipeline class, its task or None) for a load_pipeline call."""
+    import diffusers
+
+    if pipeline_class is not None:
+        name = pipeline_class if isinstance(pipeline_class, str) else pipeline_class.__name__
+        cls = getattr(diffusers, name, None) if isinstance(pipeline_class, str) else pipeline_class
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+            raise PipelineError(f"pipeline_class {name!r} is not a diffusers pipeline")
+        return cls, spec.task_of(name)
+    pipelines = spec.task_pipelines()
+    if task is None:
+        name = index_class if spec.task_of(index_class or "") else spec.pipeline
+        return getattr(diffusers, name), spec.task_of(name)
+    if task not in pipelines:
+        raise PipelineError(f"{manifest.family} has no {task!r} pipeline; its tasks: {', '.join(pipelines)}")
+    name = index_class if index_class in pipelines[task] else pipelines[task][0]
+    return getattr(diffusers, name), task
+
+
+def _check_task(spec: FamilySpec, manifest: Manifest, task: str, cls_name: str) -> None:
+    """PipelineError naming what to export, for a task whose components the export lacks."""
+    served = (manifest.get("pipeline") or {}).get("tasks")
+    lacking = [c for c in spec.task_components(task) if c not in manifest.components
+               and not (spec.component(c).optional and served is not None and task in served)]
+    if lacking:
+        raise PipelineError(f"this export cannot serve {task} ({cls_name}): export the {', '.join(lacking)} "
+                            f"component{'s' if len(lacking) > 1 else ''} (python -m export ... --tasks {task})")
+
+
+def _from_pretrained(library: str, class_name: str, path: Path):
+    return getattr(importlib.import_module(library), class_name).from_pretrained(path)
+
+
+def _index_class(out_dir: Path) -> str | None:
+    return json.loads((out_dir / "model_index.json").read_text()).get("_class_name")
 
 
 def _model_index(out_dir: Path) -> dict:

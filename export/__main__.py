@@ -1,7 +1,8 @@
 """`python -m export`: export a family's components to ONNX with LoRAs baked in.
 
     python -m export --family sdxl --model tiny --lora x.safetensors[:SCALE] [--lora ...] --out out/sdxl
-           [--dtype fp16|bf16|fp32] [--components unet,text_encoder] [--tensorrt [--strip-plan]] [--torch]
+           [--dtype fp16|bf16|fp32] [--components unet,text_encoder] [--tasks image-to-image,inpainting]
+           [--tensorrt [--strip-plan]] [--torch]
            [--triton-repo DIR] [--overwrite]
 
 Exit codes: 0 done, 2 bad usage or input (unknown family, missing or unusable LoRA, bad
@@ -27,13 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n")[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", required=True, help="model family: " + " | ".join(exportable))
     p.add_argument("--model", required=True,
-                   help="'tiny' (the built-in small model with random weights), a local diffusers directory, or a "
-                        "hub repo id")
+                   help="'tiny' (the built-in small model with random weights; 'tiny:VARIANT' for a variant such as "
+                        "flux's fill or kontext, wan's i2v), a local diffusers directory, or a hub repo id")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA file to bake in, optionally with a scale; repeat to stack adapters")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--components", default=None, help="comma-separated subset, e.g. unet,text_encoder")
+    p.add_argument("--tasks", default="", metavar="TASK[,TASK]",
+                   help="also export what these tasks need (image-to-image, inpainting: the VAE encoder; "
+                        "image-to-video: the video VAE encoder, Wan 2.1's image encoder)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (model.plan)")
     p.add_argument("--strip-plan", action="store_true",
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
         try:
             manifest = export_pipeline(
                 args.family, model=args.model, loras=args.lora, out_dir=args.out, dtype=args.dtype,
-                components=args.components, opset=args.opset, progress=not (args.no_progress or args.verbose),
+                components=args.components, tasks=args.tasks, opset=args.opset, progress=not (args.no_progress or args.verbose),
                 validate=not args.no_validate, overwrite=args.overwrite, tensorrt=args.tensorrt, torch=args.torch,
                 strip_plan=args.strip_plan,
             )

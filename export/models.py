@@ -33,8 +33,11 @@ class ModelSource:
                 raise ValueError(f"model dict lacks component(s) {missing}")
             return
         model = str(model)
-        if model == "tiny":
+        self.variant = None  # `tiny:<variant>`: the family's Variant (Flux Fill, Wan I2V)
+        if model == "tiny" or model.startswith("tiny:"):
             self.kind = "tiny"
+            if model != "tiny":
+                self.variant = family.variant(model.partition(":")[2])
         elif Path(model).is_dir():
             self.kind, self.root = "dir", Path(model)
         elif Path(model).exists() or model.startswith((".", "/")) or model.count("/") != 1:
@@ -61,7 +64,9 @@ class ModelSource:
 
     def present(self, component: str) -> bool:
         """False for an optional component the model does not have (Wan 2.1's transformer_2)."""
-        if self.kind in ("tiny", "factory"):
+        if self.kind == "tiny":
+            return self.variant is None or component not in self.variant.lacks
+        if self.kind == "factory":
             return True
         if self.kind == "modules":
             return component in self.model
@@ -81,7 +86,7 @@ class ModelSource:
             return cast(self.model(component, dtype), dtype).eval()
         if self.kind == "tiny":
             torch.manual_seed(self.seed + tiny_seed(self.family, component))
-            return build_component(spec, tiny_config(spec), dtype)
+            return build_component(spec, self.tiny_config(component), dtype)
         sub = self._subfolder(spec.folder)
         cls = component_class(spec)
         kw = {"torch_dtype": dtype} if spec.library == "diffusers" else {"dtype": dtype}
@@ -113,12 +118,17 @@ class ModelSource:
                 modules[c] = self._meta(c)
         return TargetIndex.from_models(modules)
 
+    def tiny_config(self, component: str):
+        """The tiny model's config of a component, with its variant's changes."""
+        overrides = self.variant.tiny.get(component) if self.variant else None
+        return tiny_config(self.family.component(component), overrides)
+
     def _meta(self, component: str) -> torch.nn.Module:
         spec = self.family.component(component)
         cls = component_class(spec)
         if spec.library == "diffusers":
-            config = tiny_config(spec) if self.kind == "tiny" else cls.load_config(self._subfolder(spec.folder))
+            config = self.tiny_config(component) if self.kind == "tiny" else cls.load_config(self._subfolder(spec.folder))
             return cls.from_config(config)
-        cfg = tiny_config(spec) if self.kind == "tiny" else cls.config_class.from_pretrained(self._subfolder(spec.folder))
+        cfg = self.tiny_config(component) if self.kind == "tiny" else cls.config_class.from_pretrained(self._subfolder(spec.folder))
         return cls(cfg)
 

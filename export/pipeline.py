@@ -225,7 +225,7 @@ def versions() -> dict:
     return out
 
 
-def _components(spec: FamilySpec, components) -> list[str]:
+def _components(spec: FamilySpec, components, tasks=()) -> list[str]:
     if isinstance(components, str):
         components = [c.strip() for c in components.split(",") if c.strip()]
     exportable = [c for c, s in spec.components.items() if s.inputs]
@@ -233,6 +233,7 @@ def _components(spec: FamilySpec, components) -> list[str]:
         raise ValueError(f"family {spec.name!r} loads LoRAs but has no export entry yet; exportable families: "
                          f"{', '.join(f.name for f in _exportable_families())}")
     components = list(components or [c for c in spec.exported if c in exportable])
+    components = list(dict.fromkeys([*components, *(c for t in tasks for c in spec.task_components(t))]))
     bad = [c for c in components if c not in exportable]
     if bad:
         raise ValueError(f"family {spec.name!r} has no exportable component(s) {bad}; have {exportable}")
@@ -265,6 +266,7 @@ def export_pipeline(
     hub_kwargs: dict | None = None,
     torch: bool = False,
     strip_plan: bool = False,
+    tasks: Sequence[str] | str = (),
 ) -> Manifest:
     """Export a family's components with LoRAs baked in. Returns the manifest (also written).
 
@@ -278,13 +280,16 @@ def export_pipeline(
     ExportError (and ExportValidationError past tolerance) and then leaves no out_dir
     behind. hub_kwargs go to `huggingface_hub.snapshot_download`. torch: also write each
     component's module (`save_pretrained` layout) for the torch engine (export/torch_save.py).
-    strip_plan: with tensorrt, plans without their refittable weights.
+    strip_plan: with tensorrt, plans without their refittable weights. tasks: Hugging Face task
+    names ("image-to-image", "inpainting", "image-to-video") whose components to export besides
+    the default ones (the VAE encoder; Wan 2.1 I2V's image encoder).
     """
     from tqdm.auto import tqdm
 
     spec = get_family(family)
     tdtype = _export_dtype(dtype)
-    wanted = _components(spec, components)
+    tasks = spec.check_tasks(tasks)
+    wanted = _components(spec, components, tasks)
     lora_list = _normalize_loras(loras)
     source = ModelSource(model, spec, wanted, seed=seed, hub_kwargs=hub_kwargs)
     if tensorrt:
@@ -324,6 +329,10 @@ def export_pipeline(
 
             build_engines(tmp, manifest, spec, strip_plan=strip_plan)
         manifest["pipeline"] = write_pipeline_files(source, spec, tmp, present)
+        if manifest["pipeline"]:
+            manifest["pipeline"]["tasks"] = [t for t in spec.task_pipelines()
+                                             if all(c in present for c in spec.task_components(t)
+                                                    if not spec.component(c).optional or source.present(c))]
         manifest.write(tmp)
         commit_dirs([(tmp, out)])
         manifest.path = out / MANIFEST_FILE

@@ -26,15 +26,17 @@ CHAT_TEMPLATE = ("{% for m in messages %}{% if m['content'] is string %}{{ m['co
 
 
 def write_pipeline_files(source, spec: FamilySpec, out: Path, components: list[str]) -> dict | None:
-    """Write model_index.json, scheduler/ and tokenizer*/ into `out`; the manifest's `pipeline` entry."""
+    """Write model_index.json, scheduler/, tokenizer*/ and processors into `out`; the manifest's `pipeline` entry."""
     if spec.pipeline is None:
         return None
     tokenizers = sorted({spec.component(c).tokenizer for c in spec.text_encoders if spec.component(c).tokenizer})
+    parts = ["scheduler", *tokenizers]
     if source.kind == "tiny":
-        _tiny_files(spec, out, tokenizers)
+        parts += _tiny_files(spec, source.variant, out, tokenizers)
     elif source.kind in ("dir", "hub"):
         root = source.ensure_root()
-        for name in ["scheduler", *tokenizers]:
+        parts += _processors(spec, root)
+        for name in parts:
             if (root / name).is_dir():
                 shutil.copytree(root / name, out / name)
         if (root / MODEL_INDEX).is_file():
@@ -44,32 +46,58 @@ def write_pipeline_files(source, spec: FamilySpec, out: Path, components: list[s
     if not (out / MODEL_INDEX).is_file():
         _model_index(spec, out, tokenizers)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*")
-                   if p.is_file() and (p.name == MODEL_INDEX or p.parts[len(out.parts)] in ("scheduler", *tokenizers)))
+                   if p.is_file() and (p.name == MODEL_INDEX or p.parts[len(out.parts)] in parts))
     missing = [n for n in ["scheduler", *tokenizers] if not (out / n).is_dir()]
     missing += [c for c in spec.exported if not spec.component(c).optional and c not in components]
     if not any(spec.component(c).role == "vae" for c in components):
         missing.append("a VAE decoder")
-    entry = {"class": spec.pipeline, "files": files}
+    index = json.loads((out / MODEL_INDEX).read_text())
+    entry = {"class": index.get("_class_name") or spec.pipeline, "files": files}
     if missing:
         entry["missing"] = ", ".join(missing)
     return entry
 
 
-def _model_index(spec: FamilySpec, out: Path, tokenizers: list[str]) -> None:
+def _processors(spec: FamilySpec, root: Path) -> list[str]:
+    """The model_index entries of a diffusers directory that are neither engines nor weights
+    (image processors, feature extractors): copied as they are."""
+    path = root / MODEL_INDEX
+    if not path.is_file():
+        return []
+    folders = {s.folder for s in spec.components.values()}
+    out = []
+    for name, value in json.loads(path.read_text()).items():
+        if isinstance(value, list) and len(value) == 2 and value[0] and name not in folders and (root / name).is_dir() \
+                and not any((root / name).glob("*.safetensors")) and not any((root / name).glob("*.bin")):
+            out.append(name)
+    return out
+
+
+def _model_index(spec: FamilySpec, out: Path, tokenizers: list[str], variant=None) -> None:
     import diffusers
 
-    index = {"_class_name": spec.pipeline, "_diffusers_version": diffusers.__version__}
+    index = {"_class_name": variant.pipeline if variant else spec.pipeline, "_diffusers_version": diffusers.__version__}
     for c, cs in spec.components.items():
-        index.setdefault(cs.folder, [cs.library, cs.class_name])
+        if not (variant and c in variant.lacks):
+            index.setdefault(cs.folder, [cs.library, cs.class_name])
     if spec.scheduler:
         index["scheduler"] = ["diffusers", spec.scheduler[0]]
-    index.update(spec.pipeline_config)
+    index.update(spec.pipeline_config if variant is None or variant.pipeline_config is None else variant.pipeline_config)
     for t in tokenizers:
         index[t] = ["transformers", "CLIPTokenizer"]
+    for name, proc in _tiny_processors(spec, variant).items():
+        index[name] = [proc.library, proc.class_name]
     (out / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _tiny_files(spec: FamilySpec, out: Path, tokenizers: list[str]) -> None:
+def _tiny_processors(spec: FamilySpec, variant) -> dict:
+    return {**spec.processors, **(variant.processors if variant else {})}
+
+
+def _tiny_files(spec: FamilySpec, variant, out: Path, tokenizers: list[str]) -> list[str]:
+    """The tiny model's scheduler, tokenizers, processors and model_index; the processors' folders."""
+    import importlib
+
     import diffusers
 
     if spec.scheduler:
@@ -77,6 +105,11 @@ def _tiny_files(spec: FamilySpec, out: Path, tokenizers: list[str]) -> None:
         getattr(diffusers, cls_name)(**config).save_pretrained(out / "scheduler")
     for t in tokenizers:
         tiny_tokenizer(out / t)
+    processors = _tiny_processors(spec, variant)
+    for name, proc in processors.items():
+        getattr(importlib.import_module(proc.library), proc.class_name)(**proc.config).save_pretrained(out / name)
+    _model_index(spec, out, tokenizers, variant)
+    return list(processors)
 
 
 def tiny_tokenizer(path: Path, max_length: int = 77):

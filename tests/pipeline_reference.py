@@ -16,25 +16,33 @@ from export.tiny import build_tiny
 CALL = dict(num_inference_steps=2, guidance_scale=4.0, height=32, width=32, output_type="np")
 
 
-def reference_pipeline(family: str, out: Path, loras=()):
-    """diffusers' pipeline over fresh tiny models (the export's tokenizer and scheduler files),
-    with the LoRAs loaded and fused by diffusers + PEFT."""
+def reference_pipeline(family: str, out: Path, loras=(), pipeline_class: str | None = None):
+    """diffusers' pipeline (`pipeline_class`, default the family's; `spec.pipeline`) over fresh tiny
+    models of the export's variant (`--model tiny:<variant>`), with the export's tokenizer, scheduler
+    and processor files, and the LoRAs loaded and fused by diffusers + PEFT."""
     import diffusers
     from transformers import CLIPTokenizer
 
     spec = L.get_family(family)
-    models = build_tiny(family)
+    model = json.loads((out / "manifest.json").read_text())["model"]
+    variant = spec.variant(model.partition(":")[2]) if model.startswith("tiny:") else None
+    components = [c for c in spec.components if not (variant and c in variant.lacks)]
+    models = build_tiny(family, components, overrides=variant.tiny if variant else None)
     parts = {spec.component(c).folder: m for c, m in models.items()}  # both VAE halves: `vae`; aMUSEd's: `vqvae`
-    cls = getattr(diffusers, spec.pipeline)
+    cls = getattr(diffusers, pipeline_class or spec.pipeline)
     params = inspect.signature(cls.__init__).parameters
+    index = json.loads((out / "model_index.json").read_text())
     for name in params:
         if name.startswith("tokenizer"):
             parts[name] = CLIPTokenizer.from_pretrained(out / name)
+        elif name not in parts and isinstance(index.get(name), list) and (out / name).is_dir():  # processors
+            library, class_name = index[name]
+            parts[name] = getattr(__import__(library), class_name).from_pretrained(out / name)
     parts["scheduler"] = getattr(diffusers, spec.scheduler[0]).from_pretrained(out / "scheduler")
     for name, p in params.items():
         if name not in parts and name != "self" and p.default is inspect.Parameter.empty:
             parts[name] = None
-    index = json.loads((out / "model_index.json").read_text())  # the pipeline's settings (Wan 2.2's boundary_ratio)
+    # the pipeline's settings (Wan 2.2's boundary_ratio)
     parts.update({k: v for k, v in index.items() if k in params and not k.startswith("_") and k not in parts
                   and not (isinstance(v, list) and len(v) == 2)})
     if "requires_safety_checker" in params:

@@ -12,7 +12,8 @@ import importlib
 import pkgutil
 import re
 
-from .spec import Axis, Bound, Cfg, Chunks, ComponentSpec, FamilySpec, NameTable, Namespace, Rule, Scaled, Split, TensorSpec
+from .spec import (TASKS, Axis, Bound, Cfg, Chunks, ComponentSpec, FamilySpec, NameTable, Namespace, Processor, Rule,
+                   Scaled, Split, TensorSpec, Variant)
 
 def _collect() -> dict[str, FamilySpec]:
     """Every module of this package that defines FAMILIES is an entry."""
@@ -65,5 +66,5 @@ def looks_like(spec: FamilySpec, target_names: list[str]) -> str | None:
     return guess if _hits(spec, target_names) == 0 else None
 
 
-__all__ = ["FAMILIES", "Axis", "Bound", "Cfg", "Chunks", "ComponentSpec", "FamilySpec", "NameTable", "Namespace", "Rule",
+__all__ = ["FAMILIES", "TASKS", "Processor", "Variant", "Axis", "Bound", "Cfg", "Chunks", "ComponentSpec", "FamilySpec", "NameTable", "Namespace", "Rule",
            "Scaled", "Split", "TensorSpec", "get_family", "guess_family", "looks_like"]

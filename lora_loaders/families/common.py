@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .spec import Axis, Bound, Cfg, ComponentSpec, Namespace, NameTable, TensorSpec
+from .spec import IMAGE_TO_IMAGE, IMAGE_TO_VIDEO, INPAINTING, Axis, Bound, Cfg, ComponentSpec, Namespace, NameTable, TensorSpec
 
 CLIP_SEQ = Cfg(fn=lambda c: min(77, c.max_position_embeddings))
 BATCH = Axis(1, 2, 8, example=2, check=1)
@@ -175,6 +175,7 @@ def vae(latent: tuple, image: tuple, tiny: dict, class_name: str = "AutoencoderK
         ComponentSpec(
             name="vae_encoder", library="diffusers", class_name=class_name, role="vae", lora=False, subfolder="vae",
             method="encode", call_kwargs={"return_dict": False}, tiny=tiny, export=False,
+            tasks=(IMAGE_TO_IMAGE, INPAINTING, IMAGE_TO_VIDEO),
             inputs=(TensorSpec("sample", image, arg="x", doc="pixels in [-1, 1]"),),
             outputs=(TensorSpec("latent_parameters", (image[0], Cfg(fn=lambda c: 2 * c.latent_channels), *latent[2:]),
                                 source="0.parameters", doc="mean and log-variance of the latent distribution"),),

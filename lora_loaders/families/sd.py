@@ -165,6 +165,7 @@ SD = FamilySpec(
         **{c.name: c for c in _VAE},
     },
     axes=_AXES, namespaces=_KOHYA, scheduler=_EULER,
+    tasks={"image-to-image": ("StableDiffusionImg2ImgPipeline",), "inpainting": ("StableDiffusionInpaintPipeline",)},
     markers=(r"^unet\.down_blocks\.0\.attentions", r"^unet\.down_blocks\.3\."),
 )
 
@@ -187,6 +188,7 @@ SDXL = FamilySpec(
         **{c.name: c for c in _VAE},
     },
     scheduler=_EULER,
+    tasks={"image-to-image": ("StableDiffusionXLImg2ImgPipeline",), "inpainting": ("StableDiffusionXLInpaintPipeline",)},
     axes={**_AXES, "height": Axis(32, 128, 192, example=16, check=16),
           "width": Axis(32, 128, 192, example=16, check=24)},
     namespaces=(*_KOHYA, Namespace("lora_te2_", "text_encoder_2", flat=True, format="kohya")),

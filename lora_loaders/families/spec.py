@@ -211,6 +211,9 @@ class ComponentSpec:
     # causal video decoder's caches, one per convolution, that one chunk leaves to the next
     io: Callable | None = None
     chunks: Chunks | None = None  # a decoder over latent frames in chunks (causal video VAEs)
+    # the tasks that need this component where the family's default one does not (the VAE encoder:
+    # image-to-image, inpainting, image-to-video): exported when an export asks for one of them
+    tasks: tuple[str, ...] = ()
 
     @property
     def is_text_encoder(self) -> bool:
@@ -304,6 +307,34 @@ class Namespace:
     format: str = "diffusers"
 
 
+TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINTING = "text-to-image", "image-to-image", "inpainting"
+TEXT_TO_VIDEO, IMAGE_TO_VIDEO = "text-to-video", "image-to-video"
+TASKS = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINTING, TEXT_TO_VIDEO, IMAGE_TO_VIDEO)  # Hugging Face's task names
+
+
+@dataclass(frozen=True)
+class Processor:
+    """A pipeline part that is neither a model nor a tokenizer (Wan I2V's CLIP `image_processor`):
+    the tiny model's, built as `library.class_name(**config)` and saved into the export."""
+
+    library: str
+    class_name: str
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model of the family that another diffusers pipeline runs (Flux Fill and Kontext, Wan I2V):
+    its pipeline class (what its model_index.json names), its tiny model's config changes
+    (`--model tiny:<variant>`), the components it lacks and the pipeline settings it has."""
+
+    pipeline: str
+    tiny: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # {component: config overrides}
+    lacks: tuple[str, ...] = ()  # optional components this variant does not have (Wan 2.1 I2V: transformer_2)
+    pipeline_config: Mapping[str, Any] | None = None  # None: the family's
+    processors: Mapping[str, Processor] = field(default_factory=dict)  # beyond the family's
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """One model family: everything the loaders, export, refit, TensorRT and Triton need."""
@@ -328,6 +359,51 @@ class FamilySpec:
     # Family-specific `load_lora_weights(...=True)` flags that send a file's layers to another
     # component: Wan 2.2's {"load_into_transformer_2": {"transformer": "transformer_2"}}.
     load_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # {Hugging Face task: diffusers pipeline classes that do it}, beyond the default task's `pipeline`:
+    # {"image-to-image": ("FluxImg2ImgPipeline", "FluxKontextPipeline")}; an export whose model_index
+    # names one of a task's classes (a Kontext model) gets that one, else the first
+    tasks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    variants: Mapping[str, Variant] = field(default_factory=dict)  # `--model tiny:<name>`
+    processors: Mapping[str, Processor] = field(default_factory=dict)  # the tiny model's, by pipeline attribute
+
+    @property
+    def default_task(self) -> str:
+        return TEXT_TO_VIDEO if "frames" in self.axes else TEXT_TO_IMAGE
+
+    def task_pipelines(self) -> dict[str, tuple[str, ...]]:
+        """{task: the diffusers pipeline classes that do it}, the default task's `pipeline` first."""
+        out = {self.default_task: (self.pipeline,)} if self.pipeline else {}
+        for task, classes in self.tasks.items():
+            out[task] = tuple(dict.fromkeys((*out.get(task, ()), *classes)))
+        for variant in self.variants.values():  # a variant's pipeline does one of the tasks above
+            if not any(variant.pipeline in c for c in out.values()):
+                raise ValueError(f"family {self.name!r}: variant pipeline {variant.pipeline} is in no task")
+        return out
+
+    def task_of(self, pipeline: str) -> str | None:
+        """The task a pipeline class of this family does (None: not one of its pipelines)."""
+        return next((t for t, classes in self.task_pipelines().items() if pipeline in classes), None)
+
+    def check_tasks(self, tasks) -> tuple[str, ...]:
+        """The tasks as a tuple ("a,b" or a list); ValueError naming the family's for one it lacks."""
+        if isinstance(tasks, str):
+            tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+        have = self.task_pipelines()
+        bad = [t for t in tasks or () if t not in have]
+        if bad:
+            raise ValueError(f"family {self.name!r} has no task(s) {bad}; it has {list(have)}")
+        return tuple(tasks or ())
+
+    def task_components(self, task: str) -> tuple[str, ...]:
+        """Components a task needs besides the default export (the VAE encoder for image-to-image)."""
+        return tuple(c for c, s in self.components.items() if task in s.tasks)
+
+    def variant(self, name: str) -> Variant:
+        try:
+            return self.variants[name]
+        except KeyError:
+            raise ValueError(f"family {self.name!r} has no tiny variant {name!r}; it has "
+                             f"{list(self.variants) or 'none'}") from None
 
     @property
     def lora_components(self) -> tuple[str, ...]:
