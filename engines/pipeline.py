@@ -86,7 +86,10 @@ class EngineModel(torch.nn.Module):
                 meta = self._cls.from_config(self.config) if hasattr(self._cls, "from_config") else self._cls(self.config)
             for path, tensor in self._state.items():
                 owner, _, leaf = path.rpartition(".")
-                setattr(meta.get_submodule(owner), leaf, tensor)
+                module = meta.get_submodule(owner)
+                if leaf in module._parameters:  # a parameter (aMUSEd's codebook) takes a Parameter only
+                    tensor = torch.nn.Parameter(tensor, requires_grad=False)
+                setattr(module, leaf, tensor)
             self.__dict__["_meta"] = meta
         return getattr(meta, name)
 
@@ -147,19 +150,24 @@ class EngineModel(torch.nn.Module):
         return part
 
     def _chunked(self, spec: ComponentSpec, engine, entry: dict, args: dict) -> dict[str, torch.Tensor]:
-        """A causal video decoder over all latent frames as diffusers' `decode` loops: the first chunk,
-        then each later one (`Chunks.next`'s graph) with the caches the run before left."""
+        """A causal video decoder (encoder) over all latent (video) frames as diffusers' `decode`
+        (`encode`) loops: the first chunk, then each later one (`Chunks.next`'s graph) with the caches the
+        run before left. Frames after the last whole chunk are left out, as diffusers' loops leave them
+        (Wan's encoder: 1 + 4 k frames)."""
         arg = spec.inputs[0].arg or spec.inputs[0].name
         z = args[arg]
-        frames, size = z.shape[2], spec.chunks.size
-        first = min(spec.chunks.first(frames), frames)
+        chunks = spec.chunks  # the first graph's: one for another first-chunk length has none of its own
+        frames, size = z.shape[2], chunks.size
+        first = min(chunks.first(frames), frames)
         if first != spec.inputs[0].dims[2]:  # a first chunk of another length: its own graph
-            spec, engine, entry = self._part(spec.chunks.others.get(first), f"a first chunk of {first} latent frames")
-        later = self._part(spec.chunks.next, f"the frames after the first {first}") if frames > first else None
+            spec, engine, entry = self._part(chunks.others.get(first), f"a first chunk of {first} frames")
+        frames = first + (frames - first) // size * size
+        later = self._part(chunks.next, f"the frames after the first {first}") if frames > first else None
         out = self._infer(spec, engine, entry, {**args, arg: z[:, :, :first]})
         name = spec.outputs[0].name
         pieces = [out[name]]
-        bar = {"desc": "decode", "unit": "chunk", "leave": False, "disable": frames <= first, **self._progress}
+        bar = {"desc": spec.method.partition("_")[0], "unit": "chunk", "leave": False, "disable": frames <= first,
+               **self._progress}
         for start in tqdm(range(first, frames, size), **bar):
             nspec, nengine, nentry = later
             cached = {t.name: out[f"{t.name}_out"] for t in nspec.inputs_for(self.config)[len(nspec.inputs):]}
@@ -185,6 +193,18 @@ _TIME_FACTORS = ("vae_scale_factor_temporal", "vae_temporal_compression_ratio", 
 def spatial_factor(pipe) -> int:
     """Pixels per latent along height and width (image pipelines: `vae_scale_factor`, video: `_spatial`)."""
     return int(getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None) or 8)
+
+
+def size_multiple(pipe) -> int:
+    """What heights and widths (pixels) must be multiples of: the VAE factor times the denoiser's
+    grid, a transformer's patch size or a UNet's downsamplings (its graph upsamples by fixed
+    factors, so the latents must divide evenly)."""
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    config = getattr(denoiser, "config", None)
+    if config is not None and config.get("down_block_types"):
+        return spatial_factor(pipe) * 2 ** (len(config["down_block_types"]) - 1)
+    p = config.get("patch_size") if config is not None else None
+    return spatial_factor(pipe) * int(p if isinstance(p, int) else (p[-1] if p else 1))
 
 
 def size_limits(pipe) -> dict[str, int]:
@@ -369,8 +389,12 @@ def load_pipeline(out_dir, backend: str | None = None, lora_dir=None, *, task: s
     for folder, parts in groups.items():
         cspec, _, entry = next(iter(parts.values()))
         comp_dir = out_dir / entry.get("dir", cspec.name)
-        state = load_file(comp_dir / PIPELINE_STATE_FILE) if (comp_dir / PIPELINE_STATE_FILE).is_file() else None
-        models[folder] = EngineModel(parts, _config(cspec, comp_dir), torch_dtype(entry["dtype"]), state, manifest.axes)
+        state = {}  # each graph's (aMUSEd's encoder saves the codebook its pipeline quantizes with)
+        for pspec, _, pentry in parts.values():
+            path = out_dir / pentry.get("dir", pspec.name) / PIPELINE_STATE_FILE
+            state.update(load_file(path) if path.is_file() else {})
+        models[folder] = EngineModel(parts, _config(cspec, comp_dir), torch_dtype(entry["dtype"]), state or None,
+                                     manifest.axes)
     index = _model_index(out_dir)
     for name, (library, class_name) in index.items():
         if name not in models and library is not None and (out_dir / name).is_dir():
@@ -426,7 +450,12 @@ def _task_class(spec: FamilySpec, manifest: Manifest, index_class: str | None, t
         return getattr(diffusers, name), spec.task_of(name)
     if task not in pipelines:
         raise PipelineError(f"{manifest.family} has no {task!r} pipeline; its tasks: {', '.join(pipelines)}")
-    name = index_class if index_class in pipelines[task] else pipelines[task][0]
+    variant = spec.variant_of(index_class)
+    try:  # a variant's model may need its own class for a task (Kontext's inpainting) or lack one (Fill)
+        own = variant.pipeline_for(task, manifest.family) if variant is not None else None
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+    name = own or (index_class if index_class in pipelines[task] else pipelines[task][0])
     return getattr(diffusers, name), task
 
 

@@ -57,3 +57,63 @@ def test_for_task_shares_the_engines_and_adapter_state(task_export):
     assert inpaint.get_active_adapters() == ["y"]
     explicit = engines.load_pipeline(out, pipeline_class=CLASSES[family, "image-to-image"])
     assert explicit.task == "image-to-image"
+
+
+def _generate(args):
+    import contextlib
+    import io
+
+    from engines.generate import main
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        rc = main(args)
+    return rc, err.getvalue()
+
+
+def test_generate_takes_an_image_and_a_mask(task_export, tmp_path):
+    """`python -m engines.generate OUT --image in.png [--mask m.png] [--strength S]`: the task's picture, of
+    the input image's size (an odd size works at multiples of the grid and is resized back), equal to the
+    engine pipeline's; bad images, masks and strengths give one `error:` line, exit 2, nothing written."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from task_reference import input_image, input_mask
+
+    family, out, files = task_export
+    input_image().save(tmp_path / "in.png")
+    input_mask().save(tmp_path / "mask.png")
+    input_image(30, 42, seed=3).save(tmp_path / "odd.png")
+    input_mask(32, 32).save(tmp_path / "small_mask.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    base = [str(out), "--prompt", "a red cube", "--steps", "2"]
+    for name, extra, task, kw in (
+            ("i2i.png", ["--image", str(tmp_path / "in.png"), "--strength", "0.6"], "image-to-image",
+             {"strength": 0.6}),
+            ("inpaint.png", ["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png")],
+             "inpainting", {"mask_image": input_mask()})):
+        rc, err = _generate([*base, *extra, "--out", str(tmp_path / name)])
+        assert rc == 0, err[-2000:]
+        pipe = engines.load_pipeline(out, task=task)
+        pipe.set_progress_bar_config(disable=True)
+        want = pipe(prompt="a red cube", num_inference_steps=2, image=input_image(), height=32, width=40,
+                    generator=torch.Generator().manual_seed(0), **kw).images[0]
+        with Image.open(tmp_path / name) as im:
+            assert im.size == (40, 32) and np.array_equal(np.asarray(im), np.asarray(want)), name
+    rc, err = _generate([*base, "--image", str(tmp_path / "odd.png"), "--strength", "0.8",  # SDXL's default 0.3: no step
+                         "--out", str(tmp_path / "odd_out.png")])
+    assert rc == 0, err[-2000:]
+    with Image.open(tmp_path / "odd_out.png") as im:
+        assert im.size == (42, 30)
+    for extra, says in (
+            (["--image", str(tmp_path / "none.png")], "--image: no such file"),
+            (["--image", str(tmp_path / "bad.png")], "not a readable image"),
+            (["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "small_mask.png")],
+             "the mask must have the image's size"),
+            (["--image", str(tmp_path / "in.png"), "--strength", "0"], "--strength must be in (0, 1]"),
+            (["--image", str(tmp_path / "in.png"), "--strength", "1.5"], "--strength must be in (0, 1]"),
+            (["--mask", str(tmp_path / "mask.png")], "--mask needs --image")):
+        rc, err = _generate([*base, *extra, "--out", str(tmp_path / "x.png")])
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], (extra, err)
+        assert not (tmp_path / "x.png").exists() and not list(tmp_path.glob(".x.png*"))

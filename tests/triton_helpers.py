@@ -19,14 +19,19 @@ def close_uint8(a, b) -> bool:
     return a.shape == b.shape and int(np.abs(a.astype(int) - b.astype(int)).max()) <= 1
 
 
+TYPES = {"prompt": "BYTES", "seed": "INT64", "image": "UINT8", "mask": "UINT8", "strength": "FP32"}  # else INT32
+NUMPY = {"INT64": np.int64, "UINT8": np.uint8, "FP32": np.float32}
+
+
 def grpc_inputs(grpc, values: dict) -> list:
-    """A generating model's inputs ([1] per request: prompt BYTES, seed INT64, the rest INT32) as gRPC inputs."""
+    """A generating model's inputs as gRPC inputs: `[1]` per request (prompt BYTES, seed INT64, strength
+    FP32, the rest INT32), an `image` [H, W, 3] / `mask` [H, W] UINT8 as they are; with the batch dimension."""
     ins = []
     for name, arr in values.items():
-        arr = arr.reshape(1, 1)
-        dtype = {"prompt": "BYTES", "seed": "INT64"}.get(name, "INT32")
+        arr = arr[None] if name in ("image", "mask") else arr.reshape(1, 1)
+        dtype = TYPES.get(name, "INT32")
         t = grpc.InferInput(name, list(arr.shape), dtype)
-        t.set_data_from_numpy(arr.astype(object if dtype == "BYTES" else {"INT64": np.int64}.get(dtype, np.int32)))
+        t.set_data_from_numpy(arr.astype(object if dtype == "BYTES" else NUMPY.get(dtype, np.int32)))
         ins.append(t)
     return ins
 

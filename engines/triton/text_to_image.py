@@ -10,7 +10,15 @@ model holds its own copy of the weights).
 
 Inputs (each `[1]` per request, `max_batch_size` > 0): `prompt` (BYTES), and optional
 `negative_prompt` (BYTES), `seed` (INT64, default 0), `steps` (INT32), `guidance_scale`
-(FP32), `height`, `width` (INT32, pixels), video families `frames` (INT32); the request
+(FP32), `height`, `width` (INT32, pixels), video families `frames` (INT32); image-conditioned
+requests add `image` (UINT8 `[H, W, 3]`: image-to-image, video families image-to-video),
+`mask` (UINT8 `[H, W]`, white repaints: inpainting) and `strength` (FP32 in (0, 1]), and run
+diffusers' pipeline of that task (the export's own: Kontext, Fill, Qwen-Image-Edit) over the
+same engines and adapter state (`engines.for_task`), at the image's size unless `height` /
+`width` say otherwise. One model serves every task rather than a model per task: the tasks
+share the engines, so a second model would hold a second copy of the weights and refit
+separately for the same adapter set. An export without the task's components (the VAE
+encoder: `--tasks`) answers such requests with an error naming them; the request parameter
 parameter `loras` as for the denoiser model (absent: what the export baked; `{}`: base), and
 for Wan 2.2 `loras_2`, the adapters of its second denoiser (`requests.PerDenoiser`). Outputs
 `image`: UINT8 `[H, W, 3]` (video families: `video`, `[F, H, W, 3]`), and `applied_loras` (the
@@ -39,7 +47,7 @@ import numpy as np
 from lora_loaders.families import get_family
 
 from ..manifest import Manifest
-from ..pipeline import size_limits, spatial_factor
+from ..pipeline import PipelineError, for_task, size_limits, size_multiple
 from .layout import MODEL_PY, copy_dir, make_config
 from .requests import LoraRequestError, LoraSwitcher, key_json
 from .serving import APPLIED_OUTPUT, _error, _param, _pb, request_items
@@ -48,8 +56,9 @@ log = logging.getLogger(__name__)
 
 _STRING, _INT64, _INT32, _FP32, _UINT8 = 8, 7, 6, 1, 2  # ONNX element types, as make_config takes them
 INPUTS = {"prompt": _STRING, "negative_prompt": _STRING, "seed": _INT64, "steps": _INT32, "guidance_scale": _FP32,
-          "height": _INT32, "width": _INT32}
-VIDEO_INPUTS = {**INPUTS, "frames": _INT32}
+          "height": _INT32, "width": _INT32, "image": _UINT8, "mask": _UINT8, "strength": _FP32}
+VIDEO_INPUTS = {**{k: v for k, v in INPUTS.items() if k not in ("mask", "strength")}, "frames": _INT32}
+DIMS = {"image": [None, None, None, 3], "mask": [None, None, None]}  # with the batch dimension; others [None, 1]
 LIMITS = {"max_steps": 100}  # max_height, max_width, max_frames: the export's (`pipeline.size_limits`), or smaller
 LIMIT_NAMES = ("max_steps", "max_height", "max_width", "max_frames")
 
@@ -70,8 +79,9 @@ class TextToImageSwitcher:
         self.limits = {**LIMITS, **exported,
                        **{k: min(v, exported.get(k, v)) for k, v in given.items()}}  # never past the export
         self.default_steps = default_steps
-        self.factor = spatial_factor(pipe)
+        self.factor = size_multiple(pipe)
         self.video = "frames" in pipe.manifest.axes
+        self.pipes = {}  # task -> pipeline over the same engines (`for_task`), made when first asked
 
     current = property(lambda self: self.switcher.current)
     baked_key = property(lambda self: self.switcher.baked_key)
@@ -110,7 +120,53 @@ class TextToImageSwitcher:
             if not 1 <= v <= self.limits["max_frames"]:
                 raise LoraRequestError(f"frames must be between 1 and {self.limits['max_frames']}, got {v}")
             out["num_frames"] = v
+        out.update(self._image_settings(values, out))
         return out
+
+    def _image_settings(self, values: Mapping, out: dict) -> dict:
+        """`image` / `mask` / `strength` -> the task and its pipeline arguments (PIL images); the size
+        defaults to the image's."""
+        from PIL import Image
+
+        image, mask, strength = values.get("image"), values.get("mask"), values.get("strength")
+        if image is None:
+            for name, v in (("mask", mask), ("strength", strength)):
+                if v is not None:
+                    raise LoraRequestError(f"{name} needs an image")
+            return {"task": "text-to-video" if self.video else "text-to-image"}
+        image = _pixels(image, "image", 3)
+        h, w = image.shape[:2]
+        for name, v in (("height", h), ("width", w)):
+            limit = self.limits.get(f"max_{name}", v)
+            if name not in out and (v % self.factor or v > limit):
+                raise LoraRequestError(f"image {name} must be a multiple of {self.factor} up to {limit}, got {v}")
+        settings = {"task": "image-to-video" if self.video else "image-to-image", "image": Image.fromarray(image),
+                    "height": out.get("height", h), "width": out.get("width", w)}
+        if mask is not None:
+            mask = _pixels(mask, "mask", 1)
+            if mask.shape[:2] != (h, w):
+                raise LoraRequestError(f"mask is {mask.shape[1]}x{mask.shape[0]}, the image {w}x{h}: the mask must "
+                                       "have the image's size")
+            settings.update(task="inpainting", mask_image=Image.fromarray(mask[..., 0]))
+        if strength is not None:
+            s = float(_scalar(values, "strength", 0))
+            if not (math.isfinite(s) and 0 < s <= 1):
+                raise LoraRequestError(f"strength must be in (0, 1], got {s}")
+            settings["strength"] = s
+        return settings
+
+    def pipeline(self, task: str):
+        """The pipeline of a task over the engines; LoraRequestError when the export cannot serve it."""
+        if task not in self.pipes:
+            pipe = self.pipe if task == self.pipe.task else None
+            if pipe is None:
+                try:
+                    pipe = for_task(self.pipe, task)
+                except PipelineError as e:
+                    raise LoraRequestError(str(e)) from None
+                pipe.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
+            self.pipes[task] = pipe
+        return self.pipes[task]
 
     def _settings_or_error(self, values):
         if isinstance(values, Exception):
@@ -132,20 +188,28 @@ class TextToImageSwitcher:
         batches: dict = {}
         together = self.pipe._engine_spec.generator_lists  # else one pipeline call per request
         for i, s in enumerate(settings):
-            same = tuple(sorted((k, v) for k, v in s.items() if k not in ("prompt", "seed", "negative_prompt")))
-            batches.setdefault((same, s["negative_prompt"] is None, None if together else i), []).append(i)
+            alone = not together or "image" in s  # an input image: a call of its own
+            same = tuple(sorted((k, v) for k, v in s.items()
+                                if k not in ("prompt", "seed", "negative_prompt", "image", "mask_image")))
+            batches.setdefault((same, s["negative_prompt"] is None, i if alone else None), []).append(i)
         results: list = [None] * len(settings)
         for (same, no_negative, _), idx in batches.items():
             group = [settings[i] for i in idx]
             kw = dict(same)
+            task = kw.pop("task")
+            kw.update({k: group[0][k] for k in ("image", "mask_image") if k in group[0]})
             if not no_negative:
                 kw["negative_prompt"] = [s["negative_prompt"] for s in group]
             try:
+                pipe = self.pipeline(task)
                 gens = [torch.Generator().manual_seed(s["seed"]) for s in group]
-                out = self.pipe(prompt=[s["prompt"] for s in group], output_type="np",
-                                generator=gens if len(gens) > 1 else gens[0], **kw)
+                out = pipe(prompt=[s["prompt"] for s in group], output_type="np",
+                           generator=gens if len(gens) > 1 else gens[0], **kw)
                 for i, img in zip(idx, out.frames if hasattr(out, "frames") else out.images):
                     results[i] = to_uint8(img)
+            except LoraRequestError as e:  # a task this export cannot serve: the request's error
+                for i in idx:
+                    results[i] = e
             except Exception as e:  # noqa: BLE001
                 for i in idx:
                     results[i] = RuntimeError(f"generation failed: {e}")
@@ -155,6 +219,19 @@ class TextToImageSwitcher:
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """[H, W, 3] floats in [0, 1] -> uint8, as diffusers' numpy_to_pil rounds them."""
     return (np.asarray(image) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def _pixels(value, name: str, channels: int) -> np.ndarray:
+    """A request's UINT8 image [H, W, 3] or mask [H, W] (either with the request's batch dimension of 1)
+    as [H, W, channels]; LoraRequestError otherwise."""
+    a = np.asarray(value)
+    rank = 3 if channels == 3 else 2
+    if a.ndim == rank + 1 and a.shape[0] == 1:
+        a = a[0]
+    if a.dtype != np.uint8 or a.ndim != rank or (channels == 3 and a.shape[2] != 3) or 0 in a.shape:
+        raise LoraRequestError(f"{name} must be UINT8 {'[H, W, 3]' if channels == 3 else '[H, W]'}, "
+                               f"got {a.dtype} {list(a.shape)}")
+    return a if channels == 3 else a[..., None]
 
 
 def _text(value, name: str) -> str:
@@ -232,7 +309,7 @@ def text_to_image_config(name: str, *, max_batch_size: int = 8, kind: str = "KIN
     out = ("video", _UINT8, [None] * 4 + [3]) if video else ("image", _UINT8, [None] * 3 + [3])
     inputs = VIDEO_INPUTS if video else INPUTS
     # every input is [1] per request, so the model keeps a batch dimension even without batching
-    return make_config(name, inputs=[(n, t, [None, 1]) for n, t in inputs.items()], outputs=[out],
+    return make_config(name, inputs=[(n, t, DIMS.get(n, [None, 1])) for n, t in inputs.items()], outputs=[out],
                        max_batch_size=max(1, int(max_batch_size)), backend="python", kind=kind, count=count,
                        parameters=dict(parameters), queue_delay_us=queue_delay_us, optional=set(inputs) - {"prompt"},
                        extra_outputs=[(APPLIED_OUTPUT, "TYPE_STRING", [1])])
