@@ -5,7 +5,12 @@
     pipe.set_adapters(["y"], [0.8])
     image = pipe("a red cube", num_inference_steps=30, generator=torch.Generator().manual_seed(0)).images[0]
 
-The pipeline is diffusers' own (its scheduler, tokenizers, guidance logic, image
+    pipe = engines.load_pipeline("out/sdxl", task="inpainting")  # or engines.for_task(pipe, "inpainting")
+
+`task` takes Hugging Face's task names (the registry's `FamilySpec.tasks`: image-to-image,
+inpainting, image-to-video beside the default text-to-image / text-to-video); an export of a
+model that is another pipeline's (Flux Fill, Kontext, Wan I2V) gets the pipeline its
+model_index.json names. The pipeline is diffusers' own (its scheduler, tokenizers, guidance logic, image
 processing); each model it calls is an `EngineModel`: a module without parameters that
 maps the call's arguments onto the exported graph's inputs (the registry's TensorSpec
 `arg`s), runs the engine, and returns what the model would (`[0]`, `.sample`,
@@ -129,8 +134,12 @@ class EngineModel(torch.nn.Module):
         if spec.chunks is not None:
             return _result(spec, method, self._chunked(spec, engine, entry, bound), bound, self.config)
         if spec.pipeline_call is not None:  # the call is several graph runs (Z-Image's per-sample lists)
-            return spec.pipeline_call(lambda **graph_args: self._infer(spec, engine, entry, graph_args), bound,
-                                      self.config)
+            def run(**graph_args):
+                return self._infer(spec, engine, entry, graph_args)
+
+            # another graph of this model (Qwen-Image-Edit's vision tower beside its language model)
+            run.graph = lambda component: lambda **graph_args: self._infer(*self._graph(spec, component), graph_args)
+            return spec.pipeline_call(run, bound, self.config)
         return _result(spec, method, self._infer(spec, engine, entry, bound), bound, self.config)
 
     def _infer(self, spec: ComponentSpec, engine, entry: dict, args: dict) -> dict[str, torch.Tensor]:
@@ -140,6 +149,14 @@ class EngineModel(torch.nn.Module):
             _check_sizes(spec, entry, feeds, self._axes)  # chose within the pixel limits, e.g. Sana's size bins)
         out = engine.infer(feeds)
         return {o["name"]: from_numpy(out[o["name"]]) for o in entry["outputs"]}
+
+    def _graph(self, spec: ComponentSpec, component: str) -> tuple:
+        """The (spec, engine, manifest entry) of another graph a pipeline_call runs."""
+        part = next((p for p in self._parts.values() if p[0].name == component), None)
+        if part is None:
+            raise PipelineError(f"this export has no {component} engine, which this call of {spec.name} needs "
+                                f"(export the {component} component)")
+        return part
 
     def _part(self, component: str | None, what: str) -> tuple:
         """The (spec, engine, manifest entry) of another graph of this model (a chunk decoder's)."""

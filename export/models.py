@@ -4,6 +4,7 @@ a {component: module} dict, or a factory. Also their module index from meta-devi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -86,11 +87,30 @@ class ModelSource:
             return cast(self.model(component, dtype), dtype).eval()
         if self.kind == "tiny":
             torch.manual_seed(self.seed + tiny_seed(self.family, component))
-            return build_component(spec, self.tiny_config(component), dtype)
+            return self._marked(component, build_component(spec, self.tiny_config(component), dtype))
         sub = self._subfolder(spec.folder)
         cls = component_class(spec)
         kw = {"torch_dtype": dtype} if spec.library == "diffusers" else {"dtype": dtype}
-        return cast(cls.from_pretrained(sub, **kw), dtype).eval()
+        return self._marked(component, cast(cls.from_pretrained(sub, **kw), dtype).eval())
+
+    def marks(self, component: str) -> dict:
+        """The config fields the model's variant sets on this component (`Variant.marks`): a tiny
+        variant's, or that of the variant whose pipeline class a directory's model_index.json names."""
+        variant = getattr(self, "variant", None)
+        if variant is None and self.kind in ("dir", "hub") and self.family.variants:
+            path = self.ensure_root() / "model_index.json"
+            name = json.loads(path.read_text()).get("_class_name") if path.is_file() else None
+            variant = self.family.variant_of(name)
+        return dict(variant.marks.get(component, {})) if variant is not None else {}
+
+    def _marked(self, component: str, model: torch.nn.Module) -> torch.nn.Module:
+        """The model with its variant's marks in its config (saved with it, read by the graphs' `when`)."""
+        for key, value in self.marks(component).items():
+            if hasattr(model, "register_to_config"):  # diffusers
+                model.register_to_config(**{key: value})
+            else:
+                setattr(model.config, key, value)
+        return model
 
     def config(self, component: str):
         """The component's config (defaults filled, as `model.config`) without its weights; None
@@ -100,7 +120,7 @@ class ModelSource:
         if self.kind == "modules":
             return self.model[component].config
         with torch.device("meta"):
-            return self._meta(component).config
+            return self._marked(component, self._meta(component)).config
 
     def index(self) -> TargetIndex | None:
         """Targetable modules (names and shapes) of the LoRA components, from meta-device models."""

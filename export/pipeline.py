@@ -302,6 +302,9 @@ def export_pipeline(
     log.info("read and bound %d LoRA(s) in %.2f s", len(adapters), time.perf_counter() - t0)
     explicit = components is not None
     present = [c for c in wanted if explicit or not spec.component(c).optional or source.present(c)]
+    if not explicit:  # a variant's own graphs (ComponentSpec.when over its marked config)
+        present += [c for c, s in spec.components.items()
+                    if s.when is not None and c not in present and s.when(source.config(c))]
     spec, bounded = spec.bounded({c: source.config(c) for c in present if spec.component(c).bounds})
     for name, why in bounded.items():
         log.info("axis %s: %s", name, why)
@@ -330,8 +333,10 @@ def export_pipeline(
             build_engines(tmp, manifest, spec, strip_plan=strip_plan)
         manifest["pipeline"] = write_pipeline_files(source, spec, tmp, present)
         if manifest["pipeline"]:
+            variant = getattr(source, "variant", None)  # a Fill model does fewer tasks than the family
             manifest["pipeline"]["tasks"] = [t for t in spec.task_pipelines()
-                                             if all(c in present for c in spec.task_components(t)
+                                             if (variant is None or variant.tasks is None or t in variant.tasks)
+                                             and all(c in present for c in spec.task_components(t)
                                                     if not spec.component(c).optional or source.present(c))]
         manifest.write(tmp)
         commit_dirs([(tmp, out)])

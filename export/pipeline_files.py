@@ -107,6 +107,9 @@ def _tiny_files(spec: FamilySpec, variant, out: Path, tokenizers: list[str]) -> 
         tiny_tokenizer(out / t)
     processors = _tiny_processors(spec, variant)
     for name, proc in processors.items():
+        if proc.write is not None:
+            proc.write(out / name, tiny_tokenizer)
+            continue
         getattr(importlib.import_module(proc.library), proc.class_name)(**proc.config).save_pretrained(out / name)
     _model_index(spec, out, tokenizers, variant)
     return list(processors)

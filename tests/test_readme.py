@@ -170,7 +170,10 @@ def test_family_table_matches_registry():
         generates = bool(spec.pipeline and spec.scheduler and any(spec.component(c).role == "vae" for c in exported))
         makes = "video" if "frames" in spec.axes else "image"
         assert row[5] == (f"yes ({makes})" if generates else "no"), name
-        assert _names(row[6]) == exported, name
+        # image-conditioned tasks (tests/test_tasks_*.py check each against diffusers) and tiny variants
+        tasks = [t for t in spec.task_pipelines() if t != spec.default_task]
+        assert _names(row[6]) == tasks + [f"tiny:{v}" for v in spec.variants], name
+        assert _names(row[7]) == exported, name
 
 
 def _dtype(spec_dtype: str) -> str:

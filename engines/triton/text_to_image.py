@@ -142,6 +142,8 @@ class TextToImageSwitcher:
                 raise LoraRequestError(f"image {name} must be a multiple of {self.factor} up to {limit}, got {v}")
         settings = {"task": "image-to-video" if self.video else "image-to-image", "image": Image.fromarray(image),
                     "height": out.get("height", h), "width": out.get("width", w)}
+        if mask is not None and self.video:
+            raise LoraRequestError("mask: video models take an image only (image-to-video)")
         if mask is not None:
             mask = _pixels(mask, "mask", 1)
             if mask.shape[:2] != (h, w):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .common import BATCH, CLIP_TINY, IMAGE_AXES, clip
-from .spec import Axis, Cfg, ComponentSpec, FamilySpec, Namespace, TensorSpec
+from .spec import IMAGE_TO_IMAGE, INPAINTING, Axis, Cfg, ComponentSpec, FamilySpec, Namespace, TensorSpec
 
 
 def _codes(shape, g, ctx):
@@ -71,6 +71,27 @@ VQ_DECODER = ComponentSpec(
               mid_block_add_attention=False, force_upcast=True),
 )
 
+def _encoded(values, config):
+    """What the pipelines read from `vqvae.encode`: its `.latents` (they quantize them to codes themselves,
+    with `vqvae.quantize` over the codebook saved beside the engine)."""
+    from diffusers.models.autoencoders.vq_model import VQEncoderOutput
+
+    return VQEncoderOutput(latents=values["latents"])
+
+
+# The VQ-GAN encoder, for image-to-image and inpainting: pixels in [0, 1] -> latents before quantization;
+# AmusedImg2ImgPipeline / AmusedInpaintPipeline call `vqvae.quantize(latents)` for the codes, which runs
+# on the host over the codebook (`pipeline_state`)
+VQ_ENCODER = ComponentSpec(
+    name="vae_encoder", library="diffusers", class_name="VQModel", role="vae", lora=False, subfolder="vqvae",
+    method="encode", export=False, tasks=(IMAGE_TO_IMAGE, INPAINTING), call_kwargs={"return_dict": False},
+    inputs=(TensorSpec("sample", ("batch", Cfg("in_channels"), "image_height", "image_width"), arg="x",
+                       doc="pixels in [0, 1] (the pipelines do not normalize)"),),
+    outputs=(TensorSpec("latents", ("batch", Cfg(fn=lambda c: c.vq_embed_dim or c.latent_channels), "height", "width"),
+                        source="0", doc="latents before quantization, one per VQ token"),),
+    pipeline_output=_encoded, pipeline_state=("quantize.embedding.weight",), tiny=VQ_DECODER.tiny,
+)
+
 AMUSED = FamilySpec(
     name="amused", mixin="AmusedLoraLoaderMixin", pipeline="AmusedPipeline",
     components={
@@ -78,7 +99,9 @@ AMUSED = FamilySpec(
         "text_encoder": clip("text_encoder", "CLIPTextModelWithProjection",
                              (("text_embeds", "text_embeds"), ("hidden_states", "hidden_states.-2")), tiny=CLIP_TINY),
         "vae_decoder": VQ_DECODER,
+        "vae_encoder": VQ_ENCODER,
     },
+    tasks={"image-to-image": ("AmusedImg2ImgPipeline",), "inpainting": ("AmusedInpaintPipeline",)},
     # the mask token: the transformer's last id (tiny vocab_size 34)
     scheduler=("AmusedScheduler", dict(mask_token_id=33, masking_schedule="cosine")),
     generator_lists=False,  # AmusedPipeline seeds its sampling from one generator

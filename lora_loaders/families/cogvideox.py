@@ -10,15 +10,19 @@ positions from 0. CogVideoX-2B's sinusoidal positions (no rotary embedding) are 
 `max_text_seq_length` text rows then the patches: the text axis is fixed at that length (a
 `Bound`), while frames, height and width stay dynamic (the table is recomputed in the graph, as
 diffusers does at sizes other than the config's; the same values at the config's).
+
+Image-to-video (CogVideoXImageToVideoPipeline; `--model tiny:i2v` is CogVideoX 1.5 I2V's form): the
+transformer takes the image latents concatenated on channels (and 1.5's `ofs`), and the VAE encoder
+(`--tasks image-to-video`) is chunk graphs as diffusers' `encode` loops (video_vae.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .video_vae import COGVIDEOX_VAE_TINY, cogvideox_vae
+from .video_vae import COGVIDEOX_VAE_TINY, cogvideox_vae, cogvideox_vae_encoder
 from .common import BATCH, T5_TINY, denoiser, hf_encoder, prediction, swapped, timestep
-from .spec import Axis, Bound, Cfg, FamilySpec, TensorSpec
+from .spec import Axis, Bound, Cfg, FamilySpec, TensorSpec, Variant
 
 
 def _grid(n: int, start=None, stop=None) -> torch.Tensor:
@@ -121,7 +125,13 @@ COGVIDEOX = FamilySpec(
         "transformer": TRANSFORMER,
         "text_encoder": hf_encoder("text_encoder", "T5EncoderModel", "T5Config", T5_TINY),
         **cogvideox_vae(COGVIDEOX_VAE_TINY),
+        **cogvideox_vae_encoder(COGVIDEOX_VAE_TINY),
     },
+    tasks={"image-to-video": ("CogVideoXImageToVideoPipeline",)},
+    # CogVideoX 1.5 I2V's form: the image latents concatenated on channels, frames in pairs (patch_size_t) and
+    # the offset embedding (`ofs`), without patch bias as the real one
+    variants={"i2v": Variant(pipeline="CogVideoXImageToVideoPipeline", tiny={"transformer": dict(
+        in_channels=8, patch_size_t=2, ofs_embed_dim=16, patch_bias=False)})},
     axes={
         "batch": BATCH,
         "frames": Axis(1, 13, 22, example=4, check=2),  # latent frames: 1 + (49 video frames - 1) / 4; 1.5: 22

@@ -24,7 +24,8 @@ import math
 import torch
 
 from .common import BATCH, IMAGE_AXES, T5_TINY, VAE_TINY, clip, hf_encoder, vae
-from .spec import Axis, Cfg, ComponentSpec, FamilySpec, Namespace, NameTable, Rule, Split, TensorSpec
+from .spec import (IMAGE_TO_IMAGE, INPAINTING, TEXT_TO_IMAGE, Axis, Cfg, ComponentSpec, FamilySpec, Namespace,
+                   NameTable, Rule, Split, TensorSpec, Variant)
 
 _D = r"double_blocks\.(\d+)"
 _S = r"single_blocks\.(\d+)"
@@ -143,6 +144,19 @@ TRANSFORMER = ComponentSpec(
     widen={"x_embedder": "in_channels"},
 )
 
+_VAE_TINY = {**VAE_TINY, "shift_factor": 0.1159, "scaling_factor": 0.3611, "use_quant_conv": False,
+             "use_post_quant_conv": False}
+
+
+def _fill_tiny(vae: dict) -> dict:
+    """FLUX.1 Fill's transformer over a VAE: its input is the packed latents, the packed masked-image
+    latents (2 x 2 patches of latent channels each) and the packed mask (one channel per pixel of each
+    2 x 2 latent patch: the VAE factor squared x 4); its output the latents' width (real: 384 in, 64 out)."""
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    packed = 4 * vae["latent_channels"]
+    return {"in_channels": 2 * packed + 4 * factor ** 2, "out_channels": packed}
+
+
 FLUX = FamilySpec(
     name="flux", mixin="FluxLoraLoaderMixin", pipeline="FluxPipeline",
     components={
@@ -153,8 +167,19 @@ FLUX = FamilySpec(
         # 16 latent channels (tiny: 4), packed 2 x 2 into the transformer's tokens
         **{c.name: c for c in vae(("batch", Cfg("latent_channels"), "height", "width"),
                                   ("batch", Cfg("out_channels"), "image_height", "image_width"),
-                                  {**VAE_TINY, "shift_factor": 0.1159, "scaling_factor": 0.3611,
-                                   "use_quant_conv": False, "use_post_quant_conv": False})},
+                                  _VAE_TINY)},
+    },
+    tasks={IMAGE_TO_IMAGE: ("FluxImg2ImgPipeline", "FluxKontextPipeline"),
+           INPAINTING: ("FluxInpaintPipeline", "FluxFillPipeline", "FluxKontextInpaintPipeline")},
+    variants={
+        # FLUX.1 Fill: inpainting only, the mask and masked image concatenated on the latents' channels
+        "fill": Variant("FluxFillPipeline", tiny={"transformer": _fill_tiny(_VAE_TINY)},
+                        tasks={INPAINTING: "FluxFillPipeline"}),
+        # FLUX.1 Kontext: dev's transformer; the reference image's tokens follow the latents' on the image
+        # axis (img_ids index 1), so a Kontext call has up to twice the tokens of its size
+        "kontext": Variant("FluxKontextPipeline", tasks={TEXT_TO_IMAGE: "FluxPipeline",
+                                                          IMAGE_TO_IMAGE: "FluxKontextPipeline",
+                                                          INPAINTING: "FluxKontextInpaintPipeline"}),
     },
     scheduler=("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                                        base_shift=0.5, max_shift=1.15, base_image_seq_len=256,

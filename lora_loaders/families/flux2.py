@@ -142,6 +142,9 @@ FLUX2 = FamilySpec(
                                   ("batch", Cfg("out_channels"), "image_height", "image_width"), VAE_TINY,
                                   class_name="AutoencoderKLFlux2", state=("bn.running_mean", "bn.running_var"))},
     },
+    # the same pipeline edits: reference `image`(s), VAE-encoded (vae_encoder), their tokens appended to the
+    # transformer's `image` sequence
+    tasks={"image-to-image": ("Flux2Pipeline",)},
     scheduler=("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                                        base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                                        max_image_seq_len=4096)),

@@ -9,6 +9,9 @@ width, channels], with the visual condition and its mask concatenated for `visua
 models). The RoPE positions and the resolution-dependent RoPE scale are the pipeline's
 (`visual_rope_pos`, `text_rope_pos`, `_get_scale_factor`), derived from the shapes inside the
 graph (at the VAE's 8x spatial compression). Sparse (nabla) attention is not exported.
+
+Image-to-video (`Kandinsky5I2VPipeline`) runs the same transformer: the image's latents replace the
+first frame (the VAE encoder, `vae_encoder`, exported with `--tasks image-to-video`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 
 from .video_vae import HUNYUAN_VAE_TINY, hunyuan_vae
 from .common import BATCH, CLIP_TINY, QWEN25_VL_TINY, clip, hf_encoder, timestep
-from .spec import Axis, Cfg, ComponentSpec, FamilySpec, TensorSpec
+from .spec import IMAGE_TO_VIDEO, Axis, Cfg, ComponentSpec, FamilySpec, TensorSpec
 
 
 def _rope(model, kwargs):
@@ -72,6 +75,9 @@ KANDINSKY = FamilySpec(
         "prompt": Axis(1, 384, 384, example=8, check=12),  # Qwen tokens with it: the template's 128 + 256
     },
     markers=(r"^transformer\.(visual|text)_transformer_blocks\.",),
+    # the same models: the image's latents as the first frame (and, `visual_cond`, its condition channels);
+    # the VAE encoder (`vae_encoder`) exported for it
+    tasks={IMAGE_TO_VIDEO: ("Kandinsky5I2VPipeline",)},
 )
 
 FAMILIES = (KANDINSKY,)

@@ -6,19 +6,22 @@ export, ComfyUI / LTX-Video trainers), in diffusers names or Lightricks' origina
 rename). The graph takes and returns video latents [batch, channels, frames, height, width]; it
 packs them into the transformer's tokens, passes the latent frames, height and width the rotary
 embedding needs, and unpacks the prediction. LTXPipeline holds the latents packed: its call is
-unpacked for the graph and the prediction packed back.
+unpacked for the graph and the prediction packed back. The graph's timestep is one per latent
+position: LTXImageToVideoPipeline passes one per token (its image's frame at 0, the others
+denoising), LTXPipeline one per sample, both spread over the latent grid for the graph.
 
 The VAE (`AutoencoderKLLTXVideo`) decodes all latent frames in one pass, as diffusers' `decode`
 does by default (no tiling, no framewise decoding): one graph, its decode timestep an input where
-the config has timestep conditioning (0.9.1 and later).
+the config has timestep conditioning (0.9.1 and later). Its encoder (image-to-video's image,
+`--tasks image-to-video`) is one graph over any 1 + 8 k video frames, as diffusers' `encode` runs it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .common import BATCH, T5_TINY, denoiser, hf_encoder, original_prefixes, prediction, text_mask, timestep
-from .spec import Axis, Cfg, ComponentSpec, FamilySpec, NameTable, Rule, TensorSpec
+from .common import BATCH, T5_TINY, denoiser, hf_encoder, original_prefixes, prediction, text_mask, timesteps
+from .spec import IMAGE_TO_VIDEO, Axis, Cfg, ComponentSpec, FamilySpec, NameTable, Rule, Scaled, TensorSpec
 
 ORIGINAL = NameTable(rules=(
     Rule(r"patchify_proj", "proj_in"),
@@ -34,7 +37,10 @@ def _forward(model, kwargs):
     for name in ("timestep", "encoder_attention_mask"):  # viewed per sample: one batch axis for the exporter
         torch._check(kwargs[name].shape[0] == b)
     c = model.config
-    f, h, w = f // c.patch_size_t, h // c.patch_size, w // c.patch_size
+    p, pt = c.patch_size, c.patch_size_t
+    # per latent position -> per token, in the tokens' order (the transformer embeds each token's own)
+    kwargs["timestep"] = kwargs["timestep"][:, ::pt, ::p, ::p].flatten(1)
+    f, h, w = f // pt, h // p, w // p
     out = model(hidden_states=_pack(x, c), num_frames=f, height=h, width=w, **kwargs)[0]
     return (_unpack(out, f, h, w, c),)
 
@@ -63,8 +69,10 @@ def _packed(run, args, config):
     scale = args.get("rope_interpolation_scale")
     if scale is None:  # the transformer would leave its grid unscaled: a graph without that input
         raise ValueError("ltx-video transformer: the exported graph needs `rope_interpolation_scale`")
-    latents = _unpack(args["hidden_states"], args["num_frames"], args["height"], args["width"], config)
-    out = run(hidden_states=latents, encoder_hidden_states=args["encoder_hidden_states"], timestep=args["timestep"],
+    f, h, w = args["num_frames"], args["height"], args["width"]
+    latents = _unpack(args["hidden_states"], f, h, w, config)
+    out = run(hidden_states=latents, encoder_hidden_states=args["encoder_hidden_states"],
+              timestep=_per_position(args["timestep"], latents.shape[0], f, h, w, config),
               encoder_attention_mask=args["encoder_attention_mask"],
               rope_interpolation_scale=torch.as_tensor(scale, dtype=torch.float32))
     pred = _pack(out["out_sample"], config)
@@ -73,6 +81,16 @@ def _packed(run, args, config):
 
         return Transformer2DModelOutput(sample=pred)
     return (pred,)
+
+
+def _per_position(timestep, batch: int, f: int, h: int, w: int, config) -> torch.Tensor:
+    """The pipeline's timestep -> one per latent position [batch, frames, height, width]: LTXPipeline's is
+    one per sample, LTXImageToVideoPipeline's one per token (the conditioning frame's tokens at 0)."""
+    t = torch.as_tensor(timestep, dtype=torch.float32)
+    t = t.reshape(-1, 1).expand(batch, f * h * w) if t.dim() <= 1 else t
+    t = t.reshape(batch, f, h, w)
+    p, pt = config.patch_size, config.patch_size_t
+    return t.repeat_interleave(pt, 1).repeat_interleave(p, 2).repeat_interleave(p, 3)
 
 
 def _rope_scale(shape, g, ctx):
@@ -85,7 +103,9 @@ TRANSFORMER = denoiser(
         TensorSpec("hidden_states", ("batch", Cfg(fn=lambda c: c.in_channels // c.patch_size ** 2 // c.patch_size_t),
                                      "frames", "height", "width"), doc="noisy video latents (unpacked)"),
         TensorSpec("encoder_hidden_states", ("batch", "text", Cfg("caption_channels")), doc="T5 hidden states"),
-        timestep(),
+        # one per latent position: LTXImageToVideoPipeline's conditioning frame is at 0 while the others denoise
+        TensorSpec("timestep", ("batch", "frames", "height", "width"), dtype="float32", sample=timesteps,
+                   doc="flow-matching timestep x 1000 at each latent position (the image's frame: 0 in I2V)"),
         text_mask("the T5 tokens' attention mask"),
         TensorSpec("rope_interpolation_scale", (3,), dtype="float32", sample=_rope_scale,
                    doc="(VAE temporal compression / frame rate, VAE spatial compression x 2), as the pipeline sets it"),
@@ -141,6 +161,19 @@ VAE_DECODER = ComponentSpec(
               patch_size=4, patch_size_t=1, encoder_causal=True, decoder_causal=False),
 )
 
+VAE_ENCODER = ComponentSpec(
+    name="vae_encoder", library="diffusers", class_name="AutoencoderKLLTXVideo", role="vae", lora=False,
+    subfolder="vae", method="encode", call_kwargs={"return_dict": False}, tiny=VAE_DECODER.tiny, export=False,
+    tasks=(IMAGE_TO_VIDEO,),  # LTXImageToVideoPipeline encodes its image as one video frame
+    # diffusers' `encode` runs the encoder over all frames in one pass (no tiling, no framewise encoding)
+    inputs=(TensorSpec("sample", ("batch", Cfg("in_channels"), "video_frames", Scaled("height", 32),
+                                  Scaled("width", 32)), arg="x",
+                       doc="video frames in [-1, 1], 1 + 8 k of them (an image: 1), the latents' size x 32"),),
+    outputs=(TensorSpec("latent_parameters", ("batch", Cfg(fn=lambda c: 2 * c.latent_channels), "frames", "height",
+                                              "width"), source="0.parameters",
+                        doc="mean and log-variance of the latent distribution (not normalized)"),),
+)
+
 LTX_VIDEO = FamilySpec(
     name="ltx-video", mixin="LTXVideoLoraLoaderMixin", pipeline="LTXPipeline",
     components={
@@ -148,7 +181,9 @@ LTX_VIDEO = FamilySpec(
         # LTXPipeline calls T5 without the tokenizer's mask (it masks the transformer's cross-attention instead)
         "text_encoder": hf_encoder("text_encoder", "T5EncoderModel", "T5Config", T5_TINY),
         "vae_decoder": VAE_DECODER,
+        "vae_encoder": VAE_ENCODER,
     },
+    tasks={"image-to-video": ("LTXImageToVideoPipeline",)},
     # LTX-Video's own: Euler over the pipeline's sigmas, shifted by the video's token count
     scheduler=("FlowMatchEulerDiscreteScheduler", dict(
         num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
@@ -159,6 +194,7 @@ LTX_VIDEO = FamilySpec(
         "height": Axis(8, 16, 32, example=4, check=6),  # latents (pixels / 32)
         "width": Axis(8, 22, 40, example=4, check=5),
         "text": Axis(1, 128, 256, example=8, check=12),  # T5 tokens
+        "video_frames": Axis(1, 161, 257, example=9, check=17),  # the VAE encoder's: 1 + 8 k (an image: 1)
     },
     namespaces=original_prefixes(ORIGINAL, kohya=False),
     # Flux's markers also match these block names: the same pattern, so LTX files are not taken for Flux's.

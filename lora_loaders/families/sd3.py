@@ -73,8 +73,9 @@ TRANSFORMER = ComponentSpec(
     outputs=(TensorSpec("out_sample", ("batch", Cfg("out_channels"), "height", "width"), source="0",
                         doc="predicted velocity"),),
     call_kwargs={"return_dict": False},
-    tiny=dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-              joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
+    # 16 latent channels as the real one's: StableDiffusion3InpaintPipeline takes no other width
+    tiny=dict(sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+              joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
               pos_embed_max_size=96, dual_attention_layers=(0,), qk_norm="rms_norm"),
     bounds=position_grid("pos_embed_max_size", lambda c: c.pos_embed_max_size),  # cropped from that square
 )
@@ -91,9 +92,11 @@ SD3 = FamilySpec(
         "text_encoder_3": hf_encoder("text_encoder_3", "T5EncoderModel", "T5Config", T5_TINY, lora=True),
         **{c.name: c for c in vae(("batch", Cfg("latent_channels"), "height", "width"),
                                   ("batch", Cfg("out_channels"), "image_height", "image_width"),
-                                  {**VAE_TINY, "shift_factor": 0.0609, "scaling_factor": 1.5305})},
+                                  {**VAE_TINY, "shift_factor": 0.0609, "scaling_factor": 1.5305,
+                                   "latent_channels": 16})},
     },
     scheduler=("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=3.0)),
+    tasks={"image-to-image": ("StableDiffusion3Img2ImgPipeline",), "inpainting": ("StableDiffusion3InpaintPipeline",)},
     axes={
         **IMAGE_AXES,
         "batch": BATCH,

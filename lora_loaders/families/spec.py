@@ -214,6 +214,10 @@ class ComponentSpec:
     # the tasks that need this component where the family's default one does not (the VAE encoder:
     # image-to-image, inpainting, image-to-video): exported when an export asks for one of them
     tasks: tuple[str, ...] = ()
+    # (config) -> whether a model with this config has this graph: a variant's graph beside the family's
+    # (`export=False`), exported by default where it holds over the variant's marked config
+    # (`Variant.marks`): Qwen-Image-Edit's vision tower
+    when: Callable[[Any], bool] | None = None
 
     @property
     def is_text_encoder(self) -> bool:
@@ -320,6 +324,10 @@ class Processor:
     library: str
     class_name: str
     config: Mapping[str, Any] = field(default_factory=dict)
+    # (folder, tiny_tokenizer) -> None: writes the processor's files where building it takes more than a
+    # config (Qwen2VLProcessor: a tokenizer with the vision tokens and an image processor); tiny_tokenizer
+    # (folder) -> the export's tiny tokenizer, saved there, to add tokens to
+    write: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -333,6 +341,23 @@ class Variant:
     lacks: tuple[str, ...] = ()  # optional components this variant does not have (Wan 2.1 I2V: transformer_2)
     pipeline_config: Mapping[str, Any] | None = None  # None: the family's
     processors: Mapping[str, Processor] = field(default_factory=dict)  # beyond the family's
+    # the tasks its model does, {task: the pipeline class for it}, where they differ from the family's
+    # (Kontext inpaints with FluxKontextInpaintPipeline; Fill only inpaints); None: the family's tasks
+    tasks: Mapping[str, str] | None = None
+    # {component: {config field: value}} the export sets on this variant's models (tiny or real, the
+    # variant found by model_index.json's pipeline class), where its graphs differ from the family's
+    # while its configs do not (Qwen-Image-Edit's are Qwen-Image's): the graphs' `when` read them
+    marks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def pipeline_for(self, task: str, family: str) -> str | None:
+        """The pipeline class this variant's model does `task` with (None: the family's choice); ValueError
+        naming its tasks for one it cannot do."""
+        if self.tasks is None:
+            return None
+        if task not in self.tasks:
+            raise ValueError(f"a {family} model for {self.pipeline} has no {task!r} pipeline; its tasks: "
+                             f"{', '.join(self.tasks)}")
+        return self.tasks[task]
 
 
 @dataclass(frozen=True)
@@ -365,9 +390,14 @@ class FamilySpec:
     tasks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     variants: Mapping[str, Variant] = field(default_factory=dict)  # `--model tiny:<name>`
     processors: Mapping[str, Processor] = field(default_factory=dict)  # the tiny model's, by pipeline attribute
+    # the task its `pipeline` does, where not the text-to-image / text-to-video its axes imply (a family
+    # whose one pipeline is image-to-video)
+    default: str | None = None
 
     @property
     def default_task(self) -> str:
+        if self.default is not None:
+            return self.default
         return TEXT_TO_VIDEO if "frames" in self.axes else TEXT_TO_IMAGE
 
     def task_pipelines(self) -> dict[str, tuple[str, ...]]:
@@ -378,6 +408,9 @@ class FamilySpec:
         for variant in self.variants.values():  # a variant's pipeline does one of the tasks above
             if not any(variant.pipeline in c for c in out.values()):
                 raise ValueError(f"family {self.name!r}: variant pipeline {variant.pipeline} is in no task")
+            for task, cls in (variant.tasks or {}).items():
+                if cls not in out.get(task, ()):
+                    raise ValueError(f"family {self.name!r}: variant pipeline {cls} is not a {task!r} pipeline")
         return out
 
     def task_of(self, pipeline: str) -> str | None:
@@ -397,6 +430,10 @@ class FamilySpec:
     def task_components(self, task: str) -> tuple[str, ...]:
         """Components a task needs besides the default export (the VAE encoder for image-to-image)."""
         return tuple(c for c, s in self.components.items() if task in s.tasks)
+
+    def variant_of(self, pipeline: str | None) -> Variant | None:
+        """The variant whose model_index names `pipeline` (a Fill or Kontext export), or None."""
+        return next((v for v in self.variants.values() if v.pipeline == pipeline), None)
 
     def variant(self, name: str) -> Variant:
         try:

@@ -10,7 +10,8 @@ first frame (diffusers' `first_chunk`, no time upsampling: one video frame) and 
 for each later frame (four video frames), both returning their caches. In the first chunk diffusers
 caches one frame where later chunks cache two, and marks the time upsamplers "Rep" (no cache yet):
 both are a two-frame cache with zeros in front, the zeros the causal padding would add, so one
-`next` graph serves every later chunk.
+`next` graph serves every later chunk. Its encoder (image-to-video's condition video) is the same
+pair the other way: `vae_encoder` for the first video frame, `vae_encoder_next` for each later 4.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from functools import lru_cache
 import torch
 
 from .common import swapped
-from .spec import Cfg, Chunks, ComponentSpec, Scaled, TensorSpec
+from .spec import IMAGE_TO_VIDEO, Cfg, Chunks, ComponentSpec, Scaled, TensorSpec
 
 CACHE_FRAMES = 2  # diffusers' CACHE_T
 
@@ -73,6 +74,50 @@ def wan_next(model, kwargs):
     return (_wan_finish(model, out), *feat)
 
 
+# -- Wan's encoder: the first video frame, then chunks of 4 (diffusers' `_encode` loop) -------------
+#
+# As in the decoder, every cache the first chunk leaves is made two frames with zeros in front (the
+# zeros the causal padding adds, and the time downsamplers read only the last frame), and so is every
+# cache a later chunk leaves (a time downsampler keeps one frame): one `next` graph for every later chunk.
+
+
+def _wan_encode(model, x, feat):
+    from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
+
+    if model.config.patch_size is not None:
+        x = patchify(x, patch_size=model.config.patch_size)
+    idx = [0]
+    return model.quant_conv(model.encoder(x, feat_cache=feat, feat_idx=idx)), idx[0]
+
+
+def wan_encode_first(model, kwargs):
+    """The first video frame -> (the latent distribution's parameters of its latent frame, the caches it leaves)."""
+    feat = [None] * model._cached_conv_counts["encoder"]
+    out, n = _wan_encode(model, kwargs["x"], feat)
+    return (out, *(_two_frames(c) for c in feat[:n]))
+
+
+def wan_encode_next(model, kwargs):
+    """4 later video frames and the caches -> (the parameters of their latent frame, the caches they leave)."""
+    feat = [kwargs[f"cache_{i}"] for i in range(len(_wan_encoder_caches(_key(model.config))))]
+    out, _ = _wan_encode(model, kwargs["x"], feat)
+    return (out, *(_two_frames(c) for c in feat))
+
+
+@lru_cache(maxsize=16)
+def _wan_encoder_caches(key: str) -> tuple[tuple[int, int], ...]:
+    """(channels, spatial factor over the latents) of each cache a Wan encoder leaves, from a first chunk
+    on the meta device."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.device("meta"):
+        model = AutoencoderKLWan.from_config(json.loads(key))
+        side, factor = 4, int(model.config.scale_factor_spatial)
+        caches = wan_encode_first(model, {"x": torch.empty(1, model.config.in_channels, 1, side * factor,
+                                                           side * factor)})[1:]
+    return tuple((int(c.shape[1]), int(c.shape[3]) // side) for c in caches)
+
+
 def _key(config) -> str:
     return json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, sort_keys=True, default=str)
 
@@ -100,8 +145,9 @@ def _flat(cache: dict, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
 
 
 def _cog_module(decoder, key: str):
-    """The convolution a conv_cache key names: "up_block_1.resnet_0.conv2" -> up_blocks.1.resnets.0.conv2."""
-    path = re.sub(r"(up_block|resnet)_(\d+)", lambda m: f"{m.group(1)}s.{m.group(2)}", key)
+    """The convolution a conv_cache key names: "up_block_1.resnet_0.conv2" -> up_blocks.1.resnets.0.conv2
+    (the encoder's: "down_block_1...")."""
+    path = re.sub(r"(up_block|down_block|resnet)_(\d+)", lambda m: f"{m.group(1)}s.{m.group(2)}", key)
     return decoder.get_submodule(path)
 
 
@@ -167,9 +213,10 @@ def _cache_specs(config) -> list[tuple[int, int, int]]:
     return [(c, t, f) for _, c, t, f in _cog_caches(_key(config))]
 
 
-def _cache_io(config, inputs: bool) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+def _cache_io(config, inputs: bool, specs=None) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """specs: (channels, frames, spatial factor) of each cache (default: the config's decoder's)."""
     caches = []
-    for i, (channels, frames, factor) in enumerate(_cache_specs(config)):
+    for i, (channels, frames, factor) in enumerate(_cache_specs(config) if specs is None else specs):
         h, w = (("height", "width") if factor == 1 else (Scaled("height", factor), Scaled("width", factor)))
         caches.append((f"cache_{i}", ("batch", channels, frames, h, w)))
     outs = tuple(TensorSpec(f"{n}_out", dims, source=str(i + 1), doc="the cache this chunk leaves")
@@ -199,7 +246,36 @@ def wan_vae(tiny: dict, class_name: str = "AutoencoderKLWan") -> dict[str, Compo
             outputs=(TensorSpec("sample", ("batch", 3, Cfg(fn=_upsampled_frames), *pixels), source="0",
                                 doc="the video frames of a later latent frame, in [-1, 1]"),),
             io=lambda config: _cache_io(config, inputs=True), **common),
+        # image-to-video's condition video: the first frame, then chunks of 4 frames (x8 in space: Wan 2.1's
+        # VAE, which Wan 2.2 A14B and SkyReels-V2 use)
+        "vae_encoder": ComponentSpec(
+            name="vae_encoder", method="encode", graph_forward=wan_encode_first, inputs=(_wan_pixels(1),),
+            outputs=(_wan_parameters("the first video frame's latent frame"),),
+            io=lambda config: _cache_io(config, inputs=False, specs=_wan_encoder_cache_specs(config)),
+            chunks=Chunks(next="vae_encoder_next", size=4), export=False, tasks=(IMAGE_TO_VIDEO,), **common),
+        "vae_encoder_next": ComponentSpec(
+            name="vae_encoder_next", method="encode_next", graph_forward=wan_encode_next, inputs=(_wan_pixels(4),),
+            outputs=(_wan_parameters("the latent frame of 4 later video frames"),),
+            io=lambda config: _cache_io(config, inputs=True, specs=_wan_encoder_cache_specs(config)),
+            export=False, tasks=(IMAGE_TO_VIDEO,), **common),
     }
+
+
+WAN_SPATIAL = 8  # pixels per latent of Wan 2.1's VAE (Wan 2.2 TI2V-5B's x16 VAE is not one of these families')
+
+
+def _wan_pixels(frames: int) -> TensorSpec:
+    return TensorSpec("sample", ("batch", 3, frames, Scaled("height", WAN_SPATIAL), Scaled("width", WAN_SPATIAL)),
+                      arg="x", doc=f"{frames} video frame(s) in [-1, 1]")
+
+
+def _wan_parameters(what: str) -> TensorSpec:
+    return TensorSpec("latent_parameters", ("batch", Cfg(fn=lambda c: 2 * c.z_dim), 1, "height", "width"),
+                      source="0", doc=f"mean and log-variance of {what}")
+
+
+def _wan_encoder_cache_specs(config) -> list[tuple[int, int, int]]:
+    return [(c, CACHE_FRAMES, f) for c, f in _wan_encoder_caches(_key(config))]
 
 
 def cogvideox_vae(tiny: dict) -> dict[str, ComponentSpec]:
@@ -233,6 +309,104 @@ def cogvideox_vae(tiny: dict) -> dict[str, ComponentSpec]:
     }
 
 
+# CogVideoX's encoder (image-to-video's image; a video in chunks): diffusers' `_encode` runs it over
+# chunks of 8 video frames, the first 8 + frames % 8 (an image: its 1 frame), each convolution's cache
+# passed to the next chunk. Its group norms normalize over a chunk's frames and its time downsamplers
+# treat odd and even chunks apart, so each chunk length is a graph: 1 frame (the image, no caches),
+# a first chunk of 9 (videos of 8 k + 1 frames, as CogVideoX makes them) and each later chunk of 8.
+COG_ENCODE_CHUNK = 8  # diffusers' num_sample_frames_batch_size
+COG_SPATIAL = 8  # pixels per latent of every CogVideoX VAE (4 blocks)
+
+
+@lru_cache(maxsize=16)
+def _cog_encoder_caches(key: str) -> tuple[tuple[str, int, int, int], ...]:
+    """(conv_cache key, channels, frames, spatial factor over the latents) of each cache a CogVideoX
+    encoder reads back."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    side = 4
+    with torch.device("meta"):
+        model = AutoencoderKLCogVideoX.from_config(json.loads(key))
+        x = torch.empty(1, model.config.in_channels, 1, side * COG_SPATIAL, side * COG_SPATIAL)
+        _, cache = model.encoder(x, conv_cache=None)
+    out = []
+    for name, t in _flat(cache):
+        conv = _cog_module(model.encoder, name)
+        if t is None or conv.pad_mode == "replicate" or conv.time_kernel_size == 1:
+            continue  # never read back
+        out.append((name, int(t.shape[1]), int(t.shape[2]), int(t.shape[3]) // side))
+    return tuple(out)
+
+
+def _cog_encode(model, x, conv_cache):
+    from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXSafeConv3d
+
+    names = [name for name, *_ in _cog_encoder_caches(_key(model.config))]
+    with ExitStack() as stack:
+        for m in model.encoder.modules():  # as in the decoder: its > 2 GiB split is the same convolution
+            if isinstance(m, CogVideoXSafeConv3d):
+                stack.enter_context(swapped(m, "forward", torch.nn.Conv3d.forward))
+        h, new = model.encoder(x, conv_cache=conv_cache)
+    if model.quant_conv is not None:
+        h = model.quant_conv(h)
+    flat = dict(_flat(new))
+    return (h, *(flat[n] for n in names))
+
+
+def cog_encode_image(model, kwargs):
+    """One video frame (the pipeline's image) -> its latent distribution's parameters (no later chunk)."""
+    return _cog_encode(model, kwargs["x"], None)[:1]
+
+
+def cog_encode_first(model, kwargs):
+    """A first chunk of video frames -> (its latent distribution's parameters, the caches it leaves)."""
+    return _cog_encode(model, kwargs["x"], None)
+
+
+def cog_encode_next(model, kwargs):
+    """A later chunk of 8 video frames and the caches -> (its parameters, the caches it leaves)."""
+    names = [name for name, *_ in _cog_encoder_caches(_key(model.config))]
+    return _cog_encode(model, kwargs["x"], _nest((n, kwargs[f"cache_{i}"]) for i, n in enumerate(names)))
+
+
+def _cog_encoder_cache_specs(config) -> list[tuple[int, int, int]]:
+    return [(c, t, f) for _, c, t, f in _cog_encoder_caches(_key(config))]
+
+
+def cogvideox_vae_encoder(tiny: dict) -> dict[str, ComponentSpec]:
+    """{name: spec} of CogVideoX's chunk encoder (exported for image-to-video) over the latent axes."""
+    common = dict(library="diffusers", class_name="AutoencoderKLCogVideoX", role="vae", lora=False, subfolder="vae",
+                  tiny=tiny, call_kwargs={"return_dict": False}, export=False, tasks=(IMAGE_TO_VIDEO,))
+
+    def pixels(frames: int) -> TensorSpec:
+        return TensorSpec("sample", ("batch", Cfg("in_channels"), frames, Scaled("height", COG_SPATIAL),
+                                     Scaled("width", COG_SPATIAL)), arg="x",
+                          doc=f"{frames} video frame(s) in [-1, 1], the latents' size x {COG_SPATIAL}")
+
+    def parameters(latent) -> TensorSpec:
+        return TensorSpec("latent_parameters", ("batch", Cfg(fn=lambda c: 2 * c.latent_channels), Cfg(fn=latent),
+                                                "height", "width"), source="0",
+                          doc="mean and log-variance of the latent distribution")
+
+    first = 1 + COG_ENCODE_CHUNK
+    chunks = Chunks(next="vae_encoder_next", size=COG_ENCODE_CHUNK, others={first: "vae_encoder_first"},
+                    first=lambda n: COG_ENCODE_CHUNK + n % COG_ENCODE_CHUNK)
+    caches = _cog_encoder_cache_specs
+    return {
+        "vae_encoder": ComponentSpec(name="vae_encoder", method="encode", graph_forward=cog_encode_image,
+                                     inputs=(pixels(1),), outputs=(parameters(lambda c: 1),), chunks=chunks, **common),
+        "vae_encoder_first": ComponentSpec(
+            name="vae_encoder_first", method="encode_first", graph_forward=cog_encode_first, inputs=(pixels(first),),
+            outputs=(parameters(lambda c: 1 + COG_ENCODE_CHUNK // c.temporal_compression_ratio),),
+            io=lambda config: _cache_io(config, inputs=False, specs=caches(config)), **common),
+        "vae_encoder_next": ComponentSpec(
+            name="vae_encoder_next", method="encode_next", graph_forward=cog_encode_next,
+            inputs=(pixels(COG_ENCODE_CHUNK),),
+            outputs=(parameters(lambda c: COG_ENCODE_CHUNK // c.temporal_compression_ratio),),
+            io=lambda config: _cache_io(config, inputs=True, specs=caches(config)), **common),
+    }
+
+
 COGVIDEOX_VAE_TINY = dict(  # the real structure: time upsampling in two blocks, a 1x1 shortcut, spatial norms
     in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
     up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(4, 8, 8, 8), latent_channels=4,
@@ -248,7 +422,9 @@ WAN_VAE_TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1
 # 5 (stride 3) that it blends (`_temporal_tiled_decode`), each window decoded on its own. One graph,
 # `post_quant_conv` then `decoder` over any number of latent frames, is one such pass; the engine
 # pipeline runs diffusers' own `decode` with the engine standing in for those two modules, so the
-# windows, blending and crop are diffusers' code on the engine's frames.
+# windows, blending and crop are diffusers' code on the engine's frames. The encoder (`vae_encoder`,
+# exported for image-to-video) is likewise `encoder` then `quant_conv` in one graph under diffusers'
+# `encode`, over one frame: what the image-to-video pipelines encode (their image).
 
 
 def _hunyuan_causal_mask(num_frames, height_width, dtype, device, batch_size=None):
@@ -270,15 +446,23 @@ def hunyuan_pass(model, kwargs):
         return (model.decoder(model.post_quant_conv(kwargs["z"])),)
 
 
+def hunyuan_encode_pass(model, kwargs):
+    """Video frames -> the latent distribution's parameters in one pass (no windows, no tiling): the graph."""
+    from diffusers.models.autoencoders import autoencoder_kl_hunyuan_video as hv
+
+    with swapped(hv, "prepare_causal_attention_mask", _hunyuan_causal_mask):
+        return (model.quant_conv(model.encoder(kwargs["x"])),)
+
+
 class _EnginePass(torch.nn.Module):
-    """`post_quant_conv` + `decoder` of a diffusers VAE as one run of the graph."""
+    """`post_quant_conv` + `decoder` (or `encoder` + `quant_conv`) of a diffusers VAE as one run of the graph."""
 
-    def __init__(self, run):
+    def __init__(self, run, arg: str = "z", output: str = "sample"):
         super().__init__()
-        self.run = run
+        self.run, self.arg, self.output = run, arg, output
 
-    def forward(self, z):
-        return self.run(z=z)["sample"]  # by the graph input's `arg`
+    def forward(self, x):
+        return self.run(**{self.arg: x})[self.output]  # by the graph input's `arg`
 
 
 @lru_cache(maxsize=16)
@@ -289,6 +473,7 @@ def _hunyuan_shell(key: str):
     with torch.device("meta"):
         vae = AutoencoderKLHunyuanVideo.from_config(json.loads(key))
     vae.post_quant_conv = torch.nn.Identity()  # inside the graph
+    vae.quant_conv = torch.nn.Identity()  # inside the encoder's graph
     return vae
 
 
@@ -301,8 +486,23 @@ def hunyuan_decode(run, args, config):
     return vae.decode(args["z"], return_dict=args.get("return_dict", True))
 
 
+def hunyuan_encode(run, args, config):
+    """`vae.encode(x, return_dict)` as diffusers does it, its one pass a run of the graph: the encoder
+    graph takes one frame (what the image-to-video pipelines encode), so a clear error for more."""
+    import copy
+
+    frames = args["x"].shape[2]
+    if frames != 1:
+        raise ValueError(f"the exported HunyuanVideo VAE encoder encodes single frames (an image-to-video "
+                         f"pipeline's image), not {frames}; encode videos with the torch VAE")
+    vae = copy.copy(_hunyuan_shell(_key(config)))
+    vae._modules = {**vae._modules, "encoder": _EnginePass(run, "x", "latent_parameters")}
+    return vae.encode(args["x"], return_dict=args.get("return_dict", True))
+
+
 def hunyuan_vae(tiny: dict) -> dict[str, ComponentSpec]:
-    """{name: spec} of the AutoencoderKLHunyuanVideo decoder over the denoiser's latent axes."""
+    """{name: spec} of the AutoencoderKLHunyuanVideo decoder (and the encoder, for image-to-video) over the
+    denoiser's latent axes."""
     return {"vae_decoder": ComponentSpec(
         name="vae_decoder", library="diffusers", class_name="AutoencoderKLHunyuanVideo", role="vae", lora=False,
         subfolder="vae", method="decode", tiny=tiny, graph_forward=hunyuan_pass, pipeline_call=hunyuan_decode,
@@ -311,6 +511,16 @@ def hunyuan_vae(tiny: dict) -> dict[str, ComponentSpec]:
         # labels: 1 + (frames - 1) x the time factor, the latents times the spatial factor
         outputs=(TensorSpec("sample", ("batch", Cfg("out_channels"), "video_frames", "image_height", "image_width"),
                             source="0", doc="video frames in [-1, 1]"),),
+    ), "vae_encoder": ComponentSpec(
+        # exported for image-to-video only; pixels are the latent axes times the VAE's spatial factor 8
+        name="vae_encoder", library="diffusers", class_name="AutoencoderKLHunyuanVideo", role="vae", lora=False,
+        subfolder="vae", method="encode", tiny=tiny, graph_forward=hunyuan_encode_pass, pipeline_call=hunyuan_encode,
+        export=False, tasks=(IMAGE_TO_VIDEO,),
+        inputs=(TensorSpec("sample", ("batch", Cfg("in_channels"), 1, Scaled("height", 8), Scaled("width", 8)),
+                           arg="x", doc="one video frame (the pipeline's image) in [-1, 1]"),),
+        outputs=(TensorSpec("latent_parameters", ("batch", Cfg(fn=lambda c: 2 * c.latent_channels), 1, "height",
+                                                  "width"),
+                            source="0", doc="mean and log-variance of the latent distribution"),),
     )}
 
 

@@ -114,6 +114,7 @@ Z_IMAGE = FamilySpec(
                      "use_post_quant_conv": False}),
     },
     scheduler=("FlowMatchEulerDiscreteScheduler", dict(num_train_timesteps=1000, shift=3.0)),
+    tasks={"image-to-image": ("ZImageImg2ImgPipeline",), "inpainting": ("ZImageInpaintPipeline",)},
     axes={
         **IMAGE_AXES,
         "batch": BATCH,
